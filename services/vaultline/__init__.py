@@ -1,0 +1,1 @@
+"""Vaultline: card tokenization vault with a secure payment IVR."""
