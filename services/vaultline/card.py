@@ -1,0 +1,445 @@
+"""Card data value types: the PAN (digits, length, Luhn, brand, masking), expiry and the card.
+
+Pure: no I/O, no logging, no state. A `Pan` validates on construction and shows only its brand
+and last four when printed; `Pan.reveal()` is the one way to get the digits back. Errors carry a
+reason code, a field path and a fixed description, never the input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, NoReturn, final
+
+__all__ = [
+    "Card",
+    "CardBrand",
+    "CardError",
+    "Expiry",
+    "Pan",
+    "detect_brand",
+    "luhn_valid",
+    "mask_pans",
+    "validate_cardholder_name",
+]
+
+PAN_MIN_DIGITS = 12
+PAN_MAX_DIGITS = 19
+NAME_MAX_CHARS = 100
+# Longer raw input is refused before any work; 19 digits with separators fit easily.
+_RAW_PAN_MAX_CHARS = 64
+
+
+class CardBrand(enum.IntEnum):
+    """Card network; values equal the proto enum numbers."""
+
+    VISA = 1
+    MASTERCARD = 2
+    AMEX = 3
+    DISCOVER = 4
+    JCB = 5
+    DINERS = 6
+    UNIONPAY = 7
+    MAESTRO = 8
+
+
+class CardError(ValueError):
+    """Invalid card input. Carries only a reason code, a field path and a fixed description."""
+
+    reason: str
+    field: str
+    description: str
+
+    def __init__(self, reason: str, field: str, description: str) -> None:
+        super().__init__(reason, field, description)
+        self.reason = reason
+        self.field = field
+        self.description = description
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.field} {self.description}"
+
+
+# (reason, field, description) of every CardError raised here: fixed texts, never input.
+_INVALID_PAN = ("INVALID_PAN", "card.pan", "must be 12-19 digits and pass the Luhn check")
+_UNKNOWN_BRAND = ("UNKNOWN_BRAND", "card.pan", "is not a number range of a supported card brand")
+_INVALID_MONTH = ("INVALID_EXPIRY", "card.expiry_month", "must be 1-12")
+_INVALID_YEAR = ("INVALID_EXPIRY", "card.expiry_year", "must be 2 digits or 2000-2099")
+_EXPIRED = ("EXPIRED_CARD", "card.expiry_year", "the card has expired")
+_INVALID_NAME = (
+    "INVALID_CARDHOLDER_NAME",
+    "card.cardholder_name",
+    "must be at most 100 characters without control characters",
+)
+
+# ---- Luhn ------------------------------------------------------------------------------------
+
+# Maps an ASCII digit to the ASCII digit of its doubled-and-digit-summed value.
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
+
+
+def _luhn(digits: str) -> bool:
+    """Luhn check of a string already known to hold only ASCII digits."""
+    b = digits.encode("ascii")
+    # Summing ASCII codes and removing 48 per digit once is faster than int() per digit.
+    return (sum(b[-1::-2]) + sum(b[-2::-2].translate(_DOUBLED)) - 48 * len(b)) % 10 == 0
+
+
+def luhn_valid(digits: str) -> bool:
+    """True when `digits` is a non-empty string of ASCII digits that passes the Luhn check."""
+    return bool(digits) and digits.isascii() and digits.isdigit() and _luhn(digits)
+
+
+# ---- brands ----------------------------------------------------------------------------------
+
+_LEN_16_19 = frozenset(range(16, 20))
+_Range = tuple[int, int, int, CardBrand, frozenset[int]]
+
+# (first IIN, last IIN, IIN length, brand, allowed PAN lengths), most specific range first: the
+# first range whose prefix matches decides the brand, and the length must then fit that brand.
+# A too-short 6011… is an invalid Discover number, not a Maestro one.
+_BRAND_RANGES: tuple[_Range, ...] = (
+    (622126, 622925, 6, CardBrand.DISCOVER, _LEN_16_19),
+    (6011, 6011, 4, CardBrand.DISCOVER, _LEN_16_19),
+    (644, 649, 3, CardBrand.DISCOVER, _LEN_16_19),
+    (65, 65, 2, CardBrand.DISCOVER, _LEN_16_19),
+    (62, 62, 2, CardBrand.UNIONPAY, _LEN_16_19),
+    (3528, 3589, 4, CardBrand.JCB, _LEN_16_19),
+    (300, 305, 3, CardBrand.DINERS, frozenset(range(14, 20))),
+    (36, 36, 2, CardBrand.DINERS, frozenset(range(14, 20))),
+    (38, 39, 2, CardBrand.DINERS, frozenset(range(14, 20))),
+    (34, 34, 2, CardBrand.AMEX, frozenset({15})),
+    (37, 37, 2, CardBrand.AMEX, frozenset({15})),
+    (2221, 2720, 4, CardBrand.MASTERCARD, frozenset({16})),
+    (51, 55, 2, CardBrand.MASTERCARD, frozenset({16})),
+    (4, 4, 1, CardBrand.VISA, frozenset({13, 16, 19})),
+    (50, 50, 2, CardBrand.MAESTRO, frozenset(range(12, 20))),
+    (56, 69, 2, CardBrand.MAESTRO, frozenset(range(12, 20))),
+)
+
+
+def _ranges_by_first_two() -> tuple[tuple[_Range, ...], ...]:
+    """For each two-digit prefix 00-99, the ranges that can match it, in priority order."""
+    table: list[tuple[_Range, ...]] = []
+    for prefix in range(100):
+        rules: list[_Range] = []
+        for rule in _BRAND_RANGES:
+            lo, hi, size, _, _ = rule
+            if size == 1:
+                hit = lo == prefix // 10
+            else:
+                scale = 10 ** (size - 2)
+                hit = lo // scale <= prefix <= hi // scale
+            if hit:
+                rules.append(rule)
+        table.append(tuple(rules))
+    return tuple(table)
+
+
+_BY_FIRST_TWO = _ranges_by_first_two()
+
+
+def detect_brand(digits: str) -> CardBrand | None:
+    """The brand of an all-digit PAN from its IIN range and length, or None if unsupported."""
+    if len(digits) < PAN_MIN_DIGITS or not (digits.isascii() and digits.isdigit()):
+        return None
+    for lo, hi, size, brand, lengths in _BY_FIRST_TWO[int(digits[:2])]:
+        if lo <= int(digits[:size]) <= hi:
+            return brand if len(digits) in lengths else None
+    return None
+
+
+# ---- PAN -------------------------------------------------------------------------------------
+
+
+@final
+class Pan:
+    """A validated primary account number. Immutable; prints as e.g. 'Pan(VISA ****1111)'."""
+
+    __slots__ = ("_digits", "_brand")
+    _digits: str
+    _brand: CardBrand
+
+    def __init__(self) -> None:
+        raise TypeError("use Pan.parse() to make a Pan")
+
+    @classmethod
+    def parse(cls, raw: str) -> Pan:
+        """Validate a card number; spaces and dashes are removed first."""
+        if not isinstance(raw, str) or len(raw) > _RAW_PAN_MAX_CHARS:
+            raise CardError(*_INVALID_PAN)
+        digits = raw.replace(" ", "").replace("-", "")
+        if not (
+            PAN_MIN_DIGITS <= len(digits) <= PAN_MAX_DIGITS
+            and digits.isascii()
+            and digits.isdigit()
+            and _luhn(digits)
+        ):
+            raise CardError(*_INVALID_PAN)
+        brand = detect_brand(digits)
+        if brand is None:
+            raise CardError(*_UNKNOWN_BRAND)
+        return _make_pan(digits, brand)
+
+    @property
+    def brand(self) -> CardBrand:
+        return self._brand
+
+    @property
+    def bin(self) -> str:
+        """The first six digits (issuer identification)."""
+        return self._digits[:6]
+
+    @property
+    def last4(self) -> str:
+        return self._digits[-4:]
+
+    def reveal(self) -> str:
+        """The full card number. The only way to get it; keep every call site reviewable."""
+        return self._digits
+
+    def __len__(self) -> int:
+        return len(self._digits)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is Pan:
+            return self._digits == other._digits
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        # str hashing is SipHash keyed per process: fine for dicts, useless for reversing.
+        return hash(self._digits)
+
+    def __repr__(self) -> str:
+        return f"Pan({self._brand.name} ****{self._digits[-4:]})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return format(repr(self), spec)
+
+    def __setattr__(self, name: str, value: Any) -> NoReturn:
+        raise AttributeError("Pan is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("Pan is immutable")
+
+    # Serialising a PAN by accident (pickle, a cache, a queue) must fail loudly; copies of an
+    # immutable value can simply be the value itself.
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Pan cannot be pickled")
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError("a Pan cannot be pickled")
+
+    def __copy__(self) -> Pan:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Pan:
+        return self
+
+
+_new_object = object.__new__
+# The slot descriptors write past Pan.__setattr__, which refuses every assignment.
+_set_digits = Pan.__dict__["_digits"].__set__
+_set_brand = Pan.__dict__["_brand"].__set__
+
+
+def _make_pan(digits: str, brand: CardBrand) -> Pan:
+    """Build a Pan from already validated parts (bypasses the immutability guard)."""
+    pan = _new_object(Pan)
+    _set_digits(pan, digits)
+    _set_brand(pan, brand)
+    return pan
+
+
+# ---- expiry, name, card ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """Card expiry; the card is valid through the last day of `month` in `year` (4 digits)."""
+
+    month: int
+    year: int
+
+    def __post_init__(self) -> None:
+        # type() rather than isinstance(): bool is an int subclass and never a valid month.
+        if type(self.month) is not int or not 1 <= self.month <= 12:
+            raise CardError(*_INVALID_MONTH)
+        if type(self.year) is not int or not 2000 <= self.year <= 2099:
+            raise CardError(*_INVALID_YEAR)
+
+    @classmethod
+    def parse(cls, month: int, year: int, *, today: datetime.date) -> Expiry:
+        """Validate an expiry as entered; 2-digit years are 20YY; refuses expired cards."""
+        # 0 stays invalid rather than meaning 2000: it is what an unset proto3 field reads as.
+        if type(year) is int and 0 < year < 100:
+            year += 2000
+        expiry = cls(month, year)
+        if (expiry.year, expiry.month) < (today.year, today.month):
+            raise CardError(*_EXPIRED)
+        return expiry
+
+
+# Control characters (C0, DEL, C1), lone surrogates (not encodable), line/paragraph separators
+# and bidi embedding/override/isolate controls, which can forge log lines or reorder what an
+# agent sees on screen.
+_FORBIDDEN_NAME_CHARS = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def _name_ok(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and len(name) <= NAME_MAX_CHARS
+        and (not name or _FORBIDDEN_NAME_CHARS.search(name) is None)
+    )
+
+
+def validate_cardholder_name(name: str) -> str:
+    """The name stripped of surrounding whitespace; at most 100 characters, no controls."""
+    stripped = name.strip() if isinstance(name, str) else name
+    if not _name_ok(stripped):
+        raise CardError(*_INVALID_NAME)
+    return stripped
+
+
+# Plaintext format version 1: a fixed header, then the PAN digits (ASCII), then the name (UTF-8).
+# The brand is stored rather than re-derived so that later changes to the brand table never make
+# an old card unreadable.
+_PLAINTEXT_V1 = 1
+_HEADER = struct.Struct(">BBBHBH")  # version, brand, month, year, PAN length, name length
+_MALFORMED = "malformed card plaintext"
+# A dict lookup is several times faster than calling the enum.
+_BRAND_BY_VALUE: dict[int, CardBrand] = {brand.value: brand for brand in CardBrand}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Card:
+    """A card as captured: PAN, expiry and optional cardholder name."""
+
+    pan: Pan
+    expiry: Expiry
+    cardholder_name: str = ""
+
+    def __post_init__(self) -> None:
+        if type(self.pan) is not Pan:
+            raise TypeError("Card.pan must be a Pan")
+        if type(self.expiry) is not Expiry:
+            raise TypeError("Card.expiry must be an Expiry")
+        # Checked here so that to_plaintext() can never write what from_plaintext() refuses.
+        if not _name_ok(self.cardholder_name):
+            raise CardError(*_INVALID_NAME)
+
+    def __repr__(self) -> str:
+        name = "'<redacted>'" if self.cardholder_name else "''"
+        return f"Card(pan={self.pan!r}, expiry={self.expiry!r}, cardholder_name={name})"
+
+    def to_plaintext(self) -> bytes:
+        """Versioned binary encoding for sealing (inverse of `from_plaintext`)."""
+        digits = self.pan._digits.encode("ascii")
+        name = self.cardholder_name.encode("utf-8")
+        header = _HEADER.pack(
+            _PLAINTEXT_V1,
+            self.pan._brand,
+            self.expiry.month,
+            self.expiry.year,
+            len(digits),
+            len(name),
+        )
+        return header + digits + name
+
+    @classmethod
+    def from_plaintext(cls, data: bytes) -> Card:
+        """Decode `to_plaintext` output. No date check: expired cards must stay readable.
+
+        Raises a plain ValueError (never CardError: stored data is not caller input).
+        """
+        try:
+            version, brand, month, year, pan_len, name_len = _HEADER.unpack_from(data)
+        except (struct.error, TypeError):
+            raise ValueError(_MALFORMED) from None
+        start = _HEADER.size
+        if version != _PLAINTEXT_V1 or len(data) != start + pan_len + name_len:
+            raise ValueError(_MALFORMED)
+        try:
+            digits = data[start : start + pan_len].decode("ascii")
+            name = data[start + pan_len :].decode("utf-8")
+            card_brand = _BRAND_BY_VALUE.get(brand)
+            if card_brand is None or not (
+                PAN_MIN_DIGITS <= len(digits) <= PAN_MAX_DIGITS
+                and digits.isdigit()
+                and _luhn(digits)
+            ):
+                raise ValueError(_MALFORMED)
+            # Expiry and Card check month, year and name themselves.
+            return cls(_make_pan(digits, card_brand), Expiry(month, year), name)
+        except ValueError:  # also CardError and UnicodeDecodeError, whose texts show input bytes
+            raise ValueError(_MALFORMED) from None
+
+
+# ---- masking free text -----------------------------------------------------------------------
+
+# A maximal run of digits joined by at most single spaces or dashes, at least 12 digits long.
+# Each repetition consumes exactly one digit, so matching is linear (no backtracking blow-up).
+_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){11,}")
+_DIGIT_GROUP = re.compile(r"[0-9]+")
+
+
+def _masked_span(length: int) -> tuple[int, int]:
+    """Offsets [start, end) of the digits to hide in a PAN of `length` digits.
+
+    Keeps at most the first six and the last four, and always hides at least six digits so a
+    short PAN is not all but revealed (with Luhn, two hidden digits leave ten candidates).
+    """
+    return max(0, min(6, length - 10)), length - 4
+
+
+def _mask_run(match: re.Match[str]) -> str:
+    run = match.group()
+    if len(run) <= PAN_MAX_DIGITS and run.isdigit():  # the common case: one unbroken number
+        if not _luhn(run):
+            return run
+        start, end = _masked_span(len(run))
+        return run[:start] + "*" * (end - start) + run[end:]
+
+    # Separated groups, e.g. '4111 1111 1111 1111' or a PAN followed by ' 100': every window of
+    # whole consecutive groups that is 12-19 digits long and Luhn-valid is masked.
+    groups = [len(g) for g in _DIGIT_GROUP.findall(run)]
+    digits = run.replace(" ", "").replace("-", "")
+    hidden = bytearray(len(digits))
+    offset = 0
+    for i in range(len(groups)):
+        end = offset
+        for j in range(i, len(groups)):
+            end += groups[j]
+            size = end - offset
+            if size > PAN_MAX_DIGITS:
+                break
+            if size >= PAN_MIN_DIGITS and _luhn(digits[offset:end]):
+                lo, hi = _masked_span(size)
+                hidden[offset + lo : offset + hi] = b"\x01" * (hi - lo)
+        offset += groups[i]
+    if not any(hidden):
+        return run
+    out = []
+    k = 0
+    for ch in run:
+        if ch == " " or ch == "-":
+            out.append(ch)
+        else:
+            out.append("*" if hidden[k] else ch)
+            k += 1
+    return "".join(out)
+
+
+def mask_pans(text: str) -> str:
+    """`text` with every Luhn-valid 12-19 digit number masked (first six and last four kept)."""
+    if len(text) < PAN_MIN_DIGITS:
+        return text
+    return _DIGIT_RUN.sub(_mask_run, text)
