@@ -9,6 +9,8 @@ import pickle
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.testcards import ALL_TEST_PANS, TEST_CARDS
 from vaultline.card import (
     Card,
     CardBrand,
@@ -20,8 +22,6 @@ from vaultline.card import (
     mask_pans,
     validate_cardholder_name,
 )
-
-from tests.testcards import ALL_TEST_PANS, TEST_CARDS
 
 VISA = "4111111111111111"
 TODAY = datetime.date(2026, 5, 15)

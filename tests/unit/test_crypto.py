@@ -8,6 +8,8 @@ import hmac
 import pickle
 
 import pytest
+
+from tests.testcards import ALL_TEST_PANS
 from vaultline.crypto import (
     CIPHERTEXT_VERSION,
     KEY_BYTES,
@@ -18,8 +20,6 @@ from vaultline.crypto import (
     SealingKey,
     associated_data,
 )
-
-from tests.testcards import ALL_TEST_PANS
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))

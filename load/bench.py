@@ -1,0 +1,307 @@
+"""Tokenizer throughput benchmark: every figure beside the bare baselines of the same run.
+
+Starts a fresh stack (OpenBao + PostgreSQL + tokenizer, as `make run` does) in a temporary
+directory, plus a bare grpc.aio echo server, each in its own process; then measures from this
+process:
+
+  echo      bare grpc.aio unary calls/s with a Tokenize-sized payload (the gRPC ceiling)
+  copy      PostgreSQL COPY rows/s into a table shaped like `tokens` (the database ceiling)
+  tokenize  unary Tokenize calls/s, p50/p99 latency, and the ratio to echo
+  batch-tok BatchTokenize new PANs/s (chunks of --chunk), and the ratio to COPY
+  batch-det BatchDetokenize tokens/s, and the ratio to COPY
+
+Usage: python load/bench.py [--pans 200000] [--seconds 10] [--concurrency 64] [--chunk 1000]
+Record the printed table in load/README.md. This is a measurement, never a test assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "services"))
+
+from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb  # noqa: E402
+from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc  # noqa: E402
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+# ---- test data -----------------------------------------------------------------------------
+
+
+def luhn_complete(prefix: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(prefix)):
+        d = int(ch)
+        if i % 2 == 0:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return prefix + str((10 - total % 10) % 10)
+
+
+def unique_pans(n: int, seed: int) -> list[str]:
+    """n distinct Luhn-valid 16-digit Visa-range numbers (synthetic, never real cards)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    while len(seen) < n:
+        seen.add(luhn_complete("4" + "".join(rng.choices("0123456789", k=14))))
+    return list(seen)
+
+
+# ---- the bare baselines ------------------------------------------------------------------------
+
+
+def echo_server_main(port_file: str) -> None:
+    """A grpc.aio server that returns its request bytes: the floor under any unary RPC."""
+
+    async def serve() -> None:
+        async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return request
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo",
+            {"Echo": grpc.unary_unary_rpc_method_handler(echo)},
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        Path(port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start-up
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+async def closed_loop(
+    call, seconds: float, concurrency: int
+) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    """Run `call()` from `concurrency` workers for `seconds`; (calls/s, latencies in s)."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while (start := time.perf_counter()) < deadline:
+            await call()
+            latencies.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - began), latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
+
+
+async def bench_echo(address: str, payload: bytes, seconds: float, concurrency: int):  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(address) as channel:
+        echo = channel.unary_unary(ECHO_METHOD)
+        await echo(payload)
+        return await closed_loop(lambda: echo(payload), seconds, concurrency)
+
+
+async def bench_copy(dsn: str, rows: int) -> float:
+    """COPY rows shaped like `tokens` into a scratch table: the database's bulk ceiling."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TEMP TABLE bench_copy (tenant text, token text, fingerprint bytea,"
+            " format int2, brand int2, bin text, last4 text, expiry_month int2,"
+            " expiry_year int2, data_key_id int8, ciphertext bytea,"
+            " created_at timestamptz DEFAULT now(), PRIMARY KEY (tenant, token))"
+        )
+        await conn.execute("CREATE UNIQUE INDEX ON bench_copy (tenant, fingerprint, format)")
+        records = [
+            ("default", f"{i:016d}", os.urandom(32), 1, 1, "411111", "1111", 12, 2030, 1,
+             os.urandom(60))
+            for i in range(rows)
+        ]
+        columns = ["tenant", "token", "fingerprint", "format", "brand", "bin", "last4",
+                   "expiry_month", "expiry_year", "data_key_id", "ciphertext"]
+        start = time.perf_counter()
+        for i in range(0, rows, 10_000):
+            await conn.copy_records_to_table("bench_copy", records=records[i:i + 10_000],
+                                             columns=columns)
+        return rows / (time.perf_counter() - start)
+    finally:
+        await conn.close()
+
+
+# ---- the tokenizer -------------------------------------------------------------------------
+
+
+async def bench_tokenize(
+    stub: pb_grpc.TokenizationServiceStub, pans: list[str], seconds: float, concurrency: int
+):  # type: ignore[no-untyped-def]
+    it = iter(pans)
+
+    async def call() -> None:
+        await stub.Tokenize(pb.TokenizeRequest(
+            card=pb.Card(pan=next(it), expiry_month=12, expiry_year=2030)))
+
+    return await closed_loop(call, seconds, concurrency)
+
+
+async def bench_batch_tokenize(
+    stub: pb_grpc.TokenizationServiceStub, pans: list[str], chunk: int
+) -> tuple[float, list[str]]:
+    chunks = [
+        pb.BatchTokenizeRequest(items=[
+            pb.BatchTokenizeRequest.Item(
+                reference=str(i + j), card=pb.Card(pan=p, expiry_month=12, expiry_year=2030))
+            for j, p in enumerate(pans[i:i + chunk])
+        ])
+        for i in range(0, len(pans), chunk)
+    ]
+    tokens: list[str] = []
+    created = 0
+    start = time.perf_counter()
+    async for response in stub.BatchTokenize(iter(chunks)):
+        for result in response.results:
+            if result.HasField("error"):
+                raise SystemExit(f"item failed: {result.error.message}")
+            tokens.append(result.token.token)
+            created += result.created
+    elapsed = time.perf_counter() - start
+    assert created == len(pans), f"only {created} of {len(pans)} were new"
+    return len(pans) / elapsed, tokens
+
+
+async def bench_batch_detokenize(
+    stub: pb_grpc.TokenizationServiceStub, tokens: list[str], chunk: int
+) -> float:
+    chunks = [
+        pb.BatchDetokenizeRequest(purpose="benchmark", items=[
+            pb.BatchDetokenizeRequest.Item(reference=str(i + j), token=t)
+            for j, t in enumerate(tokens[i:i + chunk])
+        ])
+        for i in range(0, len(tokens), chunk)
+    ]
+    revealed = 0
+    start = time.perf_counter()
+    async for response in stub.BatchDetokenize(iter(chunks)):
+        for result in response.results:
+            if result.HasField("error"):
+                raise SystemExit(f"item failed: {result.error.message}")
+            revealed += 1
+    elapsed = time.perf_counter() - start
+    assert revealed == len(tokens)
+    return len(tokens) / elapsed
+
+
+# ---- orchestration -------------------------------------------------------------------------
+
+
+def start_echo(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = tmp / "echo.port"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--echo-server", str(port_file)],
+    )
+    for _ in range(200):
+        if port_file.exists() and port_file.read_text():
+            return proc, f"127.0.0.1:{port_file.read_text()}"
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("echo server did not start")
+
+
+def start_stack(home: Path) -> tuple[subprocess.Popen[bytes], dict]:  # type: ignore[type-arg]
+    import json
+
+    stack_file = home / "dev" / "stack.json"
+    log = open(home.parent / "stack.log", "wb")  # noqa: SIM115 - lives as long as the stack
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaultline.cli", "--home", str(home), "dev", "up",
+         "--grpc-port", "0"],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "services")},
+    )
+    for _ in range(1200):
+        if stack_file.exists():
+            return proc, json.loads(stack_file.read_text())
+        if proc.poll() is not None:
+            raise SystemExit(f"stack failed; see {home.parent / 'stack.log'}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("stack did not start in 120 s")
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="vaultline-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        print(f"generating {args.pans:,} synthetic PANs…", flush=True)
+        batch_pans = unique_pans(args.pans, seed=1)
+        unary_pans = unique_pans(args.seconds * 20_000, seed=2)
+        echo_proc, echo_addr = start_echo(tmp)
+        stack_proc, stack = start_stack(tmp / "home")
+        try:
+            payload = pb.TokenizeRequest(
+                card=pb.Card(pan=unary_pans[0], expiry_month=12, expiry_year=2030)
+            ).SerializeToString()
+            echo_rate, echo_lat = await bench_echo(echo_addr, payload, args.seconds,
+                                                   args.concurrency)
+            copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
+            async with grpc.aio.insecure_channel(
+                stack["grpc_address"],
+                options=[("grpc.max_receive_message_length", 64 << 20)],
+            ) as channel:
+                stub = pb_grpc.TokenizationServiceStub(channel)
+                await stub.Tokenize(pb.TokenizeRequest(  # warm the keys
+                    card=pb.Card(pan="4111111111111111", expiry_month=12, expiry_year=2030)))
+                tok_rate, tok_lat = await bench_tokenize(stub, unary_pans, args.seconds,
+                                                         args.concurrency)
+                bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
+                bd_rate = await bench_batch_detokenize(stub, tokens, args.chunk)
+        finally:
+            stack_proc.terminate()
+            echo_proc.terminate()
+            stack_proc.wait(60)
+            echo_proc.wait(10)
+
+    cpus = os.cpu_count()
+    print()
+    print(f"machine: {cpus} CPUs, Python {sys.version.split()[0]}, grpcio {grpc.__version__}")
+    print(f"unary concurrency {args.concurrency}, {args.seconds}s per unary run,"
+          f" {args.pans:,} PANs per batch run in chunks of {args.chunk}")
+    print()
+    print(f"{'measure':<34}{'rate':>14}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>22}")
+    print(f"{'bare grpc.aio echo (calls/s)':<34}{echo_rate:>14,.0f}"
+          f"{pct(echo_lat, 50):>9.2f}{pct(echo_lat, 99):>9.2f}")
+    print(f"{'PostgreSQL COPY (rows/s)':<34}{copy_rate:>14,.0f}")
+    print(f"{'Tokenize unary (calls/s)':<34}{tok_rate:>14,.0f}"
+          f"{pct(tok_lat, 50):>9.2f}{pct(tok_lat, 99):>9.2f}"
+          f"{tok_rate / echo_rate:>13.0%} of echo")
+    print(f"{'BatchTokenize (new PANs/s)':<34}{bt_rate:>14,.0f}{'':>18}"
+          f"{bt_rate / copy_rate:>13.0%} of COPY")
+    print(f"{'BatchDetokenize (tokens/s)':<34}{bd_rate:>14,.0f}{'':>18}"
+          f"{bd_rate / copy_rate:>13.0%} of COPY")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
+        echo_server_main(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pans", type=int, default=200_000, help="PANs per batch run")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each unary run")
+    parser.add_argument("--concurrency", type=int, default=64, help="unary calls in flight")
+    parser.add_argument("--chunk", type=int, default=1000, help="items per batch chunk")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

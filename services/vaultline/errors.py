@@ -1,0 +1,85 @@
+"""Domain errors of the vault: what went wrong, in terms a caller can act on.
+
+Every error carries a reason code (UPPER_SNAKE_CASE, stable, part of the API) and, for bad
+input, the fields at fault — never the value that was sent. The gRPC layer turns them into
+`google.rpc.Status` through one table (`vaultline.api.errors`).
+
+    VaultlineError
+     ├── InvalidInput          bad request; reason + field violations      -> INVALID_ARGUMENT
+     ├── TokenNotFound         unknown, expired or deleted token            -> NOT_FOUND
+     ├── RequestIdReused       same request_id, different card              -> ALREADY_EXISTS
+     ├── TokenSpaceExhausted   no free token left for this BIN/last four    -> RESOURCE_EXHAUSTED
+     └── DependencyUnavailable OpenBao or PostgreSQL cannot be reached      -> UNAVAILABLE
+          ├── KeyServiceUnavailable
+          └── DatabaseUnavailable
+
+Card and token validation errors (`card.CardError`, `tokens.TokenError`) are converted to
+`InvalidInput` at the service boundary, keeping their reason and field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class VaultlineError(Exception):
+    reason: str = "INTERNAL"
+    message: str = "internal error"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+
+
+class InvalidInput(VaultlineError):
+    reason = "INVALID_ARGUMENT"
+    message = "the request is invalid"
+
+    def __init__(self, reason: str, violations: tuple[FieldViolation, ...] = ()) -> None:
+        super().__init__()
+        self.reason = reason
+        self.violations = violations
+
+    def with_prefix(self, prefix: str) -> InvalidInput:
+        """The same error with field paths below `prefix` (e.g. `items[3].`)."""
+        return InvalidInput(
+            self.reason,
+            tuple(FieldViolation(prefix + v.field, v.description) for v in self.violations),
+        )
+
+
+class TokenNotFound(VaultlineError):
+    reason = "TOKEN_NOT_FOUND"
+    message = "token not found"
+
+
+class RequestIdReused(VaultlineError):
+    reason = "REQUEST_ID_REUSED"
+    message = "request_id was already used for a different card"
+
+
+class TokenSpaceExhausted(VaultlineError):
+    reason = "TOKEN_SPACE_EXHAUSTED"
+    message = "no unused token is left for this format; use another token format"
+
+
+class DependencyUnavailable(VaultlineError):
+    reason = "DEPENDENCY_UNAVAILABLE"
+    message = "a backing service is unavailable; retry later"
+
+
+class KeyServiceUnavailable(DependencyUnavailable):
+    reason = "KEY_SERVICE_UNAVAILABLE"
+    message = "the key service is unavailable; retry later"
+
+
+class DatabaseUnavailable(DependencyUnavailable):
+    reason = "DATABASE_UNAVAILABLE"
+    message = "the database is unavailable; retry later"

@@ -1,0 +1,128 @@
+"""The tokenizer process: wires store, key service, keyring and servicers into a gRPC server.
+
+Start-up never waits for PostgreSQL or OpenBao: calls answer UNAVAILABLE while either is
+down and succeed again as soon as it is back (the pool reconnects, the AppRole client logs in
+again). A background probe keeps the standard gRPC health status truthful.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api.context import CallContextInterceptor
+from .api.tokenization import TokenizationServicer
+from .config import TokenizerConfig
+from .errors import DependencyUnavailable
+from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
+from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from .keyring import Keyring
+from .service import TokenService
+from .store import Store
+from .vault import TransitClient
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = svc_pb.DESCRIPTOR.services_by_name["TokenizationService"].full_name
+HEALTH_PERIOD_S = 5.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class TokenizerServer:
+    """A running tokenizer; `address` is host:port actually bound."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        self.config = config
+        self.address = ""
+        self.store: Store | None = None
+        self.keyring: Keyring | None = None
+        self.service: TokenService | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._probe: asyncio.Task[None] | None = None
+        self._vault: TransitClient | None = None
+
+    async def start(self) -> str:
+        config = self.config
+        # min_size=0: no connection is needed to start; the pool dials on first use.
+        self.store = await Store.connect(
+            config.database_url, min_size=0, max_size=config.db_pool_size
+        )
+        self._vault = TransitClient(
+            config.vault_addr, config.vault_credentials, key_name=config.vault_key_name
+        )
+        self.keyring = Keyring(self.store, self._vault, config.key_policy)
+        self.service = TokenService(self.store, self.keyring)
+        server = grpc.aio.server(
+            interceptors=[CallContextInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 1),
+            ],
+        )
+        pb_grpc.add_TokenizationServiceServicer_to_server(
+            TokenizationServicer(self.service), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        port = server.add_insecure_port(config.grpc_listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {config.grpc_listen}")
+        host = config.grpc_listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        await server.start()
+        self._server = server
+        self._probe = asyncio.create_task(self._probe_health())
+        log.info("tokenizer listening on %s", self.address)
+        return self.address
+
+    async def _probe_health(self) -> None:
+        assert self._health is not None and self.store is not None and self._vault is not None
+        last = None
+        while True:
+            try:
+                await self.store.ping()
+                ok = await asyncio.to_thread(self._vault.health)
+            except DependencyUnavailable:
+                ok = False
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            if status != last:
+                log.info("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+                last = status
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, status)
+            await asyncio.sleep(HEALTH_PERIOD_S)
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+            log.info("tokenizer stopped")
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        if self.keyring is not None:
+            self.keyring.clear()  # plaintext keys do not outlive the server

@@ -1,0 +1,532 @@
+"""Domain operations of the vault: tokenize, look up, detokenize, delete — single and in bulk.
+
+Composes the pure cores (card, tokens, crypto) with the keyring and the store. Speaks domain
+types only; `api/` translates to and from protobuf. Bulk operations cost one database round
+trip per chunk; concurrent single-card calls are coalesced into such chunks, so the unary path
+rides on the bulk one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .card import Card, CardBrand, CardError, Expiry, Pan, mask_pans, validate_cardholder_name
+from .crypto import CIPHERTEXT_VERSION, OpenFailed, associated_data
+from .errors import (
+    FieldViolation,
+    InvalidInput,
+    RequestIdReused,
+    TokenNotFound,
+    TokenSpaceExhausted,
+    VaultlineError,
+)
+from .keyring import Keyring
+from .store import NewTokens, Store
+from .tokens import TokenError, TokenFormat, new_tokens, parse_token
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
+MAX_TTL = dt.timedelta(days=3660)
+MAX_PURPOSE = 200
+# Fresh candidate tokens drawn for a card before giving up; only the short keep-BIN formats
+# can realistically run out.
+TOKEN_ATTEMPTS = 8
+
+
+class DataCorrupted(VaultlineError):
+    """A stored ciphertext failed authentication: tampering, a moved row, or a lost key."""
+
+    reason = "CIPHERTEXT_INTEGRITY"
+    message = "stored card data failed its integrity check"
+
+
+@dataclass(frozen=True, slots=True)
+class CardInput:
+    """A card as a caller sent it, not yet validated. Never printed with its number."""
+
+    pan: str
+    expiry_month: int
+    expiry_year: int
+    cardholder_name: str = ""
+
+    def __repr__(self) -> str:
+        return "CardInput(<redacted>)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """Everything about a token that is safe to show outside the card data environment."""
+
+    token: str
+    tenant: str
+    brand: CardBrand
+    bin: str
+    last4: str
+    expiry_month: int
+    expiry_year: int
+    format: TokenFormat
+    create_time: dt.datetime
+    expire_time: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    record: TokenRecord
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Revealed:
+    card: Card
+    record: TokenRecord
+
+
+def _record(tenant: str, row: Any) -> TokenRecord:
+    return TokenRecord(
+        token=row["token"],
+        tenant=tenant,
+        brand=CardBrand(row["brand"]),
+        bin=row["bin"],
+        last4=row["last4"],
+        expiry_month=row["expiry_month"],
+        expiry_year=row["expiry_year"],
+        format=TokenFormat(row["format"]),
+        create_time=row["created_at"],
+        expire_time=row["expires_at"],
+    )
+
+
+# ---- input validation (pure) -----------------------------------------------------------
+
+
+def _invalid(reason: str, field: str, description: str) -> InvalidInput:
+    return InvalidInput(reason, (FieldViolation(field, description),))
+
+
+def validate_tenant(tenant: str) -> str:
+    if not tenant:
+        return DEFAULT_TENANT
+    if not _TENANT.match(tenant):
+        raise _invalid(
+            "INVALID_TENANT", "tenant", "must be 1-63 of a-z, 0-9, '_' or '-', starting alnum"
+        )
+    return tenant
+
+
+def validate_request_id(request_id: str) -> str:
+    if not _REQUEST_ID.match(request_id):
+        raise _invalid("INVALID_REQUEST_ID", "request_id", "must be 1-128 printable ASCII")
+    return request_id
+
+
+def validate_purpose(purpose: str) -> str:
+    purpose = purpose.strip()
+    if not purpose:
+        raise _invalid("PURPOSE_REQUIRED", "purpose", "a purpose is required to detokenize")
+    if (
+        len(purpose) > MAX_PURPOSE
+        or not purpose.isprintable()
+        or mask_pans(purpose) != purpose  # a card number pasted into the purpose
+    ):
+        raise _invalid(
+            "INVALID_PURPOSE", "purpose", "must be printable, at most 200 characters, no PAN"
+        )
+    return purpose
+
+
+def validate_ttl(ttl: dt.timedelta | None) -> dt.timedelta | None:
+    if ttl is None:
+        return None
+    if ttl <= dt.timedelta(0) or ttl > MAX_TTL:
+        raise _invalid("INVALID_TTL", "ttl", "must be positive and at most 10 years")
+    return ttl
+
+
+def validate_format(value: int) -> TokenFormat:
+    if value == 0:
+        return TokenFormat.NUMERIC
+    try:
+        return TokenFormat(value)
+    except ValueError:
+        raise _invalid("INVALID_TOKEN_FORMAT", "format", "unknown token format") from None
+
+
+def validate_token(token: str) -> str:
+    try:
+        return parse_token(token)[0]
+    except TokenError as exc:
+        raise _invalid(exc.reason, "token", exc.description) from None
+
+
+def parse_card(raw: CardInput, today: dt.date) -> Card:
+    try:
+        pan = Pan.parse(raw.pan)
+        expiry = Expiry.parse(raw.expiry_month, raw.expiry_year, today=today)
+        name = validate_cardholder_name(raw.cardholder_name)
+    except CardError as exc:
+        raise _invalid(exc.reason, exc.field, exc.description) from None
+    return Card(pan, expiry, name)
+
+
+# ---- coalescing concurrent single calls into chunks --------------------------------------
+
+K = TypeVar("K", bound=Hashable)
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
+
+
+class Coalescer(Generic[K, I, R]):
+    """Runs concurrent single-item calls of one group as chunks.
+
+    No timer: whatever queued up while the previous chunk was in flight goes out next, so an
+    idle service answers at once and a busy one makes one round trip per chunk.
+    """
+
+    def __init__(
+        self,
+        run_chunk: Callable[[K, list[I]], Awaitable[list[R]]],
+        *,
+        max_chunk: int = 512,
+        max_in_flight: int = 2,
+    ) -> None:
+        self._run_chunk = run_chunk
+        self._max_chunk = max_chunk
+        self._max_in_flight = max_in_flight
+        self._queues: dict[K, list[tuple[I, asyncio.Future[R]]]] = {}
+        self._draining: dict[K, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, key: K, item: I) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, []).append((item, future))
+        if self._draining.get(key, 0) < self._max_in_flight:
+            self._draining[key] = self._draining.get(key, 0) + 1
+            task = asyncio.create_task(self._drain(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _drain(self, key: K) -> None:
+        try:
+            while queue := self._queues.get(key):
+                batch = queue[: self._max_chunk]
+                del queue[: self._max_chunk]
+                live = [(item, f) for item, f in batch if not f.cancelled()]
+                if not live:
+                    continue
+                try:
+                    results = await self._run_chunk(key, [item for item, _ in live])
+                except Exception as exc:  # every waiter gets the chunk's failure
+                    for _, f in live:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                for (_, f), result in zip(live, results, strict=True):
+                    if not f.done():
+                        f.set_result(result)
+        finally:
+            self._draining[key] -= 1
+            if not self._draining[key]:
+                del self._draining[key]
+                if not self._queues.get(key):
+                    self._queues.pop(key, None)
+
+
+# ---- the service ---------------------------------------------------------------------------
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(slots=True)
+class _Pending:
+    card: Card
+    fingerprint: bytes
+    indices: list[int]
+
+
+TokenizeGroup = tuple[str, TokenFormat, dt.timedelta | None]
+
+
+class TokenService:
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        *,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        randbytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._clock = clock
+        self._randbytes = randbytes
+        self._coalescer: Coalescer[TokenizeGroup, Card, Tokenized | VaultlineError] = Coalescer(
+            self._tokenize_group
+        )
+
+    # -- tokenize ------------------------------------------------------------------------
+
+    async def tokenize(
+        self,
+        tenant: str,
+        card: CardInput,
+        fmt: int = 0,
+        *,
+        request_id: str = "",
+        ttl: dt.timedelta | None = None,
+    ) -> Tokenized:
+        tenant = validate_tenant(tenant)
+        token_format = validate_format(fmt)
+        ttl = validate_ttl(ttl)
+        parsed = parse_card(card, self._clock().date())
+        if not request_id:
+            return self._unwrap(
+                await self._coalescer.submit((tenant, token_format, ttl), parsed)
+            )
+        request_id = validate_request_id(request_id)
+        fingerprint = (await self._keyring.fingerprint_key(tenant)).fingerprint(parsed.pan.reveal())
+        earlier = await self._replay(tenant, request_id, fingerprint)
+        if earlier is not None:
+            return earlier
+        result = self._unwrap(await self._coalescer.submit((tenant, token_format, ttl), parsed))
+        if await self._store.insert_tokenize_request(
+            tenant, request_id, fingerprint, result.record.token, result.created
+        ):
+            return result
+        # A concurrent retry of the same request recorded its result first: answer with that.
+        earlier = await self._replay(tenant, request_id, fingerprint)
+        return earlier if earlier is not None else result
+
+    async def _replay(self, tenant: str, request_id: str, fingerprint: bytes) -> Tokenized | None:
+        row = await self._store.find_tokenize_request(tenant, request_id)
+        if row is None:
+            return None
+        if bytes(row["fingerprint"]) != fingerprint:
+            raise RequestIdReused()
+        return Tokenized(await self.get_token(tenant, row["token"]), row["created"])
+
+    @staticmethod
+    def _unwrap(result: Tokenized | VaultlineError) -> Tokenized:
+        if isinstance(result, VaultlineError):
+            raise result
+        return result
+
+    async def tokenize_batch(
+        self,
+        tenant: str,
+        fmt: int,
+        ttl: dt.timedelta | None,
+        cards: Sequence[CardInput],
+    ) -> list[Tokenized | VaultlineError]:
+        """Tokenize a chunk; each item answers with its result or its own error, in order.
+
+        Raises (for the whole chunk) only on a bad tenant/format/TTL or an outage.
+        """
+        tenant = validate_tenant(tenant)
+        token_format = validate_format(fmt)
+        ttl = validate_ttl(ttl)
+        today = self._clock().date()
+        results: list[Tokenized | VaultlineError | None] = [None] * len(cards)
+        parsed: list[tuple[int, Card]] = []
+        for i, raw in enumerate(cards):
+            try:
+                parsed.append((i, parse_card(raw, today)))
+            except InvalidInput as exc:
+                results[i] = exc
+        if parsed:
+            group = (tenant, token_format, ttl)
+            outcomes = await self._tokenize_group(group, [c for _, c in parsed])
+            for (i, _), outcome in zip(parsed, outcomes, strict=True):
+                results[i] = outcome
+        return results  # type: ignore[return-value]
+
+    async def _tokenize_group(
+        self, group: TokenizeGroup, cards: list[Card]
+    ) -> list[Tokenized | VaultlineError]:
+        tenant, token_format, ttl = group
+        fingerprint_key = await self._keyring.fingerprint_key(tenant)
+        pending: dict[bytes, _Pending] = {}
+        for i, card in enumerate(cards):
+            fp = fingerprint_key.fingerprint(card.pan.reveal())
+            entry = pending.get(fp)
+            if entry is None:
+                pending[fp] = _Pending(card, fp, [i])
+            else:
+                entry.indices.append(i)
+        results: list[Tokenized | VaultlineError | None] = [None] * len(cards)
+        expires_at = self._clock() + ttl if ttl else None
+
+        def resolve(entry: _Pending, record: TokenRecord, created: bool) -> None:
+            first, *rest = entry.indices
+            results[first] = Tokenized(record, created)
+            for i in rest:
+                results[i] = Tokenized(record, False)
+
+        for _ in range(TOKEN_ATTEMPTS):
+            if not pending:
+                break
+            entries = list(pending.values())
+            inserted, existing = await self._insert(tenant, token_format, expires_at, entries)
+            for row in inserted:
+                resolve(pending.pop(bytes(row["fingerprint"])), _record(tenant, row), True)
+            now = self._clock()
+            expired: list[bytes] = []
+            stale: list[_Pending] = []
+            for row in existing:
+                fp = bytes(row["fingerprint"])
+                entry = pending[fp]
+                if row["expires_at"] is not None and row["expires_at"] <= now:
+                    expired.append(fp)  # a TTL token that lapsed: replace it with a new one
+                elif (entry.card.expiry.year, entry.card.expiry.month) > (
+                    row["expiry_year"],
+                    row["expiry_month"],
+                ):
+                    stale.append(entry)  # the card was reissued: keep the token, new expiry
+                else:
+                    resolve(pending.pop(fp), _record(tenant, row), False)
+            if expired:
+                await self._store.delete_expired_tokens(tenant, int(token_format), expired)
+            if stale:
+                for row in await self._reseal(tenant, stale, existing):
+                    resolve(pending.pop(bytes(row["fingerprint"])), _record(tenant, row), False)
+        for entry in pending.values():
+            for i in entry.indices:
+                results[i] = TokenSpaceExhausted()
+        return results  # type: ignore[return-value]
+
+    async def _insert(
+        self,
+        tenant: str,
+        token_format: TokenFormat,
+        expires_at: dt.datetime | None,
+        entries: list[_Pending],
+    ) -> tuple[list[Any], list[Any]]:
+        cards = [e.card for e in entries]
+        tokens = new_tokens([c.pan for c in cards], token_format, self._randbytes)
+        key_ids, ciphertexts = await self._seal(tenant, tokens, cards)
+        rows = NewTokens(
+            fingerprints=[e.fingerprint for e in entries],
+            tokens=tokens,
+            brands=[int(c.pan.brand) for c in cards],
+            bins=[c.pan.bin for c in cards],
+            last4s=[c.pan.last4 for c in cards],
+            expiry_months=[c.expiry.month for c in cards],
+            expiry_years=[c.expiry.year for c in cards],
+            data_key_ids=key_ids,
+            ciphertexts=ciphertexts,
+        )
+        return await self._store.insert_tokens(tenant, int(token_format), expires_at, rows)
+
+    async def _seal(
+        self, tenant: str, tokens: Sequence[str], cards: Sequence[Card]
+    ) -> tuple[list[int], list[bytes]]:
+        key_ids: list[int] = []
+        ciphertexts: list[bytes] = []
+        step = self._keyring.max_seal_count
+        for start in range(0, len(cards), step):
+            part = range(start, min(start + step, len(cards)))
+            key = await self._keyring.sealing_key_for(tenant, len(part))
+            seal, key_id = key.seal, key.key_id
+            for i in part:
+                ciphertexts.append(
+                    seal(
+                        cards[i].to_plaintext(),
+                        associated_data(CIPHERTEXT_VERSION, tenant, tokens[i], key_id),
+                    )
+                )
+            key_ids.extend([key_id] * len(part))
+        return key_ids, ciphertexts
+
+    async def _reseal(self, tenant: str, stale: list[_Pending], existing: list[Any]) -> list[Any]:
+        by_fp = {bytes(r["fingerprint"]): r["token"] for r in existing}
+        tokens = [by_fp[e.fingerprint] for e in stale]
+        cards = [e.card for e in stale]
+        key_ids, ciphertexts = await self._seal(tenant, tokens, cards)
+        return await self._store.update_token_cards(
+            tenant,
+            key_ids,
+            tokens,
+            [c.expiry.month for c in cards],
+            [c.expiry.year for c in cards],
+            ciphertexts,
+        )
+
+    # -- read, reveal, delete ------------------------------------------------------------
+
+    async def get_token(self, tenant: str, token: str) -> TokenRecord:
+        tenant = validate_tenant(tenant)
+        row = await self._store.find_live_token(tenant, validate_token(token))
+        if row is None:
+            raise TokenNotFound()
+        return _record(tenant, row)
+
+    async def detokenize(self, tenant: str, token: str, purpose: str) -> Revealed:
+        tenant = validate_tenant(tenant)
+        validate_purpose(purpose)
+        (result,) = await self._reveal(tenant, [validate_token(token)])
+        if isinstance(result, VaultlineError):
+            raise result
+        return result
+
+    async def detokenize_batch(
+        self, tenant: str, purpose: str, tokens: Sequence[str]
+    ) -> list[Revealed | VaultlineError]:
+        """Reveal a chunk; each item answers with its card or its own error, in order."""
+        tenant = validate_tenant(tenant)
+        validate_purpose(purpose)
+        results: list[Revealed | VaultlineError | None] = [None] * len(tokens)
+        valid: list[int] = []
+        normalised: list[str] = []
+        for i, raw in enumerate(tokens):
+            try:
+                normalised.append(validate_token(raw))
+                valid.append(i)
+            except InvalidInput as exc:
+                results[i] = exc
+        for i, outcome in zip(valid, await self._reveal(tenant, normalised), strict=True):
+            results[i] = outcome
+        return results  # type: ignore[return-value]
+
+    async def _reveal(self, tenant: str, tokens: list[str]) -> list[Revealed | VaultlineError]:
+        if not tokens:
+            return []
+        rows = {r["token"]: r for r in await self._store.find_live_tokens(tenant, tokens)}
+        keys = await self._keyring.sealing_keys({r["data_key_id"] for r in rows.values()})
+        out: list[Revealed | VaultlineError] = []
+        for token in tokens:
+            row = rows.get(token)
+            if row is None:
+                out.append(TokenNotFound())
+                continue
+            key_id = row["data_key_id"]
+            key = keys.get(key_id)
+            try:
+                if key is None:
+                    raise OpenFailed()
+                plaintext = key.open(
+                    row["ciphertext"], associated_data(CIPHERTEXT_VERSION, tenant, token, key_id)
+                )
+                out.append(Revealed(Card.from_plaintext(plaintext), _record(tenant, row)))
+            except (OpenFailed, ValueError):
+                log.error("stored card data failed its integrity check (data key %d)", key_id)
+                out.append(DataCorrupted())
+        return out
+
+    async def delete_token(self, tenant: str, token: str) -> None:
+        tenant = validate_tenant(tenant)
+        if not await self._store.delete_token(tenant, validate_token(token)):
+            raise TokenNotFound()

@@ -1,0 +1,416 @@
+"""The only module with SQL: PostgreSQL access through asyncpg, one method per query.
+
+Methods are single-statement primitives named after what they do; the domain
+(`service.py`, `keyring.py`) composes them. Bulk paths take arrays and run one round trip per
+chunk. Connection-level failures become `DatabaseUnavailable` through one table
+(`_UNAVAILABLE`); nothing here ever sees a PAN in clear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .errors import DatabaseUnavailable
+
+# Errors that mean "the database is not there right now" (restart, network, overload), as
+# opposed to a bug in a query. Everything else propagates and ends up as INTERNAL.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # connection refused / reset, including ConnectionError
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.CannotConnectNowError,  # 57P03: starting up / shutting down
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,  # connection closed underneath a query
+)
+
+
+@contextlib.asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable() from exc
+
+
+@dataclass(frozen=True, slots=True)
+class DataKeyRow:
+    id: int
+    tenant: str
+    purpose: str
+    wrapped_key: str
+    kek_version: int
+    max_uses: int
+    uses: int
+    created_at: dt.datetime
+    retire_at: dt.datetime
+    retired_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTokens:
+    """Column arrays for one chunk of candidate token rows (same tenant, format and TTL)."""
+
+    fingerprints: list[bytes]
+    tokens: list[str]
+    brands: list[int]
+    bins: list[str]
+    last4s: list[str]
+    expiry_months: list[int]
+    expiry_years: list[int]
+    data_key_ids: list[int]
+    ciphertexts: list[bytes]
+
+
+_DATA_KEY_COLUMNS = (
+    "id, tenant, purpose, wrapped_key, kek_version, max_uses, uses, created_at, retire_at,"
+    " retired_at"
+)
+_TOKEN_META = (
+    "token, fingerprint, brand, bin, last4, expiry_month, expiry_year, format, created_at,"
+    " expires_at"
+)
+
+_T_TOKEN_META = ", ".join("t." + c.strip() for c in _TOKEN_META.split(","))
+
+# ON CONFLICT DO NOTHING covers both unique keys: a card already tokenized (fingerprint) and a
+# candidate token that collided. The second SELECT sees the snapshot from before the INSERT,
+# so it returns exactly the rows that were already there.
+_INSERT_TOKENS = f"""
+    WITH input AS (
+        SELECT * FROM unnest($4::bytea[], $5::text[], $6::int2[], $7::text[], $8::text[],
+                             $9::int2[], $10::int2[], $11::int8[], $12::bytea[])
+            AS i(fingerprint, token, brand, bin, last4, expiry_month, expiry_year,
+                 data_key_id, ciphertext)
+    ), ins AS (
+        INSERT INTO tokens (tenant, token, fingerprint, format, brand, bin, last4,
+                            expiry_month, expiry_year, data_key_id, ciphertext, expires_at)
+        SELECT $1, token, fingerprint, $2, brand, bin, last4, expiry_month, expiry_year,
+               data_key_id, ciphertext, $3
+        FROM input
+        ON CONFLICT DO NOTHING
+        RETURNING {_TOKEN_META}
+    )
+    SELECT true AS inserted, {_TOKEN_META} FROM ins
+    UNION ALL
+    SELECT false, {_T_TOKEN_META}
+    FROM tokens t JOIN input i ON t.fingerprint = i.fingerprint
+    WHERE t.tenant = $1 AND t.format = $2
+"""
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+        async with _translated():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=30,
+                # A dead server must fail fast so callers get UNAVAILABLE, not a hang.
+                timeout=5,
+                server_settings={"application_name": "vaultline"},
+            )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with _translated():
+            return await self._pool.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with _translated():
+            return await self._pool.fetchrow(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        async with _translated():
+            return await self._pool.execute(sql, *args)
+
+    async def ping(self) -> None:
+        await self._fetchrow("SELECT 1")
+
+    # ---- data keys -------------------------------------------------------------------
+
+    async def find_active_data_key(self, tenant: str, purpose: str) -> DataKeyRow | None:
+        row = await self._fetchrow(
+            f"SELECT {_DATA_KEY_COLUMNS} FROM data_keys"
+            " WHERE tenant = $1 AND purpose = $2 AND retired_at IS NULL",
+            tenant,
+            purpose,
+        )
+        return DataKeyRow(*row) if row else None
+
+    async def insert_data_key(
+        self,
+        tenant: str,
+        purpose: str,
+        wrapped_key: str,
+        kek_version: int,
+        max_uses: int,
+        max_age: dt.timedelta,
+    ) -> DataKeyRow | None:
+        """Insert a new active key; None if another process made one first."""
+        row = await self._fetchrow(
+            "INSERT INTO data_keys (tenant, purpose, wrapped_key, kek_version, max_uses,"
+            " retire_at) VALUES ($1, $2, $3, $4, $5, now() + $6::interval)"
+            " ON CONFLICT (tenant, purpose) WHERE retired_at IS NULL DO NOTHING"
+            f" RETURNING {_DATA_KEY_COLUMNS}",
+            tenant,
+            purpose,
+            wrapped_key,
+            kek_version,
+            max_uses,
+            max_age,
+        )
+        return DataKeyRow(*row) if row else None
+
+    async def reserve_data_key_uses(self, key_id: int, count: int) -> bool:
+        """Count `count` encryptions against an active key, if its budget and age allow."""
+        row = await self._fetchrow(
+            "UPDATE data_keys SET uses = uses + $2"
+            " WHERE id = $1 AND retired_at IS NULL AND uses + $2 <= max_uses"
+            " AND retire_at > now() RETURNING id",
+            key_id,
+            count,
+        )
+        return row is not None
+
+    async def retire_data_key(self, key_id: int) -> None:
+        await self._execute(
+            "UPDATE data_keys SET retired_at = now() WHERE id = $1 AND retired_at IS NULL",
+            key_id,
+        )
+
+    async def find_data_keys(self, ids: Sequence[int]) -> list[DataKeyRow]:
+        rows = await self._fetch(
+            f"SELECT {_DATA_KEY_COLUMNS} FROM data_keys WHERE id = ANY($1::bigint[])", list(ids)
+        )
+        return [DataKeyRow(*r) for r in rows]
+
+    async def list_data_keys(self, after_id: int, limit: int) -> list[DataKeyRow]:
+        rows = await self._fetch(
+            f"SELECT {_DATA_KEY_COLUMNS} FROM data_keys WHERE id > $1 ORDER BY id LIMIT $2",
+            after_id,
+            limit,
+        )
+        return [DataKeyRow(*r) for r in rows]
+
+    async def update_wrapped_key(
+        self, key_id: int, old_wrapped: str, new_wrapped: str, kek_version: int
+    ) -> bool:
+        """Swap in a rewrapped key, only if nobody changed it meanwhile."""
+        row = await self._fetchrow(
+            "UPDATE data_keys SET wrapped_key = $3, kek_version = $4"
+            " WHERE id = $1 AND wrapped_key = $2 RETURNING id",
+            key_id,
+            old_wrapped,
+            new_wrapped,
+            kek_version,
+        )
+        return row is not None
+
+    async def count_data_keys_by_kek_version(self) -> list[tuple[int, str, int, int]]:
+        """(kek_version, purpose, active keys, retired keys) for `keys status`."""
+        rows = await self._fetch(
+            "SELECT kek_version, purpose, count(*) FILTER (WHERE retired_at IS NULL),"
+            " count(*) FILTER (WHERE retired_at IS NOT NULL)"
+            " FROM data_keys GROUP BY kek_version, purpose ORDER BY kek_version, purpose"
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    # ---- tokens ----------------------------------------------------------------------
+
+    async def insert_tokens(
+        self, tenant: str, fmt: int, expires_at: dt.datetime | None, rows: NewTokens
+    ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+        """Insert a chunk of new cards in one round trip.
+
+        Returns (inserted, existing): the rows that went in, and the live or expired rows
+        already holding one of the fingerprints. A fingerprint in neither list lost a race
+        with a concurrent insert, or its candidate token collided: the caller retries it.
+        """
+        records = await self._fetch(
+            _INSERT_TOKENS,
+            tenant,
+            fmt,
+            expires_at,
+            rows.fingerprints,
+            rows.tokens,
+            rows.brands,
+            rows.bins,
+            rows.last4s,
+            rows.expiry_months,
+            rows.expiry_years,
+            rows.data_key_ids,
+            rows.ciphertexts,
+        )
+        inserted = [r for r in records if r["inserted"]]
+        existing = [r for r in records if not r["inserted"]]
+        return inserted, existing
+
+    async def delete_expired_tokens(
+        self, tenant: str, fmt: int, fingerprints: Sequence[bytes]
+    ) -> int:
+        status = await self._execute(
+            "DELETE FROM tokens WHERE tenant = $1 AND format = $2"
+            " AND fingerprint = ANY($3::bytea[]) AND expires_at <= now()",
+            tenant,
+            fmt,
+            list(fingerprints),
+        )
+        return int(status.split()[-1])
+
+    async def update_token_cards(
+        self,
+        tenant: str,
+        data_key_ids: Sequence[int],
+        tokens: Sequence[str],
+        expiry_months: Sequence[int],
+        expiry_years: Sequence[int],
+        ciphertexts: Sequence[bytes],
+    ) -> list[asyncpg.Record]:
+        """Re-seal existing tokens whose card came back with a new expiry date."""
+        return await self._fetch(
+            f"""
+            UPDATE tokens t SET expiry_month = u.expiry_month, expiry_year = u.expiry_year,
+                                data_key_id = u.data_key_id, ciphertext = u.ciphertext
+            FROM unnest($2::int8[], $3::text[], $4::int2[], $5::int2[], $6::bytea[])
+                AS u(data_key_id, token, expiry_month, expiry_year, ciphertext)
+            WHERE t.tenant = $1 AND t.token = u.token
+            RETURNING {_T_TOKEN_META}
+            """,
+            tenant,
+            list(data_key_ids),
+            list(tokens),
+            list(expiry_months),
+            list(expiry_years),
+            list(ciphertexts),
+        )
+
+    async def find_live_tokens(self, tenant: str, tokens: Sequence[str]) -> list[asyncpg.Record]:
+        """Live (not expired) tokens with their ciphertext, in one round trip."""
+        return await self._fetch(
+            f"SELECT {_TOKEN_META}, data_key_id, ciphertext FROM tokens"
+            " WHERE tenant = $1 AND token = ANY($2::text[])"
+            " AND (expires_at IS NULL OR expires_at > now())",
+            tenant,
+            list(tokens),
+        )
+
+    async def find_live_token(self, tenant: str, token: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            f"SELECT {_TOKEN_META} FROM tokens WHERE tenant = $1 AND token = $2"
+            " AND (expires_at IS NULL OR expires_at > now())",
+            tenant,
+            token,
+        )
+
+    async def delete_token(self, tenant: str, token: str) -> bool:
+        """Delete a live token and its ciphertext; the card is then unrecoverable."""
+        row = await self._fetchrow(
+            "DELETE FROM tokens WHERE tenant = $1 AND token = $2"
+            " AND (expires_at IS NULL OR expires_at > now()) RETURNING token",
+            tenant,
+            token,
+        )
+        return row is not None
+
+    async def purge_expired_tokens(self, limit: int = 10_000) -> int:
+        status = await self._execute(
+            "DELETE FROM tokens WHERE ctid = ANY(ARRAY(SELECT ctid FROM tokens"
+            " WHERE expires_at <= now() LIMIT $1))",
+            limit,
+        )
+        return int(status.split()[-1])
+
+    # ---- idempotency -----------------------------------------------------------------
+
+    async def find_tokenize_request(self, tenant: str, request_id: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            "SELECT fingerprint, token, created FROM tokenize_requests"
+            " WHERE tenant = $1 AND request_id = $2",
+            tenant,
+            request_id,
+        )
+
+    async def insert_tokenize_request(
+        self, tenant: str, request_id: str, fingerprint: bytes, token: str, created: bool
+    ) -> bool:
+        """Record a request's result; False if the request_id was recorded meanwhile."""
+        row = await self._fetchrow(
+            "INSERT INTO tokenize_requests (tenant, request_id, fingerprint, token, created)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING request_id",
+            tenant,
+            request_id,
+            fingerprint,
+            token,
+            created,
+        )
+        return row is not None
+
+
+# ---- migrations ----------------------------------------------------------------------
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "infra" / "postgres"
+
+
+def _read_migrations(directory: Path) -> list[tuple[str, str]]:
+    files = sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    if not files:
+        raise RuntimeError(f"no migrations found in {directory}")
+    return [(path.name, path.read_text(encoding="utf-8")) for path in files]
+
+
+async def migrate(owner_dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply pending `NNNN_*.sql` files in order, each in its own transaction, as the owner.
+
+    A checksum per applied file catches a migration edited after it ran. Returns the names
+    applied now. An advisory lock keeps concurrent starters from racing.
+    """
+    applied_now: list[str] = []
+    files = _read_migrations(directory)
+    async with _translated():
+        conn = await asyncpg.connect(owner_dsn, timeout=10)
+    try:
+        async with _translated():
+            await conn.execute("SELECT pg_advisory_lock(7461)")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY,"
+                " sha256 text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"]: r["sha256"] for r in await conn.fetch(
+                "SELECT name, sha256 FROM schema_migrations")}
+        for name, sql in files:
+            digest = hashlib.sha256(sql.encode()).hexdigest()
+            if name in done:
+                if done[name] != digest:
+                    raise RuntimeError(f"migration {name} changed after it was applied")
+                continue
+            async with _translated(), conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (name, sha256) VALUES ($1, $2)",
+                    name,
+                    digest,
+                )
+            applied_now.append(name)
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+    return applied_now

@@ -1,0 +1,144 @@
+"""The stack as `make run` starts it (`vaultline dev up`), driven over gRPC from this process.
+
+Also: Ctrl-C stops everything cleanly, a restart keeps every token, and the key CLI works
+against the running stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.testcards import TEST_CARDS
+from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
+from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+VAULTLINE = [sys.executable, "-m", "vaultline.cli"]
+
+
+class Stack:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.proc: subprocess.Popen[str] | None = None
+        self.output = ""
+
+    def up(self) -> dict:  # type: ignore[type-arg]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
+        self.proc = subprocess.Popen(
+            [*VAULTLINE, "--home", str(self.home), "dev", "up", "--grpc-port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        stack_file = self.home / "dev" / "stack.json"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if stack_file.exists():
+                return json.loads(stack_file.read_text())
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dev up exited: {self.proc.stdout.read()}")  # type: ignore[union-attr]
+            time.sleep(0.1)
+        raise AssertionError("dev up did not write stack.json in 120 s")
+
+    def interrupt(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=60)
+        self.output += out
+        return self.proc.returncode
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vaultline-e2e-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VAULTLINE, "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_make_run_stack_end_to_end(home: Path) -> None:
+    stack = Stack(home)
+    info = stack.up()
+    try:
+        assert {"grpc_address", "vault_addr", "database_url"} <= info.keys()
+        assert info["grpc_address"].startswith("127.0.0.1:")
+        # Unseal material is kept, dev-only and labelled so, and private.
+        init_file = home / "dev" / "openbao-init.json"
+        assert "DEV ONLY" in init_file.read_text()
+        assert init_file.stat().st_mode & 0o077 == 0
+
+        pans = [p for pans in TEST_CARDS.values() for p in pans[:1]]
+        with grpc.insecure_channel(info["grpc_address"]) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.TokenizationServiceStub(channel)
+            tokens = [
+                stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
+                    pan=p, expiry_month=11, expiry_year=2032))).token.token
+                for p in pans
+            ]
+            for pan, token in zip(pans, tokens, strict=True):
+                got = stub.Detokenize(pb.DetokenizeRequest(token=token, purpose="e2e"))
+                assert got.card.pan == pan
+
+        status = _cli(home, "keys", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        before = json.loads(status.stdout)["kek"]["latest_version"]
+        rotate = _cli(home, "keys", "rotate")
+        assert rotate.returncode == 0, rotate.stderr
+        after = json.loads(_cli(home, "keys", "status", "--json").stdout)
+        assert after["kek"]["latest_version"] == before + 1
+        assert {d["kek_version"] for d in after["data_keys"]} == {before + 1}
+    finally:
+        code = stack.interrupt()
+    assert code == 0, stack.output
+    assert "stopped cleanly" in stack.output
+    assert not (home / "dev" / "stack.json").exists()
+    for pan in pans:
+        assert pan not in stack.output
+
+    # Start again: every token is still there and still detokenizes (after the rotation too).
+    stack2 = Stack(home)
+    info2 = stack2.up()
+    try:
+        with grpc.insecure_channel(info2["grpc_address"]) as channel:
+            stub = pb_grpc.TokenizationServiceStub(channel)
+            for pan, token in zip(pans, tokens, strict=True):
+                assert stub.Detokenize(
+                    pb.DetokenizeRequest(token=token, purpose="e2e")).card.pan == pan
+                again = stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
+                    pan=pan, expiry_month=11, expiry_year=2032)))
+                assert again.token.token == token and not again.created
+    finally:
+        assert stack2.interrupt() == 0, stack2.output
+
+
+def test_cli_help_and_config_errors(home: Path) -> None:
+    for args in (["--help"], ["dev", "up", "--help"], ["keys", "rotate", "--help"],
+                 ["serve", "--help"], ["db", "migrate", "--help"]):
+        result = _cli(home, *args)
+        assert result.returncode == 0 and "usage:" in result.stdout
+    missing = _cli(home, "keys", "status")
+    assert missing.returncode == 2
+    assert "VAULTLINE_VAULT_ADDR" in missing.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
+    serve = subprocess.run([*VAULTLINE, "serve"], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert serve.returncode == 2 and "VAULTLINE_" in serve.stderr
