@@ -233,7 +233,8 @@ def start_stack(home: Path) -> tuple[subprocess.Popen[bytes], dict]:  # type: ig
         if stack_file.exists():
             return proc, json.loads(stack_file.read_text())
         if proc.poll() is not None:
-            raise SystemExit(f"stack failed; see {home.parent / 'stack.log'}")
+            tail = (home.parent / "stack.log").read_text()[-3000:]
+            raise SystemExit(f"the stack failed to start:\n{tail}")
         time.sleep(0.1)
     proc.kill()
     raise SystemExit("stack did not start in 120 s")
@@ -242,11 +243,16 @@ def start_stack(home: Path) -> tuple[subprocess.Popen[bytes], dict]:  # type: ig
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="vaultline-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        tmp.chmod(0o711)  # PostgreSQL's server account must be able to reach its data dir
         print(f"generating {args.pans:,} synthetic PANs…", flush=True)
         batch_pans = unique_pans(args.pans, seed=1)
         unary_pans = unique_pans(args.seconds * 20_000, seed=2)
         echo_proc, echo_addr = start_echo(tmp)
-        stack_proc, stack = start_stack(tmp / "home")
+        try:
+            stack_proc, stack = start_stack(tmp / "home")
+        except BaseException:
+            echo_proc.kill()
+            raise
         try:
             payload = pb.TokenizeRequest(
                 card=pb.Card(pan=unary_pans[0], expiry_month=12, expiry_year=2030)

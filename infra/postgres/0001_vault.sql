@@ -36,7 +36,7 @@ CREATE TABLE tokens (
     PRIMARY KEY (tenant, token)
 );
 -- One token per card, tenant and format: found through the keyed fingerprint.
-CREATE UNIQUE INDEX tokens_fingerprint ON tokens (tenant, fingerprint, format);
+CREATE UNIQUE INDEX tokens_fingerprint ON tokens (tenant, format, fingerprint);
 CREATE INDEX tokens_expires_at ON tokens (expires_at) WHERE expires_at IS NOT NULL;
 
 -- A retried Tokenize with the same request_id returns the first result.

@@ -93,16 +93,21 @@ class Revealed:
     record: TokenRecord
 
 
+# Dict lookups: several times cheaper than calling the enum, on the per-card path.
+_BRANDS = {b.value: b for b in CardBrand}
+_FORMATS = {f.value: f for f in TokenFormat}
+
+
 def _record(tenant: str, row: Any) -> TokenRecord:
     return TokenRecord(
         token=row["token"],
         tenant=tenant,
-        brand=CardBrand(row["brand"]),
+        brand=_BRANDS[row["brand"]],
         bin=row["bin"],
         last4=row["last4"],
         expiry_month=row["expiry_month"],
         expiry_year=row["expiry_year"],
-        format=TokenFormat(row["format"]),
+        format=_FORMATS[row["format"]],
         create_time=row["created_at"],
         expire_time=row["expires_at"],
     )

@@ -85,7 +85,9 @@ _T_TOKEN_META = ", ".join("t." + c.strip() for c in _TOKEN_META.split(","))
 
 # ON CONFLICT DO NOTHING covers both unique keys: a card already tokenized (fingerprint) and a
 # candidate token that collided. The second SELECT sees the snapshot from before the INSERT,
-# so it returns exactly the rows that were already there.
+# so it returns exactly the rows that were already there. Lookups by an array of keys are
+# written as LATERAL ... LIMIT 1: one unique-index probe per key, whatever the statistics say
+# (a freshly loaded, not yet analyzed table otherwise gets a plan that scans the tenant).
 _INSERT_TOKENS = f"""
     WITH input AS (
         SELECT * FROM unnest($4::bytea[], $5::text[], $6::int2[], $7::text[], $8::text[],
@@ -103,9 +105,11 @@ _INSERT_TOKENS = f"""
     )
     SELECT true AS inserted, {_TOKEN_META} FROM ins
     UNION ALL
-    SELECT false, {_T_TOKEN_META}
-    FROM tokens t JOIN input i ON t.fingerprint = i.fingerprint
-    WHERE t.tenant = $1 AND t.format = $2
+    SELECT false, t.*
+    FROM input i CROSS JOIN LATERAL (
+        SELECT {_TOKEN_META} FROM tokens
+        WHERE tenant = $1 AND format = $2 AND fingerprint = i.fingerprint LIMIT 1
+    ) t
 """
 
 
@@ -306,9 +310,10 @@ class Store:
     async def find_live_tokens(self, tenant: str, tokens: Sequence[str]) -> list[asyncpg.Record]:
         """Live (not expired) tokens with their ciphertext, in one round trip."""
         return await self._fetch(
-            f"SELECT {_TOKEN_META}, data_key_id, ciphertext FROM tokens"
-            " WHERE tenant = $1 AND token = ANY($2::text[])"
-            " AND (expires_at IS NULL OR expires_at > now())",
+            f"SELECT t.* FROM unnest($2::text[]) AS i(token) CROSS JOIN LATERAL ("
+            f" SELECT {_TOKEN_META}, data_key_id, ciphertext FROM tokens"
+            " WHERE tenant = $1 AND token = i.token"
+            " AND (expires_at IS NULL OR expires_at > now()) LIMIT 1) t",
             tenant,
             list(tokens),
         )

@@ -33,11 +33,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # ---- conversions ---------------------------------------------------------------------------
 
 
-def _timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    seconds = int(value.timestamp())
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=value.microsecond * 1000)
+def _fill_timestamp(msg: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
+    msg.seconds = int(value.timestamp())
+    msg.nanos = value.microsecond * 1000
 
 
 def card_in(card: pb.Card) -> CardInput:
@@ -50,46 +48,60 @@ def ttl_in(has_ttl: bool, ttl: duration_pb2.Duration) -> dt.timedelta | None:
     return dt.timedelta(seconds=ttl.seconds, microseconds=ttl.nanos // 1000)
 
 
-def token_out(record: TokenRecord) -> pb.CardToken:
-    return pb.CardToken(
-        token=record.token,
-        tenant=record.tenant,
-        brand=int(record.brand),  # type: ignore[arg-type]
-        bin=record.bin,
-        last4=record.last4,
-        expiry_month=record.expiry_month,
-        expiry_year=record.expiry_year,
-        format=int(record.format),  # type: ignore[arg-type]
-        create_time=_timestamp(record.create_time),
-        expire_time=_timestamp(record.expire_time),
-    )
+# Responses are filled in place (`results.add()`, field assignment): building sub-messages with
+# keyword arguments and copying them into a parent costs more than twice as much per item.
 
 
-def card_out(revealed: Revealed) -> pb.Card:
+def fill_token(msg: pb.CardToken, record: TokenRecord) -> None:
+    msg.token = record.token
+    msg.tenant = record.tenant
+    msg.brand = record.brand  # type: ignore[assignment]
+    msg.bin = record.bin
+    msg.last4 = record.last4
+    msg.expiry_month = record.expiry_month
+    msg.expiry_year = record.expiry_year
+    msg.format = record.format  # type: ignore[assignment]
+    _fill_timestamp(msg.create_time, record.create_time)
+    if record.expire_time is not None:
+        _fill_timestamp(msg.expire_time, record.expire_time)
+
+
+def fill_card(msg: pb.Card, revealed: Revealed) -> None:
     card = revealed.card
-    return pb.Card(
-        pan=card.pan.reveal(),
-        expiry_month=card.expiry.month,
-        expiry_year=card.expiry.year,
-        cardholder_name=card.cardholder_name,
-    )
+    msg.pan = card.pan.reveal()
+    msg.expiry_month = card.expiry.month
+    msg.expiry_year = card.expiry.year
+    msg.cardholder_name = card.cardholder_name
 
 
-def _tokenize_result(reference: str, outcome: Tokenized | VaultlineError) -> Any:
-    if isinstance(outcome, Tokenized):
-        return pb.BatchTokenizeResponse.Result(
-            reference=reference, token=token_out(outcome.record), created=outcome.created
-        )
-    return pb.BatchTokenizeResponse.Result(reference=reference, error=to_rpc_status(outcome))
+def tokenize_results(
+    items: Any, outcomes: list[Tokenized | VaultlineError]
+) -> pb.BatchTokenizeResponse:
+    response = pb.BatchTokenizeResponse()
+    add = response.results.add
+    for item, outcome in zip(items, outcomes, strict=True):
+        result = add(reference=item.reference)
+        if isinstance(outcome, Tokenized):
+            fill_token(result.token, outcome.record)
+            result.created = outcome.created
+        else:
+            result.error.CopyFrom(to_rpc_status(outcome))
+    return response
 
 
-def _detokenize_result(reference: str, outcome: Revealed | VaultlineError) -> Any:
-    if isinstance(outcome, Revealed):
-        return pb.BatchDetokenizeResponse.Result(
-            reference=reference,
-            card=pb.DetokenizedCard(card=card_out(outcome), token=token_out(outcome.record)),
-        )
-    return pb.BatchDetokenizeResponse.Result(reference=reference, error=to_rpc_status(outcome))
+def detokenize_results(
+    items: Any, outcomes: list[Revealed | VaultlineError]
+) -> pb.BatchDetokenizeResponse:
+    response = pb.BatchDetokenizeResponse()
+    add = response.results.add
+    for item, outcome in zip(items, outcomes, strict=True):
+        result = add(reference=item.reference)
+        if isinstance(outcome, Revealed):
+            fill_card(result.card.card, outcome)
+            fill_token(result.card.token, outcome.record)
+        else:
+            result.error.CopyFrom(to_rpc_status(outcome))
+    return response
 
 
 # ---- error translation ---------------------------------------------------------------------
@@ -172,19 +184,26 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
             request_id=request.request_id,
             ttl=ttl_in(request.HasField("ttl"), request.ttl),
         )
-        return pb.TokenizeResponse(token=token_out(result.record), created=result.created)
+        response = pb.TokenizeResponse(created=result.created)
+        fill_token(response.token, result.record)
+        return response
 
     @unary
     async def GetToken(self, request: pb.GetTokenRequest, context: Any) -> pb.GetTokenResponse:
         record = await self._service.get_token(request.tenant, request.token)
-        return pb.GetTokenResponse(token=token_out(record))
+        response = pb.GetTokenResponse()
+        fill_token(response.token, record)
+        return response
 
     @unary
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: Any
     ) -> pb.DetokenizeResponse:
         revealed = await self._service.detokenize(request.tenant, request.token, request.purpose)
-        return pb.DetokenizeResponse(card=card_out(revealed), token=token_out(revealed.record))
+        response = pb.DetokenizeResponse()
+        fill_card(response.card, revealed)
+        fill_token(response.token, revealed.record)
+        return response
 
     @unary
     async def DeleteToken(
@@ -205,12 +224,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
                 ttl_in(chunk.HasField("ttl"), chunk.ttl),
                 [card_in(item.card) for item in items],
             )
-            return pb.BatchTokenizeResponse(
-                results=[
-                    _tokenize_result(item.reference, outcome)
-                    for item, outcome in zip(items, outcomes, strict=True)
-                ]
-            )
+            return tokenize_results(items, outcomes)
 
         async for response in pipelined(requests, handle, PIPELINE_DEPTH):
             yield response
@@ -224,12 +238,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
             outcomes = await self._service.detokenize_batch(
                 chunk.tenant, chunk.purpose, [item.token for item in items]
             )
-            return pb.BatchDetokenizeResponse(
-                results=[
-                    _detokenize_result(item.reference, outcome)
-                    for item, outcome in zip(items, outcomes, strict=True)
-                ]
-            )
+            return detokenize_results(items, outcomes)
 
         async for response in pipelined(requests, handle, PIPELINE_DEPTH):
             yield response
