@@ -102,6 +102,12 @@ async def closed_loop(
     return len(latencies) / (time.perf_counter() - began), latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
 
@@ -257,8 +263,10 @@ async def run(args: argparse.Namespace) -> None:
             payload = pb.TokenizeRequest(
                 card=pb.Card(pan=unary_pans[0], expiry_month=12, expiry_year=2030)
             ).SerializeToString()
+            cpu0 = cpu_seconds(echo_proc.pid)
             echo_rate, echo_lat = await bench_echo(echo_addr, payload, args.seconds,
                                                    args.concurrency)
+            echo_cpu = (cpu_seconds(echo_proc.pid) - cpu0) / (echo_rate * args.seconds)
             copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
             async with grpc.aio.insecure_channel(
                 stack["grpc_address"],
@@ -267,8 +275,10 @@ async def run(args: argparse.Namespace) -> None:
                 stub = pb_grpc.TokenizationServiceStub(channel)
                 await stub.Tokenize(pb.TokenizeRequest(  # warm the keys
                     card=pb.Card(pan="4111111111111111", expiry_month=12, expiry_year=2030)))
+                cpu0 = cpu_seconds(stack_proc.pid)
                 tok_rate, tok_lat = await bench_tokenize(stub, unary_pans, args.seconds,
                                                          args.concurrency)
+                tok_cpu = (cpu_seconds(stack_proc.pid) - cpu0) / (tok_rate * args.seconds)
                 bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
                 bd_rate = await bench_batch_detokenize(stub, tokens, args.chunk)
         finally:
@@ -287,6 +297,7 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{'bare grpc.aio echo (calls/s)':<34}{echo_rate:>14,.0f}"
           f"{pct(echo_lat, 50):>9.2f}{pct(echo_lat, 99):>9.2f}")
     print(f"{'PostgreSQL COPY (rows/s)':<34}{copy_rate:>14,.0f}")
+    print(f"server CPU per call: echo {echo_cpu * 1e6:,.0f} µs, Tokenize {tok_cpu * 1e6:,.0f} µs")
     print(f"{'Tokenize unary (calls/s)':<34}{tok_rate:>14,.0f}"
           f"{pct(tok_lat, 50):>9.2f}{pct(tok_lat, 99):>9.2f}"
           f"{tok_rate / echo_rate:>13.0%} of echo")

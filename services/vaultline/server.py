@@ -15,7 +15,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .api.context import CallContextInterceptor
 from .api.tokenization import TokenizationServicer
 from .config import TokenizerConfig
 from .errors import DependencyUnavailable
@@ -59,7 +58,6 @@ class TokenizerServer:
         self.keyring = Keyring(self.store, self._vault, config.key_policy)
         self.service = TokenService(self.store, self.keyring)
         server = grpc.aio.server(
-            interceptors=[CallContextInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -195,8 +195,9 @@ R = TypeVar("R")
 class Coalescer(Generic[K, I, R]):
     """Runs concurrent single-item calls of one group as chunks.
 
-    No timer: whatever queued up while the previous chunk was in flight goes out next, so an
-    idle service answers at once and a busy one makes one round trip per chunk.
+    An idle service answers at once (the first chunk leaves after one loop turn); under load,
+    while one chunk is in flight the next gathers calls for up to `busy_window`, so a busy
+    service makes one database round trip per chunk instead of one per call.
     """
 
     def __init__(
@@ -205,10 +206,12 @@ class Coalescer(Generic[K, I, R]):
         *,
         max_chunk: int = 512,
         max_in_flight: int = 2,
+        busy_window: float = 0.002,
     ) -> None:
         self._run_chunk = run_chunk
         self._max_chunk = max_chunk
         self._max_in_flight = max_in_flight
+        self._busy_window = busy_window
         self._queues: dict[K, list[tuple[I, asyncio.Future[R]]]] = {}
         self._draining: dict[K, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -225,7 +228,13 @@ class Coalescer(Generic[K, I, R]):
 
     async def _drain(self, key: K) -> None:
         try:
+            # One loop turn first: calls that arrived in the same turn join this chunk.
+            await asyncio.sleep(0)
             while queue := self._queues.get(key):
+                if self._draining[key] > 1 and len(queue) < self._max_chunk:
+                    # Busy: another chunk is in flight, so a short wait costs no throughput
+                    # and fills this chunk; each round trip costs far more than the wait.
+                    await asyncio.sleep(self._busy_window)
                 batch = queue[: self._max_chunk]
                 del queue[: self._max_chunk]
                 live = [(item, f) for item, f in batch if not f.cancelled()]

@@ -1,7 +1,9 @@
 """Who is calling and about what: the per-call context every layer below the edge can read.
 
-The interceptor fills it before a servicer runs. Access control (mTLS identity, role, tenant
-binding) plugs in here: `identity` is None until a caller authenticates.
+The servicer wrapper (`api.tokenization.unary` / `streaming`) opens it before a method runs:
+one place per call, no per-call handler rebuilding as a generic interceptor would need.
+Access control (mTLS identity, role, tenant binding) plugs in here: `identity` is None until a
+caller authenticates.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ from __future__ import annotations
 import contextvars
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -31,58 +31,15 @@ current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVa
 )
 
 
-def _request_id(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
-    for key, value in metadata or ():
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
             return value
     return uuid.uuid4().hex
 
 
-class CallContextInterceptor(grpc.aio.ServerInterceptor):
-    """Sets `current_call` for the handler; the slot where authentication will sit."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        request_id = _request_id(handler_call_details.invocation_metadata)
-        return _wrap(handler, method, request_id)
-
-
-def _wrap(handler: grpc.RpcMethodHandler, method: str, request_id: str) -> grpc.RpcMethodHandler:
-    def enter(context: grpc.aio.ServicerContext) -> contextvars.Token[CallContext | None]:
-        return current_call.set(CallContext(method, request_id, context.peer()))
-
-    if handler.unary_unary:
-        inner = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            token = enter(context)
-            try:
-                return await inner(request, context)
-            finally:
-                current_call.reset(token)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_stream:
-        inner_stream = handler.stream_stream
-
-        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            token = enter(context)
-            try:
-                async for response in inner_stream(requests, context):
-                    yield response
-            finally:
-                current_call.reset(token)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
-        )
-    return handler  # health and reflection: nothing of ours to set
+def open_call(method: str, context: grpc.aio.ServicerContext) -> CallContext:
+    """Build the call's context and make it current for this task (each RPC has its own)."""
+    call = CallContext(method, _request_id(context), context.peer())
+    current_call.set(call)
+    return call

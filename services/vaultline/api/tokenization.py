@@ -21,6 +21,7 @@ from ..errors import VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from ..service import CardInput, Revealed, Tokenized, TokenRecord, TokenService
+from .context import open_call
 from .errors import to_grpc_status, to_rpc_status
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 
 def unary(fn: F) -> F:
+    method = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        open_call(method, context)
         try:
             return await fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - the translation table decides
@@ -126,8 +130,11 @@ def unary(fn: F) -> F:
 
 
 def streaming(fn: F) -> F:
+    method = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        open_call(method, context)
         try:
             async for response in fn(self, requests, context):
                 yield response
