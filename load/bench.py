@@ -79,7 +79,7 @@ def echo_server_main(port_file: str) -> None:
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        Path(port_file).write_text(str(port))  # noqa: ASYNC240 - once, at start-up
+        Path(port_file).write_text(str(port))
         await server.wait_for_termination()
 
     asyncio.run(serve())

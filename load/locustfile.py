@@ -1,0 +1,105 @@
+"""Locust scenario for the tokenizer's gRPC API (a CRM integration's traffic mix).
+
+Start the stack (`make run`), then in another terminal:
+
+    .venv/bin/locust -f load/locustfile.py --headless -u 50 -r 10 -t 60s
+
+The gRPC address comes from `.vaultline/dev/stack.json` (or `VAULTLINE_GRPC_ADDRESS`).
+Each simulated CRM tokenizes new and returning cards, reads token metadata, and now and then
+detokenizes with a purpose. Card numbers are synthetic test-range numbers, never real cards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import User, between, events, task
+
+from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
+from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+
+grpc_gevent.init_gevent()  # grpc's blocking stubs must cooperate with locust's greenlets
+
+
+def _address() -> str:
+    explicit = os.environ.get("VAULTLINE_GRPC_ADDRESS")
+    if explicit:
+        return explicit
+    stack = Path(os.environ.get("VAULTLINE_HOME", ".vaultline")) / "dev" / "stack.json"
+    return json.loads(stack.read_text())["grpc_address"]
+
+
+def _synthetic_pan(rng: random.Random) -> str:
+    body = "4000" + "".join(rng.choices("0123456789", k=11))
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch)
+        if i % 2 == 0:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return body + str((10 - total % 10) % 10)
+
+
+class CrmUser(User):
+    wait_time = between(0.0, 0.05)
+
+    def on_start(self) -> None:
+        self.channel = grpc.insecure_channel(_address())
+        self.stub = pb_grpc.TokenizationServiceStub(self.channel)
+        self.rng = random.Random()
+        self.tokens: list[str] = []
+        self.cards: list[str] = []
+
+    def on_stop(self) -> None:
+        self.channel.close()
+
+    def _call(self, name: str, fn, request):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        exception = None
+        response = None
+        try:
+            response = fn(request, timeout=10)
+        except grpc.RpcError as err:
+            exception = err
+        events.request.fire(
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=response.ByteSize() if response is not None else 0,
+            exception=exception,
+            context={},
+        )
+        return response
+
+    @task(6)
+    def tokenize_new_card(self) -> None:
+        pan = _synthetic_pan(self.rng)
+        response = self._call("Tokenize (new)", self.stub.Tokenize, pb.TokenizeRequest(
+            card=pb.Card(pan=pan, expiry_month=12, expiry_year=2031)))
+        if response is not None:
+            self.tokens.append(response.token.token)
+            self.cards.append(pan)
+
+    @task(3)
+    def tokenize_returning_card(self) -> None:
+        if self.cards:
+            self._call("Tokenize (returning)", self.stub.Tokenize, pb.TokenizeRequest(
+                card=pb.Card(pan=self.rng.choice(self.cards), expiry_month=12, expiry_year=2031)))
+
+    @task(3)
+    def get_token(self) -> None:
+        if self.tokens:
+            self._call("GetToken", self.stub.GetToken,
+                       pb.GetTokenRequest(token=self.rng.choice(self.tokens)))
+
+    @task(1)
+    def detokenize(self) -> None:
+        if self.tokens:
+            self._call("Detokenize", self.stub.Detokenize, pb.DetokenizeRequest(
+                token=self.rng.choice(self.tokens), purpose="load test"))
