@@ -23,10 +23,9 @@ DEFAULT_HOME = Path(os.environ.get("VAULTLINE_HOME", ".vaultline"))
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .observability import setup_logging
+
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
 
 
 async def _run_until_signalled() -> None:
@@ -215,6 +214,20 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- pki ------------------------------------------------------------------------------------
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from .security.pki import init_dev_pki
+
+    pki = init_dev_pki(Path(args.home) / "pki", force=args.force)
+    print(f"CA           {pki.ca_cert}")
+    print(f"server       {pki.server_cert}")
+    for who, files in pki.clients.items():
+        print(f"client {who:<13} {files['cert']}")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -265,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
         "running dev stack.",
     )
     mig.set_defaults(func=cmd_db_migrate)
+
+    pki = sub.add_parser("pki", help="the dev PKI for mTLS")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="SUBCOMMAND")
+    pki_init = pki_sub.add_parser(
+        "init",
+        help="create the dev CA, server and per-identity client certificates",
+        description="Create (or complete) <home>/pki: a dev CA, the tokenizer's server "
+        "certificate and one client certificate per identity (ivr, crm, settlement, a second "
+        "settlement identity for dual control, admin), each with SAN URI "
+        "spiffe://vaultline/<role>/<name>. Existing files are kept. `dev up` runs this when "
+        "missing. Dev only: production takes CA/certificate/key paths from configuration.",
+    )
+    pki_init.add_argument("--force", action="store_true", help="regenerate everything")
+    pki_init.set_defaults(func=cmd_pki_init)
+
+    from .security.audit_cli import add_audit_commands
+
+    add_audit_commands(sub, str(DEFAULT_HOME))
 
     keys = sub.add_parser("keys", help="key management (keys-admin AppRole)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")

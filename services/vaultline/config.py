@@ -6,7 +6,13 @@ Variables (all `VAULTLINE_`-prefixed):
   VAULT_ROLE_ID       AppRole role id of the tokenizer        } or VAULT_APPROLE_FILE: a JSON
   VAULT_SECRET_ID     AppRole secret id of the tokenizer      } file with role_id and secret_id
   VAULT_KEY_NAME      transit key name (default vaultline-kek)
-  GRPC_LISTEN         host:port to serve gRPC on (default 127.0.0.1:50051)
+  GRPC_LISTEN         host:port to serve gRPC on (default 127.0.0.1:50051); mTLS only
+  TLS_CA              PEM file of the CA whose client certificates are accepted
+  TLS_CERT            PEM file of the server certificate
+  TLS_KEY             PEM file of the server key
+  POLICY_FILE         access policy (default infra/access/policy.toml)
+  METRICS_LISTEN      host:port for Prometheus /metrics (default 127.0.0.1:0 = any free port;
+                      "off" disables)
   DEK_MAX_USES        encryptions before a card-data key retires (default 10,000,000)
   DEK_MAX_AGE_DAYS    age at which a card-data key retires (default 90)
 """
@@ -27,13 +33,28 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable, never a secret."""
 
 
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "infra" / "access" / "policy.toml"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The server side of mTLS: the client CA to trust and the server's own certificate."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
-    database_url: str
+    database_url: str = field(repr=False)
     vault_addr: str
     vault_credentials: AppRoleCredentials = field(repr=False)
+    tls: TlsFiles
+    policy_path: Path = DEFAULT_POLICY
     vault_key_name: str = "vaultline-kek"
     grpc_listen: str = "127.0.0.1:50051"
+    metrics_listen: str | None = "127.0.0.1:0"
     key_policy: KeyPolicy = KeyPolicy()
     db_pool_size: int = 10
 
@@ -72,12 +93,21 @@ class TokenizerConfig:
         listen = get("GRPC_LISTEN", "127.0.0.1:50051")
         if ":" not in listen:
             raise ConfigError("VAULTLINE_GRPC_LISTEN must be host:port")
+        tls = TlsFiles(*(Path(get(name)) for name in ("TLS_CA", "TLS_CERT", "TLS_KEY")))
+        for name, path in zip(("TLS_CA", "TLS_CERT", "TLS_KEY"), (tls.ca, tls.cert, tls.key),
+                              strict=True):
+            if not path.is_file():
+                raise ConfigError(f"VAULTLINE_{name} does not name a readable file")
+        metrics = get("METRICS_LISTEN", "127.0.0.1:0")
         return cls(
             database_url=database_url,
             vault_addr=vault_addr,
             vault_credentials=credentials,
             vault_key_name=get("VAULT_KEY_NAME", "vaultline-kek"),
             grpc_listen=listen,
+            tls=tls,
+            policy_path=Path(get("POLICY_FILE", str(DEFAULT_POLICY))),
+            metrics_listen=None if metrics == "off" else metrics,
             key_policy=KeyPolicy(
                 max_uses=positive_int("DEK_MAX_USES", "10000000"),
                 max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),

@@ -15,12 +15,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.gate import Gate
 from .api.tokenization import TokenizationServicer
 from .config import TokenizerConfig
 from .errors import DependencyUnavailable
 from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
 from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .keyring import Keyring
+from .observability import Metrics, start_metrics_server, stop_metrics_server
+from .security.access import Guard, load_policy
+from .security.audit import AuditWriter
+from .security.tls import load_server_credentials
 from .service import TokenService
 from .store import Store
 from .vault import TransitClient
@@ -45,9 +50,15 @@ class TokenizerServer:
         self._health = health.aio.HealthServicer()
         self._probe: asyncio.Task[None] | None = None
         self._vault: TransitClient | None = None
+        self.metrics = Metrics()
+        self.metrics_address = ""
+        self._metrics_server: object | None = None
 
     async def start(self) -> str:
         config = self.config
+        # Refuse to start on a bad policy or unreadable TLS material, before touching anything.
+        guard = Guard(load_policy(config.policy_path))
+        credentials = load_server_credentials(config.tls.ca, config.tls.cert, config.tls.key)
         # min_size=0: no connection is needed to start; the pool dials on first use.
         self.store = await Store.connect(
             config.database_url, min_size=0, max_size=config.db_pool_size
@@ -64,8 +75,10 @@ class TokenizerServer:
                 ("grpc.so_reuseport", 1),
             ],
         )
+        self.metrics.observe_keyring(self.keyring)
+        gate = Gate(guard, AuditWriter(self.store), self.metrics)
         pb_grpc.add_TokenizationServiceServicer_to_server(
-            TokenizationServicer(self.service), server
+            TokenizationServicer(self.service, gate), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -73,7 +86,7 @@ class TokenizerServer:
              reflection.SERVICE_NAME),
             server,
         )
-        port = server.add_insecure_port(config.grpc_listen)
+        port = server.add_secure_port(config.grpc_listen, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {config.grpc_listen}")
         host = config.grpc_listen.rsplit(":", 1)[0]
@@ -81,7 +94,11 @@ class TokenizerServer:
         await server.start()
         self._server = server
         self._probe = asyncio.create_task(self._probe_health())
-        log.info("tokenizer listening on %s", self.address)
+        if config.metrics_listen:
+            mhost, mport = config.metrics_listen.rsplit(":", 1)
+            self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
+            self.metrics_address = f"{mhost}:{bound}"
+        log.info("tokenizer listening on %s (mTLS)", self.address)
         return self.address
 
     async def _probe_health(self) -> None:
@@ -119,6 +136,9 @@ class TokenizerServer:
             await self._server.stop(grace)
             self._server = None
             log.info("tokenizer stopped")
+        if self._metrics_server is not None:
+            stop_metrics_server(self._metrics_server)  # type: ignore[arg-type]
+            self._metrics_server = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -379,6 +379,67 @@ class Store:
         )
         return row is not None
 
+    # ---- audit -----------------------------------------------------------------------
+    # Append-only: the one write is audit_append() (0002_audit.sql), which chains the
+    # records and moves the head under a lock; the service role may not write the tables.
+
+    async def append_audit(
+        self,
+        ats: Sequence[dt.datetime],
+        identities: Sequence[str],
+        roles: Sequence[str],
+        tenants: Sequence[str],
+        methods: Sequence[str],
+        tokens: Sequence[str],
+        purposes: Sequence[str],
+        outcomes: Sequence[str],
+        request_ids: Sequence[str],
+        peers: Sequence[str],
+        content_hashes: Sequence[bytes],
+    ) -> list[tuple[int, bytes]]:
+        """Chain and commit a batch of records in one round trip; (seq, hash) of each."""
+        rows = await self._fetch(
+            "SELECT seq, hash FROM audit_append($1::timestamptz[], $2::text[], $3::text[],"
+            " $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
+            " $10::text[], $11::bytea[])",
+            list(ats),
+            list(identities),
+            list(roles),
+            list(tenants),
+            list(methods),
+            list(tokens),
+            list(purposes),
+            list(outcomes),
+            list(request_ids),
+            list(peers),
+            list(content_hashes),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def list_audit(self, after_seq: int, limit: int) -> list[asyncpg.Record]:
+        """The next `limit` records after `after_seq`, in seq order (a page of `verify`)."""
+        return await self._fetch(
+            "SELECT seq, at, identity, role, tenant, method, token, purpose, outcome,"
+            " request_id, peer, content_hash, prev_hash, hash FROM audit_log"
+            " WHERE seq > $1 ORDER BY seq LIMIT $2",
+            after_seq,
+            limit,
+        )
+
+    async def audit_head(self) -> tuple[int, bytes] | None:
+        """(seq, hash) of the last appended record; (0, 32 zero bytes) before the first."""
+        row = await self._fetchrow("SELECT seq, hash FROM audit_head")
+        return (row[0], row[1]) if row else None
+
+    async def recent_audit(self, limit: int) -> list[asyncpg.Record]:
+        """The last `limit` records, oldest first."""
+        return await self._fetch(
+            "SELECT * FROM (SELECT seq, at, identity, role, tenant, method, token, purpose,"
+            " outcome, request_id, peer, content_hash, prev_hash, hash FROM audit_log"
+            " ORDER BY seq DESC LIMIT $1) r ORDER BY seq",
+            limit,
+        )
+
 
 # ---- migrations ----------------------------------------------------------------------
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,44 +18,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.fixtures.devstack import VAULTLINE, Stack
 from tests.testcards import TEST_CARDS
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from vaultline.security.tls import load_client_credentials
 
 pytestmark = pytest.mark.e2e
-
-VAULTLINE = [sys.executable, "-m", "vaultline.cli"]
-
-
-class Stack:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.proc: subprocess.Popen[str] | None = None
-        self.output = ""
-
-    def up(self) -> dict:  # type: ignore[type-arg]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
-        self.proc = subprocess.Popen(
-            [*VAULTLINE, "--home", str(self.home), "dev", "up", "--grpc-port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        stack_file = self.home / "dev" / "stack.json"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if stack_file.exists():
-                return json.loads(stack_file.read_text())
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dev up exited: {self.proc.stdout.read()}")  # type: ignore[union-attr]
-            time.sleep(0.1)
-        raise AssertionError("dev up did not write stack.json in 120 s")
-
-    def interrupt(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=60)
-        self.output += out
-        return self.proc.returncode
-
 
 @pytest.fixture
 def home() -> Iterator[Path]:
@@ -66,6 +32,12 @@ def home() -> Iterator[Path]:
     path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _channel(info: dict, who: str) -> grpc.Channel:  # type: ignore[type-arg]
+    client = info["clients"][who]
+    return grpc.secure_channel(info["grpc_address"], load_client_credentials(
+        info["ca"], client["cert"], client["key"]))
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,19 +56,32 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
         assert "DEV ONLY" in init_file.read_text()
         assert init_file.stat().st_mode & 0o077 == 0
 
+        assert set(info["clients"]) >= {"ivr", "crm", "settlement", "settlement-2", "admin"}
         pans = [p for pans in TEST_CARDS.values() for p in pans[:1]]
-        with grpc.insecure_channel(info["grpc_address"]) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        with _channel(info, "crm") as crm, _channel(info, "settlement") as settlement:
+            health = health_pb2_grpc.HealthStub(crm).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-            stub = pb_grpc.TokenizationServiceStub(channel)
+            stub = pb_grpc.TokenizationServiceStub(crm)
             tokens = [
                 stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
                     pan=p, expiry_month=11, expiry_year=2032))).token.token
                 for p in pans
             ]
+            reveal = pb_grpc.TokenizationServiceStub(settlement)
             for pan, token in zip(pans, tokens, strict=True):
-                got = stub.Detokenize(pb.DetokenizeRequest(token=token, purpose="e2e"))
+                got = reveal.Detokenize(pb.DetokenizeRequest(token=token, purpose="e2e"))
                 assert got.card.pan == pan
+            # The CRM role never sees a card number: detokenizing is refused.
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.Detokenize(pb.DetokenizeRequest(token=tokens[0], purpose="e2e"))
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Without a client certificate there is no connection at all.
+        with grpc.secure_channel(info["grpc_address"], grpc.ssl_channel_credentials(
+                Path(info["ca"]).read_bytes())) as anonymous, pytest.raises(grpc.RpcError):
+            pb_grpc.TokenizationServiceStub(anonymous).GetToken(
+                pb.GetTokenRequest(token=tokens[0]), timeout=5)
+        verify = _cli(home, "audit", "verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
 
         status = _cli(home, "keys", "status", "--json")
         assert status.returncode == 0, status.stderr
@@ -118,10 +103,11 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
     stack2 = Stack(home)
     info2 = stack2.up()
     try:
-        with grpc.insecure_channel(info2["grpc_address"]) as channel:
-            stub = pb_grpc.TokenizationServiceStub(channel)
+        with _channel(info2, "crm") as crm, _channel(info2, "settlement") as settlement:
+            stub = pb_grpc.TokenizationServiceStub(crm)
+            reveal = pb_grpc.TokenizationServiceStub(settlement)
             for pan, token in zip(pans, tokens, strict=True):
-                assert stub.Detokenize(
+                assert reveal.Detokenize(
                     pb.DetokenizeRequest(token=token, purpose="e2e")).card.pan == pan
                 again = stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
                     pan=pan, expiry_month=11, expiry_year=2032)))

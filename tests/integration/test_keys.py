@@ -147,7 +147,7 @@ async def test_tokens_survive_a_tokenizer_restart(start_tokenizer, tenant: str) 
     first = await start_tokenizer()
     pans = synthetic_pans(20, start=900_000)
     tokens = await _tokenize_batch(first.stub, tenant, pans)
-    await first.channel.close()
+    await first.close()
     await first.server.stop(grace=0)
     second = await start_tokenizer()
     assert await _reveal_all(second.stub, tenant, tokens) == pans

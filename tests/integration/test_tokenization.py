@@ -361,14 +361,14 @@ async def test_health_and_reflection(tokenizer: Running) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    health = health_pb2_grpc.HealthStub(tokenizer.channel)
+    health = health_pb2_grpc.HealthStub(tokenizer.channel_any)
     for _ in range(50):
         resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
         if resp.status == health_pb2.HealthCheckResponse.SERVING:
             break
         await asyncio.sleep(0.1)
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    reflect = reflection_pb2_grpc.ServerReflectionStub(tokenizer.channel)
+    reflect = reflection_pb2_grpc.ServerReflectionStub(tokenizer.channel_any)
     responses = reflect.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])
     )

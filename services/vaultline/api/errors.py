@@ -22,6 +22,7 @@ from ..errors import (
     TokenSpaceExhausted,
     VaultlineError,
 )
+from ..security.access import AccessDenied, QuotaExceeded, Unauthenticated
 from ..service import DataCorrupted
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ DOMAIN = "vaultline"
 
 # Most specific first: the first matching class wins.
 _TABLE: tuple[tuple[type[VaultlineError], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (TokenNotFound, grpc.StatusCode.NOT_FOUND),
     (RequestIdReused, grpc.StatusCode.ALREADY_EXISTS),

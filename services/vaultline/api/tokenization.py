@@ -11,18 +11,23 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from ..card import mask_pans
 from ..errors import VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from ..security.access import REVEALING_METHODS
 from ..service import CardInput, Revealed, Tokenized, TokenRecord, TokenService
-from .context import open_call
-from .errors import to_grpc_status, to_rpc_status
+from ..tokens import TokenError, parse_token
+from .context import CallContext, current_call, open_call
+from .errors import code_for, to_grpc_status, to_rpc_status
+from .gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +110,7 @@ def detokenize_results(
     return response
 
 
-# ---- error translation ---------------------------------------------------------------------
+# ---- the call wrapper: admit, run, audit, translate errors -----------------------------------
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -115,16 +120,66 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort_with_status(to_grpc_status(to_rpc_status(exc)))
 
 
+def _code_name(exc: BaseException) -> str:
+    return code_for(exc).name if isinstance(exc, VaultlineError) else "INTERNAL"
+
+
+def _audited_token(raw: str) -> str:
+    """A token as it may appear in the audit trail: only a well-formed token, never a PAN."""
+    if not raw:
+        return ""
+    try:
+        return parse_token(raw)[0]
+    except TokenError:
+        return "<malformed>"
+
+
+def _audited_purpose(raw: str) -> str:
+    return mask_pans(raw)[:200]
+
+
+async def _audit_failure(
+    gate: Gate, call: CallContext, code: str, tenant: str, token: str, purpose: str
+) -> None:
+    try:
+        await gate.audit([gate.event(
+            call, code, tenant=tenant, token=_audited_token(token),
+            purpose=_audited_purpose(purpose))])
+    except Exception:  # noqa: BLE001 - the call is refused either way; the log says why
+        log.error("could not audit a refused or failed call", exc_info=True)
+
+
 def unary(fn: F) -> F:
     method = fn.__name__
+    reveals = method in REVEALING_METHODS
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        open_call(method, context)
+        gate: Gate = self._gate
+        call = open_call(method, context)
+        started = time.perf_counter()
+        code = "OK"
+        tenant = request.tenant or "default"
         try:
-            return await fn(self, request, context)
+            call = gate.admit(call, context)
+            gate.check_tenant(call, tenant)
+            if reveals:
+                gate.take_quota(call, 1)
+            response = await fn(self, request, context)
+            token = getattr(request, "token", "") or getattr(
+                getattr(response, "token", None), "token", "")
+            await gate.audit([gate.event(
+                call, "OK", tenant=tenant, token=token, purpose=getattr(request, "purpose", ""))])
+            return response
         except Exception as exc:  # noqa: BLE001 - the translation table decides
+            code = _code_name(exc)
+            # current_call: the identity is known even when authorization refused the call.
+            await _audit_failure(gate, current_call.get() or call, code, tenant,
+                                 getattr(request, "token", ""), getattr(request, "purpose", ""))
             await _abort(context, exc)
+        finally:
+            if gate.metrics is not None:
+                gate.metrics.observe_call(method, code, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
 
@@ -134,14 +189,43 @@ def streaming(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        open_call(method, context)
+        gate: Gate = self._gate
+        call = open_call(method, context)
+        started = time.perf_counter()
+        code = "OK"
+        seen = _StreamTrace()
         try:
-            async for response in fn(self, requests, context):
+            call = gate.admit(call, context)
+            async for response in fn(self, _traced(requests, seen), context):
                 yield response
+            await gate.audit([gate.event(call, "OK", tenant=seen.tenant, purpose=seen.purpose)])
         except Exception as exc:  # noqa: BLE001 - the translation table decides
+            code = _code_name(exc)
+            await _audit_failure(gate, current_call.get() or call, code, seen.tenant, "",
+                                 seen.purpose)
             await _abort(context, exc)
+        finally:
+            if gate.metrics is not None:
+                gate.metrics.observe_call(method, code, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
+
+
+class _StreamTrace:
+    """What the call-level audit record of a stream names: the last chunk's tenant/purpose."""
+
+    __slots__ = ("tenant", "purpose")
+
+    def __init__(self) -> None:
+        self.tenant = ""  # unknown until a chunk is read (a refused stream reads none)
+        self.purpose = ""
+
+
+async def _traced(requests: AsyncIterator[Any], seen: _StreamTrace) -> AsyncIterator[Any]:
+    async for chunk in requests:
+        seen.tenant = chunk.tenant or "default"
+        seen.purpose = getattr(chunk, "purpose", "")
+        yield chunk
 
 
 _DONE = object()
@@ -179,8 +263,9 @@ async def pipelined(
 
 
 class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
-    def __init__(self, service: TokenService) -> None:
+    def __init__(self, service: TokenService, gate: Gate) -> None:
         self._service = service
+        self._gate = gate
 
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
@@ -223,7 +308,11 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
     async def BatchTokenize(
         self, requests: AsyncIterator[pb.BatchTokenizeRequest], context: Any
     ) -> AsyncIterator[pb.BatchTokenizeResponse]:
+        call = current_call.get()
+        assert call is not None
+
         async def handle(chunk: pb.BatchTokenizeRequest) -> pb.BatchTokenizeResponse:
+            self._gate.check_tenant(call, chunk.tenant)
             items = chunk.items
             outcomes = await self._service.tokenize_batch(
                 chunk.tenant,
@@ -240,10 +329,22 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
     async def BatchDetokenize(
         self, requests: AsyncIterator[pb.BatchDetokenizeRequest], context: Any
     ) -> AsyncIterator[pb.BatchDetokenizeResponse]:
+        call = current_call.get()
+        assert call is not None
+
         async def handle(chunk: pb.BatchDetokenizeRequest) -> pb.BatchDetokenizeResponse:
+            self._gate.check_tenant(call, chunk.tenant)
             items = chunk.items
+            self._gate.take_quota(call, len(items))
             outcomes = await self._service.detokenize_batch(
                 chunk.tenant, chunk.purpose, [item.token for item in items]
+            )
+            # Every revealed token is audited, durably, before the chunk is answered.
+            await self._gate.audit_reveals(
+                call,
+                chunk.tenant,
+                chunk.purpose,
+                [o.record.token for o in outcomes if isinstance(o, Revealed)],
             )
             return detokenize_results(items, outcomes)
 

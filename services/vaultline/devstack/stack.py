@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, TokenizerConfig
+from ..config import DEFAULT_POLICY, ConfigError, TlsFiles, TokenizerConfig
+from ..security.pki import init_dev_pki
 from ..server import TokenizerServer
 from ..store import migrate
 from ..vault import AppRoleCredentials
@@ -47,6 +48,8 @@ class DevStack:
         with contextlib.suppress(FileNotFoundError):
             self.stack_file.unlink()  # a stale file from a killed run must not mislead tools
         try:
+            # mTLS in the dev stack too: a dev CA and one certificate per client identity.
+            pki = await asyncio.to_thread(init_dev_pki, self.home / "pki")
             vault_addr, tokenizer_creds, admin_file = await asyncio.to_thread(self._start_openbao)
             app_dsn, owner_dsn = await asyncio.to_thread(self._start_postgres)
             applied = await migrate(owner_dsn)
@@ -55,6 +58,8 @@ class DevStack:
                     database_url=app_dsn,
                     vault_addr=vault_addr,
                     vault_credentials=tokenizer_creds,
+                    tls=TlsFiles(pki.ca_cert, pki.server_cert, pki.server_key),
+                    policy_path=Path(os.environ.get("VAULTLINE_POLICY_FILE", DEFAULT_POLICY)),
                     grpc_listen=f"127.0.0.1:{self.grpc_port}",
                 )
             )
@@ -68,6 +73,9 @@ class DevStack:
             "database_url": app_dsn,
             "owner_dsn": owner_dsn,
             "migrations_applied": applied,
+            "ca": str(pki.ca_cert),
+            "clients": pki.clients,
+            "metrics_address": self.tokenizer.metrics_address,
             "credentials": {
                 "tokenizer_approle": str(self.dev_dir / "approle-tokenizer.json"),
                 "keys_admin_approle": admin_file,
@@ -122,7 +130,9 @@ class DevStack:
         i = self.info
         lines = [
             "Vaultline dev stack is up (Ctrl-C stops everything)",
-            f"  tokenizer gRPC   {i['grpc_address']}  (health + reflection on)",
+            f"  tokenizer gRPC   {i['grpc_address']}  (mTLS; health + reflection on)",
+            f"  metrics          http://{i['metrics_address']}/metrics",
+            f"  client certs     {Path(i['ca']).parent}  (CA, one certificate per identity)",
             f"  OpenBao          {i['vault_addr']}"
             + ("  data: " + str(self.home / "openbao") if self.openbao else "  (external)"),
             "  PostgreSQL       "

@@ -1,0 +1,100 @@
+"""The gate every RPC passes: who is calling (mTLS identity), may they (policy), and the trace
+(audit record, metrics) of what happened — allowed or denied.
+
+One object per server, used by the servicer wrappers. Reveals are audited before the card
+leaves the process: if the audit record cannot be made durable, the card is not returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+
+from ..security.access import REVEALING_METHODS, Grant, Guard, QuotaExceeded, Unauthenticated
+from ..security.audit import AuditEvent
+from ..security.identity import IdentityError, identity_from_auth_context
+from .context import CallContext, current_call
+
+log = logging.getLogger(__name__)
+
+
+class AuditSink(Protocol):
+    async def record(self, events: Sequence[AuditEvent]) -> None: ...
+
+
+class CallMetrics(Protocol):
+    def observe_call(self, method: str, code: str, seconds: float) -> None: ...
+    def observe_detokenized(self, identity: str, count: int) -> None: ...
+    def observe_quota_refusal(self, identity: str, method: str) -> None: ...
+
+
+class Gate:
+    def __init__(self, guard: Guard, audit: AuditSink, metrics: CallMetrics | None = None):
+        self.guard = guard
+        self.audit_sink = audit
+        self.metrics = metrics
+
+    def admit(self, call: CallContext, context: grpc.aio.ServicerContext) -> CallContext:
+        """Authenticate and authorize the call's method; the admitted context becomes current."""
+        try:
+            identity = identity_from_auth_context(context.auth_context())
+        except IdentityError as exc:
+            raise Unauthenticated(exc.reason) from None
+        call = dataclasses.replace(call, identity=identity.uri, role=identity.role)
+        current_call.set(call)
+        grant = self.guard.authorize(identity.uri, identity.role, call.method)
+        call = dataclasses.replace(call, grant=grant)
+        current_call.set(call)
+        return call
+
+    def check_tenant(self, call: CallContext, tenant: str) -> None:
+        assert call.grant is not None
+        self.guard.check_tenant(call.grant, tenant)
+
+    def take_quota(self, call: CallContext, count: int) -> None:
+        grant: Grant | None = call.grant
+        assert grant is not None and call.method in REVEALING_METHODS
+        try:
+            self.guard.take_quota(grant, count)
+        except QuotaExceeded:
+            log.warning(
+                "detokenization quota exceeded", extra={"identity": grant.uri, "count": count}
+            )
+            if self.metrics is not None:
+                self.metrics.observe_quota_refusal(grant.uri, call.method)
+            raise
+
+    def event(
+        self, call: CallContext, outcome: str, *, tenant: str, token: str = "", purpose: str = ""
+    ) -> AuditEvent:
+        return AuditEvent(
+            identity=call.identity or "",
+            role=call.role or "",
+            tenant=tenant,
+            method=call.method,
+            outcome=outcome,
+            request_id=call.request_id,
+            peer=call.peer,
+            token=token,
+            purpose=purpose,
+            at=dt.datetime.now(dt.UTC),
+        )
+
+    async def audit(self, events: Sequence[AuditEvent]) -> None:
+        await self.audit_sink.record(events)
+
+    async def audit_reveals(
+        self, call: CallContext, tenant: str, purpose: str, tokens: Sequence[str]
+    ) -> None:
+        """One record per revealed token, durable before any of them is returned."""
+        if not tokens:
+            return
+        await self.audit([self.event(call, "OK", tenant=tenant, token=t, purpose=purpose)
+                          for t in tokens])
+        if self.metrics is not None and call.identity:
+            self.metrics.observe_detokenized(call.identity, len(tokens))

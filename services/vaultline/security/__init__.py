@@ -1,0 +1,1 @@
+"""Access control: mTLS identities, role policy, quotas, audit chain."""

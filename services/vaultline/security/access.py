@@ -1,0 +1,257 @@
+"""Authorization: the access policy (roles, identities, tenants), default deny, and quotas.
+
+Pure: the policy is parsed from TOML text into frozen values; `Guard` answers "may this
+identity call this method for this tenant" and keeps the per-identity detokenization token
+buckets. The gRPC edge calls it for every call and audits every answer.
+
+    PolicyError        the policy file is invalid (names the file and the field)
+    Unauthenticated    no usable identity, or a revoked one           -> UNAUTHENTICATED
+    AccessDenied       unknown identity/role, method or tenant not granted -> PERMISSION_DENIED
+    QuotaExceeded      detokenization quota spent                       -> RESOURCE_EXHAUSTED
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import VaultlineError
+
+ALL_TENANTS = "*"
+KNOWN_METHODS = frozenset(
+    {
+        "Tokenize",
+        "BatchTokenize",
+        "GetToken",
+        "Detokenize",
+        "BatchDetokenize",
+        "DeleteToken",
+        "GetKeyStatus",
+        "RotateKek",
+        "ListAuditRecords",
+        "VerifyAuditChain",
+    }
+)
+# Methods that reveal card data: a purpose is required and a quota applies.
+REVEALING_METHODS = frozenset({"Detokenize", "BatchDetokenize"})
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+_URI = re.compile(r"spiffe://vaultline/([a-z0-9][a-z0-9-]{0,62})/([a-z0-9][a-z0-9-]{0,62})\Z")
+
+
+class PolicyError(ValueError):
+    """The access policy is invalid; the message names the file and the field."""
+
+
+class Unauthenticated(VaultlineError):
+    reason = "UNAUTHENTICATED"
+    message = "the caller could not be authenticated"
+
+    def __init__(self, reason: str = "UNAUTHENTICATED") -> None:
+        super().__init__()
+        self.reason = reason
+
+
+class AccessDenied(VaultlineError):
+    reason = "PERMISSION_DENIED"
+    message = "the caller may not do this"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
+class QuotaExceeded(VaultlineError):
+    reason = "DETOKENIZE_QUOTA_EXCEEDED"
+    message = "detokenization quota exceeded; retry later"
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    rate_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one identity may do."""
+
+    uri: str
+    role: str
+    methods: frozenset[str]
+    tenants: frozenset[str]
+    revoked: bool = False
+    quota: Quota | None = None
+
+    def allows_tenant(self, tenant: str) -> bool:
+        return ALL_TENANTS in self.tenants or tenant in self.tenants
+
+
+@dataclass(frozen=True)
+class Policy:
+    roles: Mapping[str, frozenset[str]]
+    grants: Mapping[str, Grant] = field(default_factory=dict)
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the access policy ({exc.strerror})") from None
+    return parse_policy(text, source=str(path))
+
+
+def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
+    def fail(where: str, what: str) -> PolicyError:
+        return PolicyError(f"{source}: {where}: {what}")
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise fail("syntax", str(exc)) from None
+    unknown = set(doc) - {"version", "roles", "identities", "detokenize_quota"}
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown section")
+    if doc.get("version") != 1:
+        raise fail("version", "must be 1")
+
+    roles_doc = _table(doc, "roles", fail)
+    if not roles_doc:
+        raise fail("roles", "at least one role is required")
+    roles: dict[str, frozenset[str]] = {}
+    for role, spec in roles_doc.items():
+        where = f"roles.{role}"
+        if not _NAME.match(role):
+            raise fail(where, "role names are lower-case letters, digits and '-'")
+        if not isinstance(spec, dict) or set(spec) - {"methods"}:
+            raise fail(where, "expected a table with only `methods`")
+        methods = spec.get("methods")
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            raise fail(f"{where}.methods", "must be a list of RPC names")
+        bad = [m for m in methods if m not in KNOWN_METHODS]
+        if bad:
+            raise fail(f"{where}.methods", f"unknown method {bad[0]!r}")
+        roles[role] = frozenset(methods)
+
+    default_quota = None
+    if "detokenize_quota" in doc:
+        default_quota = _quota(_table(doc, "detokenize_quota", fail), "detokenize_quota", fail)
+
+    grants: dict[str, Grant] = {}
+    for uri, spec in _table(doc, "identities", fail).items():
+        where = f'identities."{uri}"'
+        match = _URI.match(uri)
+        if not match:
+            raise fail(where, "must be spiffe://vaultline/<role>/<name>")
+        role = match.group(1)
+        if role not in roles:
+            raise fail(where, f"role {role!r} is not defined under [roles]")
+        if not isinstance(spec, dict):
+            raise fail(where, "expected a table")
+        extra = set(spec) - {"tenants", "revoked", "detokenize_rate", "detokenize_burst"}
+        if extra:
+            raise fail(f"{where}.{sorted(extra)[0]}", "unknown field")
+        tenants = spec.get("tenants")
+        if not isinstance(tenants, list) or not tenants:
+            raise fail(f"{where}.tenants", "must be a non-empty list (\"*\" for all)")
+        for tenant in tenants:
+            if tenant != ALL_TENANTS and not (isinstance(tenant, str) and _TENANT.match(tenant)):
+                raise fail(f"{where}.tenants", f"invalid tenant {tenant!r}")
+        revoked = spec.get("revoked", False)
+        if not isinstance(revoked, bool):
+            raise fail(f"{where}.revoked", "must be true or false")
+        quota = default_quota
+        if "detokenize_rate" in spec or "detokenize_burst" in spec:
+            quota = _quota(
+                {
+                    "rate_per_second": spec.get(
+                        "detokenize_rate", default_quota.rate_per_second if default_quota else None
+                    ),
+                    "burst": spec.get(
+                        "detokenize_burst", default_quota.burst if default_quota else None
+                    ),
+                },
+                where,
+                fail,
+            )
+        grants[uri] = Grant(uri, role, roles[role], frozenset(tenants), revoked, quota)
+    return Policy(roles, grants)
+
+
+def _table(doc: dict[str, Any], key: str, fail: Callable[[str, str], PolicyError]) -> dict:  # type: ignore[type-arg]
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise fail(key, "expected a table")
+    return value
+
+
+def _quota(spec: dict[str, Any], where: str, fail: Callable[[str, str], PolicyError]) -> Quota:
+    rate, burst = spec.get("rate_per_second"), spec.get("burst")
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
+        raise fail(f"{where}.rate_per_second", "must be a positive number")
+    if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
+        raise fail(f"{where}.burst", "must be a positive integer")
+    return Quota(float(rate), burst)
+
+
+# ---- the guard -----------------------------------------------------------------------------
+
+
+class _Bucket:
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class Guard:
+    """Answers access questions for one policy; holds the quota buckets of this process."""
+
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def authorize(self, uri: str, role: str, method: str) -> Grant:
+        """The caller's grant if it may call `method`; raises otherwise. Default deny."""
+        grant = self.policy.grants.get(uri)
+        if role not in self.policy.roles:
+            raise AccessDenied("UNKNOWN_ROLE")
+        if grant is None:
+            raise AccessDenied("UNKNOWN_IDENTITY")
+        if grant.revoked:
+            raise Unauthenticated("IDENTITY_REVOKED")
+        if method not in grant.methods:
+            raise AccessDenied("METHOD_NOT_ALLOWED")
+        return grant
+
+    @staticmethod
+    def check_tenant(grant: Grant, tenant: str) -> None:
+        if not grant.allows_tenant(tenant or "default"):
+            raise AccessDenied("TENANT_NOT_ALLOWED")
+
+    def take_quota(self, grant: Grant, count: int) -> None:
+        """Spend `count` reveals from the identity's bucket, or refuse them all."""
+        quota = grant.quota
+        if quota is None or count <= 0:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(grant.uri)
+        if bucket is None:
+            bucket = self._buckets[grant.uri] = _Bucket(float(quota.burst), now)
+        bucket.tokens = min(
+            float(quota.burst), bucket.tokens + (now - bucket.stamp) * quota.rate_per_second
+        )
+        bucket.stamp = now
+        if bucket.tokens < count:
+            raise QuotaExceeded()
+        bucket.tokens -= count

@@ -1,0 +1,385 @@
+"""Audit trail: records, their canonical encoding and hash chain, verification, and the writer.
+
+Each record's content hash is SHA-256 over a versioned, length-prefixed encoding of its
+fields; PostgreSQL chains them (`hash = SHA-256(prev_hash || content_hash)`, see
+`infra/postgres/0002_audit.sql`) and keeps a head (last seq and hash) so a cut-off tail shows.
+Everything above `AuditWriter` is pure. Records never hold a PAN: callers put tokens in them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
+
+from ..errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from ..store import Store
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GENESIS_HASH",
+    "AuditEvent",
+    "AuditReceipt",
+    "AuditWriter",
+    "ChainVerifier",
+    "VerifyReport",
+    "canonical",
+    "chain_hash",
+    "content_hash",
+    "verify_chain",
+]
+
+FORMAT_VERSION: Final = 1
+GENESIS_HASH: Final = bytes(32)
+# Text fields in encoding order. Changing the order or the set means a new FORMAT_VERSION.
+FIELDS: Final = (
+    "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer",
+)
+_MAGIC: Final = b"vaultline-audit\x00" + FORMAT_VERSION.to_bytes(2, "big")
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _clean(value: object, name: str) -> str:
+    """Text PostgreSQL can store and UTF-8 can encode, so the hash survives the round trip.
+
+    Values may come from a hostile client (request id, purpose of a denied call): an audit
+    record must still be written, so bad characters are replaced rather than refused."""
+    if not isinstance(value, str):
+        raise TypeError(f"AuditEvent.{name} must be str")
+    value = str.__str__(value)  # a plain str, not an enum member that prints differently
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():  # lone surrogates cannot be encoded
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audit record before it is chained. `at` is an aware datetime (stored as UTC)."""
+
+    identity: str
+    role: str
+    tenant: str
+    method: str
+    outcome: str
+    request_id: str
+    peer: str
+    token: str = ""
+    purpose: str = ""
+    at: dt.datetime = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        for name in FIELDS:
+            value = getattr(self, name)
+            # The common case (plain ASCII text) costs three cheap checks per field.
+            if type(value) is not str or not value.isascii() or "\x00" in value:
+                object.__setattr__(self, name, _clean(value, name))
+        at = self.at
+        if not isinstance(at, dt.datetime) or at.utcoffset() is None:
+            raise ValueError("AuditEvent.at must be a timezone-aware datetime")
+        if at.tzinfo is not dt.UTC:
+            object.__setattr__(self, "at", at.astimezone(dt.UTC))
+
+
+class AuditReceipt(NamedTuple):
+    """Where a record landed in the chain."""
+
+    seq: int
+    hash: bytes
+
+
+def _micros(at: dt.datetime) -> int:
+    # Whole microseconds since the epoch: exactly what timestamptz stores, whatever the zone.
+    delta = at - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _encode(at: dt.datetime, values: Iterable[str]) -> bytes:
+    parts = [_MAGIC, _micros(at).to_bytes(8, "big", signed=True)]
+    for value in values:
+        raw = value.encode("utf-8")
+        parts.append(len(raw).to_bytes(4, "big"))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def canonical(event: AuditEvent) -> bytes:
+    """Version 1: magic+version, time as int64 µs since the epoch, then each of `FIELDS` as a
+    4-byte big-endian length and its UTF-8 bytes. Unambiguous, and stable across releases."""
+    return _encode(event.at, (getattr(event, name) for name in FIELDS))
+
+
+def content_hash(event: AuditEvent) -> bytes:
+    return hashlib.sha256(canonical(event)).digest()
+
+
+def chain_hash(prev: bytes, content: bytes) -> bytes:
+    """The hash a record gets in the chain; PostgreSQL computes the same with sha256()."""
+    return hashlib.sha256(prev + content).digest()
+
+
+# ---- verification (pure) ------------------------------------------------------------------
+
+
+class AuditRowLike(Protocol):
+    """A stored record: an asyncpg Record or a dict with the audit_log columns."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    checked: int
+    first_broken_seq: int | None
+    problem: str
+
+
+class ChainVerifier:
+    """Incremental verification, so a caller can stream millions of rows in pages.
+
+    Feed rows in seq order; `feed` returns False at the first broken record, after which the
+    report says which one and why. Problems name seqs and columns, never field values.
+    `start` is the (seq, hash) of the record before the first one fed: genesis by default.
+    """
+
+    def __init__(self, start: tuple[int, bytes] = (0, GENESIS_HASH)) -> None:
+        self.last_seq, self.last_hash = start
+        self.checked = 0
+        self.first_broken_seq: int | None = None
+        self.problem = ""
+        self._head_seq: int | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.first_broken_seq is not None
+
+    def _break(self, seq: int, problem: str) -> bool:
+        self.first_broken_seq = seq
+        self.problem = problem
+        return False
+
+    def expect_head(self, head: tuple[int, bytes] | None) -> None:
+        """Rows beyond the head's seq were not written by audit_append: flag them in `feed`."""
+        self._head_seq = None if head is None else head[0]
+
+    def feed(self, row: AuditRowLike) -> bool:
+        if self.broken:
+            return False
+        seq: int = row["seq"]
+        expected = self.last_seq + 1
+        if seq < expected:
+            return self._break(seq, f"record {seq} is out of order (after record {expected - 1})")
+        if seq > expected:
+            missing = f"record {expected}" if seq == expected + 1 else (
+                f"records {expected}-{seq - 1}"
+            )
+            return self._break(expected, f"{missing} missing (deleted)")
+        if self._head_seq is not None and seq > self._head_seq:
+            return self._break(
+                seq, f"record {seq} is beyond the head (seq {self._head_seq}): not appended"
+                " through audit_append"
+            )
+        try:
+            content = hashlib.sha256(
+                _encode(row["at"], (row[name] for name in FIELDS))
+            ).digest()
+        except (TypeError, AttributeError, UnicodeEncodeError, OverflowError):
+            content = b""
+        if content != bytes(row["content_hash"]):
+            return self._break(
+                seq, f"record {seq} was edited: its fields do not match its content_hash"
+            )
+        prev = bytes(row["prev_hash"])
+        if prev != self.last_hash:
+            return self._break(
+                seq,
+                f"record {seq} does not link to record {seq - 1}: prev_hash differs from that"
+                " record's hash (a record replaced, reordered or rewritten with new hashes)",
+            )
+        digest = chain_hash(prev, content)
+        if digest != bytes(row["hash"]):
+            return self._break(seq, f"record {seq} has a wrong hash (hash column edited)")
+        self.last_seq, self.last_hash = seq, digest
+        self.checked += 1
+        return True
+
+    def finish(self, head: tuple[int, bytes] | None) -> VerifyReport:
+        """Compare the last record with the head (None: no head check, e.g. a range)."""
+        if not self.broken and head is not None:
+            head_seq, head_hash = head[0], bytes(head[1])
+            if self.last_seq < head_seq:
+                missing = f"record {head_seq}" if head_seq == self.last_seq + 1 else (
+                    f"records {self.last_seq + 1}-{head_seq}"
+                )
+                self._break(
+                    self.last_seq + 1,
+                    f"{missing} missing at the end (tail deleted); the head is at {head_seq}",
+                )
+            elif self.last_seq > head_seq:
+                self._break(head_seq + 1, f"records after the head (seq {head_seq}) exist")
+            elif self.last_hash != head_hash:
+                self._break(
+                    head_seq,
+                    f"record {head_seq} differs from the head's hash (tail or head rewritten)",
+                )
+        return VerifyReport(
+            ok=not self.broken,
+            checked=self.checked,
+            first_broken_seq=self.first_broken_seq,
+            problem=self.problem,
+        )
+
+
+def verify_chain(
+    rows: Iterable[AuditRowLike],
+    head: tuple[int, bytes] | None,
+    *,
+    start: tuple[int, bytes] = (0, GENESIS_HASH),
+) -> VerifyReport:
+    """Walk `rows` in seq order from `start` and check every link, then the head.
+
+    Detects an edited record (content hash), a deleted one (seq gap, or a broken link if
+    seqs were renumbered), a reordered pair (broken link) and a cut-off tail (head)."""
+    verifier = ChainVerifier(start)
+    verifier.expect_head(head)
+    for row in rows:
+        if not verifier.feed(row):
+            break
+    return verifier.finish(head)
+
+
+# ---- the writer -----------------------------------------------------------------------------
+
+
+class _Pending(NamedTuple):
+    events: list[AuditEvent]
+    hashes: list[bytes]
+    future: asyncio.Future[list[AuditReceipt]]
+
+
+class AuditWriter:
+    """Appends records durably, coalescing concurrent calls into one round trip per batch.
+
+    `record()` returns once its records are committed, so a call that reveals card data can
+    answer only after its audit trail exists. Calls are never split across batches (one
+    call's records commit together); a call's records are written even if the caller is
+    cancelled meanwhile. Outages surface as `DatabaseUnavailable`.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = 2000,
+        max_in_flight: int = 2,
+        busy_window: float = 0.002,
+    ) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._busy_window = busy_window
+        self._queue: deque[_Pending] = deque()
+        self._queued = 0  # records waiting in _queue
+        self._draining = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def record(self, events: Sequence[AuditEvent]) -> None:
+        """Append `events` (in order, all in one transaction); returns once committed."""
+        await self.append(events)
+
+    async def append(self, events: Sequence[AuditEvent]) -> list[AuditReceipt]:
+        """`record`, also saying where each record landed in the chain."""
+        if not events:
+            return []
+        events = list(events)
+        # Hashed in the caller's task: whatever goes wrong there fails this call alone, and
+        # the drain loop, which every waiter depends on, stays short.
+        hashes = [content_hash(event) for event in events]
+        future: asyncio.Future[list[AuditReceipt]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(events, hashes, future))
+        self._queued += len(events)
+        if self._draining < self._max_in_flight:
+            self._draining += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    def _take(self) -> list[_Pending]:
+        taken: list[_Pending] = []
+        size = 0
+        while self._queue and (not taken or size + len(self._queue[0].events) <= self._max_batch):
+            pending = self._queue.popleft()
+            taken.append(pending)
+            size += len(pending.events)
+        self._queued -= size
+        return taken
+
+    async def _drain(self) -> None:
+        try:
+            # One loop turn first: calls made in the same turn join this batch.
+            await asyncio.sleep(0)
+            while self._queue:
+                if self._draining > 1 and self._queued < self._max_batch:
+                    # Another batch is in flight: waiting a little fills this one for free.
+                    await asyncio.sleep(self._busy_window)
+                batch = self._take()
+                if not batch:
+                    continue
+                await self._append(batch)
+        except asyncio.CancelledError:
+            if self._draining == 1:  # the last drainer: fail what is still queued
+                self._fail(self._take_all(), DatabaseUnavailable())
+            raise
+        finally:
+            self._draining -= 1
+
+    def _take_all(self) -> list[_Pending]:
+        taken = list(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        return taken
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: BaseException) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+
+    async def _append(self, batch: list[_Pending]) -> None:
+        events = [e for pending in batch for e in pending.events]
+        try:
+            rows = await self._store.append_audit(
+                [e.at for e in events],
+                [e.identity for e in events],
+                [e.role for e in events],
+                [e.tenant for e in events],
+                [e.method for e in events],
+                [e.token for e in events],
+                [e.purpose for e in events],
+                [e.outcome for e in events],
+                [e.request_id for e in events],
+                [e.peer for e in events],
+                [h for pending in batch for h in pending.hashes],
+            )
+        except Exception as exc:  # every waiter of the batch gets its failure
+            self._fail(batch, exc)
+            return
+        except asyncio.CancelledError:  # shutting down: nobody may wait forever
+            self._fail(batch, DatabaseUnavailable())
+            raise
+        receipts = [AuditReceipt(seq, digest) for seq, digest in rows]
+        offset = 0
+        for pending in batch:
+            n = len(pending.events)
+            if not pending.future.done():
+                pending.future.set_result(receipts[offset : offset + n])
+            offset += n

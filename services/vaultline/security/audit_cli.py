@@ -1,0 +1,242 @@
+"""`vaultline audit verify|tail`: check the audit hash chain and show recent records.
+
+Both read PostgreSQL with the service DSN (`VAULTLINE_DATABASE_URL`, or the running dev
+stack's `database_url`); the service role may read the audit tables. `verify` never prints a
+record's fields, only which record is broken and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..config import ConfigError
+from .audit import FIELDS, ChainVerifier, VerifyReport
+
+PAGE_SIZE = 5000
+
+# ---- configuration (kept apart from vaultline.cli, which imports this module) --------------
+
+
+def _from_stack(home: str | Path, key: str) -> str | None:
+    path = Path(home) / "dev" / "stack.json"
+    try:
+        value: Any = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def database_url(home: str | Path) -> str:
+    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or _from_stack(home, "database_url")
+    if not dsn:
+        raise ConfigError("VAULTLINE_DATABASE_URL is not set and no dev stack is running")
+    return dsn
+
+
+# ---- verify ---------------------------------------------------------------------------------
+
+
+async def verify_database(
+    dsn: str,
+    *,
+    page_size: int = PAGE_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[VerifyReport, tuple[int, bytes] | None]:
+    """Stream audit_log from seq 1 in pages and verify it against the head.
+
+    The head is read first: records appended while this runs lie beyond it and are left for
+    the next run. Memory stays at one page whatever the table size. Returns the report and
+    the head it was checked against."""
+    from ..store import Store
+
+    store = await Store.connect(dsn, min_size=1, max_size=1)
+    try:
+        head = await store.audit_head()
+        verifier = ChainVerifier()
+        if head is None:
+            # Only a superuser can remove the head row; without it a cut tail cannot show.
+            problem = "the audit head is missing (audit_head was emptied)"
+            return VerifyReport(ok=False, checked=0, first_broken_seq=None, problem=problem), None
+        head_seq = head[0]
+        after = 0
+        while after < head_seq:
+            rows = await store.list_audit(after, min(page_size, head_seq - after))
+            if not rows:
+                break
+            for row in rows:
+                if not verifier.feed(row):
+                    return verifier.finish(head), head
+            after = rows[-1]["seq"]
+            if progress is not None:
+                progress(verifier.checked, head_seq)
+        return verifier.finish(head), head
+    finally:
+        await store.close()
+
+
+def _tty_progress(stream: TextIO) -> Callable[[int, int], None] | None:
+    if not stream.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        stream.write(f"\rverifying audit chain: {done:,} of {total:,} records ({pct}%)")
+        stream.flush()
+
+    return show
+
+
+def run_verify(dsn: str, *, out: TextIO, err: TextIO, page_size: int = PAGE_SIZE) -> int:
+    progress = _tty_progress(err)
+    report, head = asyncio.run(verify_database(dsn, page_size=page_size, progress=progress))
+    if progress is not None:
+        err.write("\r\033[K")
+        err.flush()
+    if report.ok:
+        assert head is not None
+        out.write(
+            f"chain intact: {report.checked} records"
+            f" (head seq {head[0]}, sha256 {bytes(head[1]).hex()})\n"
+        )
+        return 0
+    where = "" if report.first_broken_seq is None else f" at record {report.first_broken_seq}"
+    out.write(
+        f"chain BROKEN{where}: {report.problem} ({report.checked} records before it verified)\n"
+    )
+    return 1
+
+
+def _home(args: argparse.Namespace, default: str | Path) -> str | Path:
+    return getattr(args, "home", None) or default
+
+
+def cmd_audit_verify(args: argparse.Namespace, home_default: str | Path = ".vaultline") -> int:
+    if args.page_size < 1:
+        raise ConfigError("--page-size must be at least 1")
+    return run_verify(
+        database_url(_home(args, home_default)),
+        out=sys.stdout,
+        err=sys.stderr,
+        page_size=args.page_size,
+    )
+
+
+# ---- tail -----------------------------------------------------------------------------------
+
+
+async def recent_records(dsn: str, limit: int) -> list[dict[str, Any]]:
+    """The last `limit` records as plain dicts (hashes as hex), oldest first."""
+    from ..store import Store
+
+    store = await Store.connect(dsn, min_size=1, max_size=1)
+    try:
+        rows = await store.recent_audit(limit)
+    finally:
+        await store.close()
+    return [
+        {
+            "seq": row["seq"],
+            "at": row["at"].astimezone(dt.UTC).isoformat(timespec="microseconds"),
+            **{name: row[name] for name in FIELDS},
+            "hash": bytes(row["hash"]).hex(),
+        }
+        for row in rows
+    ]
+
+
+def _printable(value: str, width: int) -> str:
+    # Fields such as request_id come from clients: never let them drive the terminal.
+    text = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in value
+    )
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_COLUMNS = (
+    ("seq", 12), ("at", 27), ("identity", 44), ("role", 10), ("tenant", 16), ("method", 36),
+    ("token", 24), ("purpose", 24), ("outcome", 18), ("request_id", 24), ("peer", 22),
+)
+
+
+def _cell(record: dict[str, Any], name: str) -> str:
+    value = str(record[name])
+    if name == "at":  # 2025-01-02T03:04:05.123456+00:00 -> 2025-01-02 03:04:05.123456Z
+        return value.replace("T", " ").removesuffix("+00:00") + "Z"
+    if name == "method":  # /pkg.v1.TokenizationService/Detokenize -> TokenizationService/...
+        return value.rsplit(".", 1)[-1]
+    return value
+
+
+def render_table(records: list[dict[str, Any]]) -> str:
+    """A readable table; `--json` has the full values and the hashes."""
+    rows = [[_printable(_cell(rec, name), width) for name, width in _COLUMNS] for rec in records]
+    header = [name for name, _ in _COLUMNS]
+    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+             for line in [header, *rows]]
+    return "\n".join(lines) + "\n"
+
+
+def run_tail(dsn: str, limit: int, *, as_json: bool, out: TextIO) -> int:
+    records = asyncio.run(recent_records(dsn, limit))
+    if as_json:
+        out.write(json.dumps(records, indent=2) + "\n")
+    elif not records:
+        out.write("(no audit records yet)\n")
+    else:
+        out.write(render_table(records))
+    return 0
+
+
+def cmd_audit_tail(args: argparse.Namespace, home_default: str | Path = ".vaultline") -> int:
+    if args.n < 1:
+        raise ConfigError("-n must be at least 1")
+    dsn = database_url(_home(args, home_default))
+    return run_tail(dsn, args.n, as_json=args.json, out=sys.stdout)
+
+
+# ---- parser ---------------------------------------------------------------------------------
+
+
+def add_audit_commands(subparsers: Any, home_option_default: str | Path) -> None:
+    """Add `audit verify` and `audit tail` to the `vaultline` parser's subcommands.
+
+    Uses `args.home` from the top-level `--home` when present, else `home_option_default`
+    (not a subparser default: that would overwrite the top-level option's value)."""
+    audit = subparsers.add_parser("audit", help="the hash-chained audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+
+    verify = audit_sub.add_parser(
+        "verify",
+        help="recompute the audit hash chain and report the first broken record",
+        description="Read every audit record in seq order (in pages, so any size works) and "
+        "recompute its content hash and chain link, then compare the last one with the head. "
+        "Exit 0 when intact, 1 naming the first broken record. Uses VAULTLINE_DATABASE_URL, "
+        "or the running dev stack. Record the printed head hash somewhere outside the "
+        "database: a later run proves nothing before it was rewritten.",
+    )
+    verify.add_argument(
+        "--page-size", type=int, default=PAGE_SIZE, help=f"records per query (default {PAGE_SIZE})"
+    )
+    verify.set_defaults(func=functools.partial(cmd_audit_verify, home_default=home_option_default))
+
+    tail = audit_sub.add_parser(
+        "tail",
+        help="show the most recent audit records",
+        description="Show the last N audit records, oldest first. Uses VAULTLINE_DATABASE_URL, "
+        "or the running dev stack.",
+    )
+    tail.add_argument("-n", type=int, default=20, help="how many records (default 20)")
+    tail.add_argument("--json", action="store_true", help="machine-readable output")
+    tail.set_defaults(func=functools.partial(cmd_audit_tail, home_default=home_option_default))

@@ -1,0 +1,200 @@
+"""Access control over real mTLS: every role × method × tenant, bad certificates, unknown and
+revoked identities, quotas — and every answer, allowed or refused, in the audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+
+from tests.fixtures.tokenizer import Running
+from tests.helpers import rpc_failure, tokenize_request
+from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
+from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from vaultline.security.tls import channel_credentials
+
+pytestmark = pytest.mark.integration
+
+VISA = "4111111111111111"
+ALLOWED = {
+    "ivr": {"Tokenize", "BatchTokenize", "GetToken"},
+    "crm": {"Tokenize", "BatchTokenize", "GetToken", "DeleteToken"},
+    "settlement": {"Detokenize", "BatchDetokenize", "GetToken"},
+    "admin": set(),  # no TokenizationService method at all
+}
+METHODS = ["Tokenize", "BatchTokenize", "GetToken", "Detokenize", "BatchDetokenize", "DeleteToken"]
+IDENTITY = {"ivr": "ivr/ivr-1", "crm": "crm/crm-1", "settlement": "settlement/settlement-1",
+            "admin": "admin/admin-1"}
+
+
+async def _invoke(stub: pb_grpc.TokenizationServiceStub, method: str, tenant: str, token: str):  # type: ignore[no-untyped-def]
+    if method == "Tokenize":
+        return await stub.Tokenize(tokenize_request(VISA, tenant=tenant))
+    if method == "GetToken":
+        return await stub.GetToken(pb.GetTokenRequest(tenant=tenant, token=token))
+    if method == "Detokenize":
+        return await stub.Detokenize(
+            pb.DetokenizeRequest(tenant=tenant, token=token, purpose="access test"))
+    if method == "DeleteToken":
+        # Deleting a token nobody else uses: an unknown one is NOT_FOUND, which is "allowed".
+        return await stub.DeleteToken(
+            pb.DeleteTokenRequest(tenant=tenant, token="4000000000000001"))
+    if method == "BatchTokenize":
+        chunk = pb.BatchTokenizeRequest(tenant=tenant, items=[pb.BatchTokenizeRequest.Item(
+            reference="a", card=pb.Card(pan=VISA, expiry_month=12, expiry_year=2031))])
+        return [r async for r in stub.BatchTokenize(iter([chunk]))]
+    if method == "BatchDetokenize":
+        chunk = pb.BatchDetokenizeRequest(tenant=tenant, purpose="access test", items=[
+            pb.BatchDetokenizeRequest.Item(reference="a", token=token)])
+        return [r async for r in stub.BatchDetokenize(iter([chunk]))]
+    raise AssertionError(method)
+
+
+async def _outcome(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def _audit_rows(superuser_db: str, identity: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        return await conn.fetch(
+            "SELECT method, outcome, tenant, token FROM audit_log WHERE identity = $1"
+            " ORDER BY seq", identity)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("role", sorted(ALLOWED))
+async def test_role_method_matrix(tokenizer: Running, role: str, superuser_db: str) -> None:
+    tenant = "m-" + uuid.uuid4().hex[:10]
+    token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
+    stub = tokenizer.as_(IDENTITY[role])
+    for method in METHODS:
+        code = await _outcome(_invoke(stub, method, tenant, token))
+        if method in ALLOWED[role]:
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method, code)
+        else:
+            failure = await rpc_failure(_invoke(stub, method, tenant, token))
+            assert (failure.code, failure.reason) == (
+                grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED"), (role, method)
+    rows = await _audit_rows(superuser_db, f"spiffe://vaultline/{IDENTITY[role]}")
+    # A refused stream reads no chunk, so its record names no tenant.
+    audited = {(r["method"], r["outcome"]) for r in rows if r["tenant"] in (tenant, "")}
+    for method in METHODS:
+        if method not in ALLOWED[role]:
+            assert (method, "PERMISSION_DENIED") in audited, (role, method)
+        else:
+            assert any(m == method for m, _ in audited), (role, method)
+
+
+@pytest.mark.parametrize("role", ["ivr", "crm", "settlement"])
+async def test_tenant_binding(tokenizer: Running, role: str) -> None:
+    # The -tenant-a identities may use tenant-a only.
+    bound = tokenizer.as_(f"{role}/{role}-tenant-a")
+    own = await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant="tenant-a"))
+    other = await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant="tenant-b"))
+    for method in sorted(ALLOWED[role]):
+        code = await _outcome(_invoke(bound, method, "tenant-a", own.token.token))
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method)
+        failure = await rpc_failure(_invoke(bound, method, "tenant-b", other.token.token))
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED, "TENANT_NOT_ALLOWED"), (role, method)
+        # The empty tenant is "default", which is not granted either.
+        failure = await rpc_failure(_invoke(bound, method, "", other.token.token))
+        assert failure.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_batch_chunk_for_another_tenant_ends_the_stream(tokenizer: Running) -> None:
+    bound = tokenizer.as_("crm/crm-tenant-a")
+    item = pb.BatchTokenizeRequest.Item(
+        reference="x", card=pb.Card(pan=VISA, expiry_month=12, expiry_year=2031))
+    chunks = [pb.BatchTokenizeRequest(tenant="tenant-a", items=[item]),
+              pb.BatchTokenizeRequest(tenant="tenant-b", items=[item])]
+
+    async def consume() -> None:
+        async for _ in bound.BatchTokenize(iter(chunks)):
+            pass
+
+    failure = await rpc_failure(consume())
+    assert (failure.code, failure.reason) == (grpc.StatusCode.PERMISSION_DENIED,
+                                              "TENANT_NOT_ALLOWED")
+
+
+@pytest.mark.parametrize(
+    "who,code,reason",
+    [
+        ("crm/crm-unlisted", grpc.StatusCode.PERMISSION_DENIED, "UNKNOWN_IDENTITY"),
+        ("auditor/auditor-1", grpc.StatusCode.PERMISSION_DENIED, "UNKNOWN_ROLE"),
+        ("crm/crm-revoked", grpc.StatusCode.UNAUTHENTICATED, "IDENTITY_REVOKED"),
+    ],
+)
+async def test_unknown_and_revoked_identities(
+    tokenizer: Running, who: str, code: grpc.StatusCode, reason: str, superuser_db: str
+) -> None:
+    failure = await rpc_failure(tokenizer.as_(who).Tokenize(tokenize_request(VISA)))
+    assert (failure.code, failure.reason) == (code, reason)
+    assert VISA not in failure.raw
+    rows = await _audit_rows(superuser_db, f"spiffe://vaultline/{who}")
+    assert rows and rows[-1]["outcome"] == code.name and rows[-1]["method"] == "Tokenize"
+
+
+@pytest.mark.parametrize("case", ["no certificate", "another CA", "expired"])
+async def test_bad_certificates_are_refused_at_the_handshake(tokenizer: Running, case: str) -> None:
+    pki = tokenizer.pki
+    if case == "no certificate":
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem)
+    elif case == "another CA":
+        cert = pki.certs["crm/wrong-ca"]
+        credentials = channel_credentials(pki.ca_pem, cert.cert_pem, cert.key_pem)
+    else:
+        credentials = pki.credentials("crm/crm-expired")
+    async with grpc.aio.secure_channel(tokenizer.server.address, credentials) as channel:
+        stub = pb_grpc.TokenizationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Tokenize(tokenize_request(VISA), timeout=5)
+    # The TLS handshake fails before any RPC exists: grpc reports UNAVAILABLE.
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_plaintext_clients_are_refused(tokenizer: Running) -> None:
+    async with grpc.aio.insecure_channel(tokenizer.server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb_grpc.TokenizationServiceStub(channel).Tokenize(
+                tokenize_request(VISA), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
+    tenant = "q-" + uuid.uuid4().hex[:10]
+    token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
+    tight = tokenizer.as_("settlement/settlement-tight")  # burst 10, 5 per second
+    request = pb.DetokenizeRequest(tenant=tenant, token=token, purpose="quota test")
+    for _ in range(10):
+        assert (await tight.Detokenize(request)).card.pan == VISA
+    failure = await rpc_failure(tight.Detokenize(request))
+    assert (failure.code, failure.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "DETOKENIZE_QUOTA_EXCEEDED")
+    # A batch counts one per token: 4 tokens need 4 units.
+    chunk = pb.BatchDetokenizeRequest(tenant=tenant, purpose="quota test", items=[
+        pb.BatchDetokenizeRequest.Item(reference=str(i), token=token) for i in range(4)])
+
+    async def batch() -> list[pb.BatchDetokenizeResponse]:
+        return [r async for r in tight.BatchDetokenize(iter([chunk]))]
+
+    assert (await rpc_failure(batch())).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Another identity is unaffected.
+    assert (await tokenizer.stub.Detokenize(request)).card.pan == VISA
+    await asyncio.sleep(1.0)  # refills ~5
+    (response,) = await batch()
+    assert all(r.card.card.pan == VISA for r in response.results)
+    refusals = tokenizer.server.metrics.registry.get_sample_value(
+        "vaultline_quota_refusals_total",
+        {"identity": "spiffe://vaultline/settlement/settlement-tight", "method": "Detokenize"})
+    assert refusals and refusals >= 1

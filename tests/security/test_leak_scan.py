@@ -1,0 +1,183 @@
+"""Leak scan (PCI DSS 3.3, 3.5.1): drive the stack as `make run` starts it with every network
+test card — successes, refusals and errors — then look for card numbers everywhere a PAN must
+not be: every log line, every PostgreSQL table (all columns but the ciphertexts), every gRPC
+response other than a reveal, and every file under the state directory.
+
+Zero hits: none of the test PANs, byte for byte, anywhere; and in every text source (logs,
+responses, the rows of every table, every file outside PostgreSQL's binary data directory) no
+Luhn-valid 13-19 digit run standing on its own that Vaultline itself would accept as a card
+number (a known network's range and length). "Standing on its own" (no letter or digit next
+to it) keeps hex digests and request ids from counting; raw PostgreSQL pages put tokens next to
+binary length bytes, so only the exact test PANs are searched there.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from tests.fixtures.devstack import Stack
+from tests.helpers import luhn_valid
+from tests.testcards import ALL_TEST_PANS
+from vaultline.card import CardError, Pan
+from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
+from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from vaultline.security.tls import load_client_credentials
+
+pytestmark = pytest.mark.e2e
+
+DIGIT_RUN = re.compile(rb"(?<![0-9A-Za-z])[0-9]{13,19}(?![0-9A-Za-z])")
+# Columns that hold ciphertext by design (AES-GCM card data, transit-wrapped keys) or hashes.
+OPAQUE_COLUMNS = {"ciphertext", "wrapped_key", "fingerprint", "content_hash", "prev_hash",
+                  "hash", "sealed"}
+
+
+def _card_like(run: str) -> bool:
+    try:
+        Pan.parse(run)
+    except CardError:
+        return False
+    return True
+
+
+def hits(blob: bytes, *, text: bool = True) -> list[str]:
+    """Test PANs, and (in text) card-like digit runs, found in `blob`, masked for the report."""
+    found = [p[:6] + "…" + p[-4:] + " (test PAN)" for p in ALL_TEST_PANS if p.encode() in blob]
+    for m in DIGIT_RUN.finditer(blob) if text else ():
+        run = m.group().decode()
+        if luhn_valid(run) and _card_like(run):
+            # Where it is, with every digit of the context hidden, so the report leaks nothing.
+            before = re.sub(rb"[0-9]", b"#", blob[max(0, m.start() - 40):m.start()])
+            after = re.sub(rb"[0-9]", b"#", blob[m.end():m.end() + 20])
+            found.append(f"{run[:6]}…{run[-4:]} ({len(run)} digits) in {before!r}…{after!r}")
+    return sorted(set(found))
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vaultline-leak-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _channel(info: dict, who: str) -> grpc.Channel:  # type: ignore[type-arg]
+    client = info["clients"][who]
+    return grpc.secure_channel(info["grpc_address"], load_client_credentials(
+        info["ca"], client["cert"], client["key"]))
+
+
+def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
+    """Every flow with every test card; returns what came back, reveals excluded."""
+    seen: list[bytes] = []
+
+    def keep(message: object) -> None:
+        seen.append(message.SerializeToString())  # type: ignore[attr-defined]
+        seen.append(str(message).encode())
+
+    def refused(call) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        seen.append(f"{err.value.code()} {err.value.details()}".encode())
+        seen.append(repr(err.value.trailing_metadata()).encode())
+
+    with _channel(info, "crm") as crm, _channel(info, "settlement") as settlement, \
+            _channel(info, "admin") as admin:
+        tok = pb_grpc.TokenizationServiceStub(crm)
+        rev = pb_grpc.TokenizationServiceStub(settlement)
+        adm = pb_grpc.TokenizationServiceStub(admin)
+        tokens = []
+        for pan in ALL_TEST_PANS:
+            response = tok.Tokenize(pb.TokenizeRequest(card=pb.Card(
+                pan=pan, expiry_month=10, expiry_year=2033, cardholder_name="Leak Scan")))
+            keep(response)
+            tokens.append(response.token.token)
+            keep(tok.GetToken(pb.GetTokenRequest(token=response.token.token)))
+            # Errors that carry a PAN in the request: expired card, PAN sent as a token,
+            # PAN pasted into a purpose, a role that may not reveal, a wrong tenant.
+            refused(lambda p=pan: tok.Tokenize(pb.TokenizeRequest(card=pb.Card(
+                pan=p, expiry_month=1, expiry_year=2020))))
+            refused(lambda p=pan: tok.GetToken(pb.GetTokenRequest(token=p)))
+            refused(lambda p=pan, t=response.token.token: rev.Detokenize(pb.DetokenizeRequest(
+                token=t, purpose=f"refund {p}")))
+            refused(lambda t=response.token.token: adm.Detokenize(pb.DetokenizeRequest(
+                token=t, purpose="x")))
+            refused(lambda p=pan: tok.Tokenize(pb.TokenizeRequest(tenant="Bad Tenant", card=pb.Card(
+                pan=p, expiry_month=10, expiry_year=2033))))
+        chunk = pb.BatchTokenizeRequest(items=[
+            pb.BatchTokenizeRequest.Item(reference=f"r{i}", card=pb.Card(
+                pan=pan, expiry_month=10, expiry_year=2033 if i % 2 else 2019))
+            for i, pan in enumerate(ALL_TEST_PANS)])
+        for response in tok.BatchTokenize(iter([chunk])):
+            keep(response)
+        # Reveals are the one place a PAN may appear; they still get audited and logged.
+        request = pb.BatchDetokenizeRequest(purpose="leak scan", items=[
+            pb.BatchDetokenizeRequest.Item(reference=str(i), token=t)
+            for i, t in enumerate(tokens)])
+        revealed = [r.card.card.pan for resp in rev.BatchDetokenize(iter([request]))
+                    for r in resp.results]
+        assert revealed == ALL_TEST_PANS
+        for token in tokens[:3]:
+            keep(tok.DeleteToken(pb.DeleteTokenRequest(token=token)))
+    return seen
+
+
+async def _database_dump(info: dict) -> bytes:  # type: ignore[type-arg]
+    conn = await asyncpg.connect(info["owner_dsn"])
+    try:
+        tables = [r["tablename"] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        out = []
+        for table in tables:
+            columns = [r["attname"] for r in await conn.fetch(
+                "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass"
+                " AND attnum > 0 AND NOT attisdropped", table)]
+            kept = [c for c in columns if c not in OPAQUE_COLUMNS]
+            if not kept:
+                continue
+            select = ", ".join(f'"{c}"::text' for c in kept)
+            for row in await conn.fetch(f'SELECT {select} FROM "{table}"'):  # noqa: S608
+                out.append(f"{table}: {tuple(row)}")
+        assert any(line.startswith("tokens:") for line in out)
+        assert any(line.startswith("audit_log:") for line in out)
+        return "\n".join(out).encode()
+    finally:
+        await conn.close()
+
+
+def _scan_files(home: Path) -> dict[str, list[str]]:
+    report: dict[str, list[str]] = {}
+    files = [p for p in home.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "dev-up.log" for p in files)
+    assert any("audit" in p.name for p in files), "OpenBao's audit log is scanned too"
+    for path in files:
+        blob = path.read_bytes()
+        relative = path.relative_to(home)
+        if found := hits(blob, text=relative.parts[:2] != ("postgres", "pgdata")):
+            report[str(relative)] = found
+    return report
+
+
+async def test_no_pan_anywhere(home: Path) -> None:
+    stack = Stack(home)
+    info = stack.up()
+    try:
+        responses = _exercise(info)
+        db = await _database_dump(info)
+    finally:
+        assert stack.interrupt() == 0
+    report: dict[str, list[str]] = {}
+    for i, blob in enumerate(responses):
+        if found := hits(blob):
+            report[f"gRPC response #{i}"] = found
+    if found := hits(db):
+        report["database"] = found
+    report.update(_scan_files(home))
+    assert report == {}, f"card numbers found: {report}"
