@@ -1,8 +1,8 @@
 """Tokenizer throughput benchmark: every figure beside the bare baselines of the same run.
 
 Starts a fresh stack (OpenBao + PostgreSQL + tokenizer, as `make run` does) in a temporary
-directory, plus a bare grpc.aio echo server, each in its own process; then measures from this
-process:
+directory, plus a bare grpc.aio echo server on the same mTLS, each in its own process; then
+measures from this process, as the stack's crm (and, to reveal, settlement) identities:
 
   echo      bare grpc.aio unary calls/s with a Tokenize-sized payload (the gRPC ceiling)
   copy      PostgreSQL COPY rows/s into a table shaped like `tokens` (the database ceiling)
@@ -35,6 +35,10 @@ sys.path.insert(0, str(ROOT / "services"))
 
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb  # noqa: E402
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc  # noqa: E402
+from vaultline.security.tls import (  # noqa: E402
+    load_client_credentials,
+    load_server_credentials,
+)
 
 ECHO_METHOD = "/bench.Echo/Echo"
 
@@ -64,8 +68,11 @@ def unique_pans(n: int, seed: int) -> list[str]:
 # ---- the bare baselines ------------------------------------------------------------------------
 
 
-def echo_server_main(port_file: str) -> None:
-    """A grpc.aio server that returns its request bytes: the floor under any unary RPC."""
+def echo_server_main(port_file: str, pki_dir: str) -> None:
+    """A grpc.aio server that returns its request bytes: the floor under any unary RPC.
+
+    It speaks the same mTLS as the tokenizer (same server certificate, client certificates
+    required), so the comparison isolates the vault's own work."""
 
     async def serve() -> None:
         async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -77,7 +84,9 @@ def echo_server_main(port_file: str) -> None:
         )
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((handler,))
-        port = server.add_insecure_port("127.0.0.1:0")
+        pki = Path(pki_dir)
+        port = server.add_secure_port("127.0.0.1:0", load_server_credentials(
+            pki / "ca.crt", pki / "server.crt", pki / "server.key"))
         await server.start()
         Path(port_file).write_text(str(port))
         await server.wait_for_termination()
@@ -112,8 +121,14 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
 
 
-async def bench_echo(address: str, payload: bytes, seconds: float, concurrency: int):  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(address) as channel:
+def credentials(stack: dict, who: str) -> grpc.ChannelCredentials:  # type: ignore[type-arg]
+    client = stack["clients"][who]
+    return load_client_credentials(stack["ca"], client["cert"], client["key"])
+
+
+async def bench_echo(address: str, creds: grpc.ChannelCredentials, payload: bytes,
+                     seconds: float, concurrency: int):  # type: ignore[no-untyped-def]
+    async with grpc.aio.secure_channel(address, creds) as channel:
         echo = channel.unary_unary(ECHO_METHOD)
         await echo(payload)
         return await closed_loop(lambda: echo(payload), seconds, concurrency)
@@ -211,10 +226,10 @@ async def bench_batch_detokenize(
 # ---- orchestration -------------------------------------------------------------------------
 
 
-def start_echo(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_echo(tmp: Path, pki_dir: str) -> tuple[subprocess.Popen[bytes], str]:
     port_file = tmp / "echo.port"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--echo-server", str(port_file)],
+        [sys.executable, __file__, "--echo-server", str(port_file), pki_dir],
     )
     for _ in range(200):
         if port_file.exists() and port_file.read_text():
@@ -253,26 +268,29 @@ async def run(args: argparse.Namespace) -> None:
         print(f"generating {args.pans:,} synthetic PANs…", flush=True)
         batch_pans = unique_pans(args.pans, seed=1)
         unary_pans = unique_pans(args.seconds * 20_000, seed=2)
-        echo_proc, echo_addr = start_echo(tmp)
+        stack_proc, stack = start_stack(tmp / "home")
         try:
-            stack_proc, stack = start_stack(tmp / "home")
+            echo_proc, echo_addr = start_echo(tmp, str(Path(stack["ca"]).parent))
         except BaseException:
-            echo_proc.kill()
+            stack_proc.kill()
             raise
         try:
             payload = pb.TokenizeRequest(
                 card=pb.Card(pan=unary_pans[0], expiry_month=12, expiry_year=2030)
             ).SerializeToString()
             cpu0 = cpu_seconds(echo_proc.pid)
-            echo_rate, echo_lat = await bench_echo(echo_addr, payload, args.seconds,
-                                                   args.concurrency)
+            echo_rate, echo_lat = await bench_echo(echo_addr, credentials(stack, "crm"),
+                                                   payload, args.seconds, args.concurrency)
             echo_cpu = (cpu_seconds(echo_proc.pid) - cpu0) / (echo_rate * args.seconds)
             copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
-            async with grpc.aio.insecure_channel(
-                stack["grpc_address"],
-                options=[("grpc.max_receive_message_length", 64 << 20)],
-            ) as channel:
+            options = [("grpc.max_receive_message_length", 64 << 20)]
+            async with grpc.aio.secure_channel(
+                stack["grpc_address"], credentials(stack, "crm"), options=options
+            ) as channel, grpc.aio.secure_channel(
+                stack["grpc_address"], credentials(stack, "settlement"), options=options
+            ) as reveal_channel:
                 stub = pb_grpc.TokenizationServiceStub(channel)
+                reveal = pb_grpc.TokenizationServiceStub(reveal_channel)
                 await stub.Tokenize(pb.TokenizeRequest(  # warm the keys
                     card=pb.Card(pan="4111111111111111", expiry_month=12, expiry_year=2030)))
                 cpu0 = cpu_seconds(stack_proc.pid)
@@ -280,7 +298,7 @@ async def run(args: argparse.Namespace) -> None:
                                                          args.concurrency)
                 tok_cpu = (cpu_seconds(stack_proc.pid) - cpu0) / (tok_rate * args.seconds)
                 bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
-                bd_rate = await bench_batch_detokenize(stub, tokens, args.chunk)
+                bd_rate = await bench_batch_detokenize(reveal, tokens, args.chunk)
         finally:
             stack_proc.terminate()
             echo_proc.terminate()
@@ -308,8 +326,8 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
-        echo_server_main(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--echo-server":
+        echo_server_main(sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -293,9 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     pki_init.add_argument("--force", action="store_true", help="regenerate everything")
     pki_init.set_defaults(func=cmd_pki_init)
 
+    from .ivr.cli import add_ivr_commands
     from .security.audit_cli import add_audit_commands
 
     add_audit_commands(sub, str(DEFAULT_HOME))
+    add_ivr_commands(sub)
 
     keys = sub.add_parser("keys", help="key management (keys-admin AppRole)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import asyncpg
 import grpc
 import pytest
 
-from tests.fixtures.devstack import Stack
+from tests.fixtures.devstack import VAULTLINE, Stack
 from tests.helpers import luhn_valid
 from tests.testcards import ALL_TEST_PANS
 from vaultline.card import CardError, Pan
@@ -170,6 +171,14 @@ async def test_no_pan_anywhere(home: Path) -> None:
     info = stack.up()
     try:
         responses = _exercise(info)
+        # Cards keyed in on the phone too: the IVR's sessions, TwiML, logs and CRM events.
+        for pan in ("5555555555554444", "378282246310005"):
+            call = subprocess.run(
+                [*VAULTLINE, "--home", str(home), "sim", "call", "--flow", "card_capture",
+                 "--card", pan, "--cvv", "1234" if pan.startswith("3") else "123"],
+                capture_output=True, timeout=120, check=False)
+            assert call.returncode == 0, call.stdout.decode()[-2000:]
+            responses.append(call.stdout + call.stderr)
         db = await _database_dump(info)
     finally:
         assert stack.interrupt() == 0

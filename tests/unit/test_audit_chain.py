@@ -265,3 +265,19 @@ def test_verifier_stops_at_the_first_break() -> None:
     results = [verifier.feed(r) for r in rows]
     assert results == [True, False, False, False, False, False]
     assert verifier.finish(head_of(rows)).first_broken_seq == 2
+
+
+def test_token_hashes_equal_the_content_hashes_of_each_record() -> None:
+    import dataclasses
+    import datetime as dt
+
+    from vaultline.security.audit import AuditEvent, content_hash, token_hashes
+
+    base = AuditEvent(
+        identity="spiffe://vaultline/settlement/settlement-1", role="settlement",
+        tenant="default", method="BatchDetokenize", outcome="OK", request_id="req_abc",
+        peer="ipv4:127.0.0.1:5000", purpose="settlement batch 7 — é",
+        at=dt.datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=dt.UTC))
+    tokens = ["4000123412341111", "tok_AAAAAAAAAAAAAAAAAAAAAA", "", "ü"]
+    expected = [content_hash(dataclasses.replace(base, token=t)) for t in tokens]
+    assert token_hashes(base, tokens) == expected

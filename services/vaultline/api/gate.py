@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class AuditSink(Protocol):
     async def record(self, events: Sequence[AuditEvent]) -> None: ...
+    async def record_tokens(self, base: AuditEvent, tokens: Sequence[str]) -> None: ...
 
 
 class CallMetrics(Protocol):
@@ -94,7 +95,10 @@ class Gate:
         """One record per revealed token, durable before any of them is returned."""
         if not tokens:
             return
-        await self.audit([self.event(call, "OK", tenant=tenant, token=t, purpose=purpose)
-                          for t in tokens])
+        base = self.event(call, "OK", tenant=tenant, purpose=purpose)
+        await self.audit_sink.record_tokens(base, tokens)
+        self.count_reveals(call, len(tokens))
+
+    def count_reveals(self, call: CallContext, count: int) -> None:
         if self.metrics is not None and call.identity:
-            self.metrics.observe_detokenized(call.identity, len(tokens))
+            self.metrics.observe_detokenized(call.identity, count)

@@ -170,6 +170,8 @@ def unary(fn: F) -> F:
                 getattr(response, "token", None), "token", "")
             await gate.audit([gate.event(
                 call, "OK", tenant=tenant, token=token, purpose=getattr(request, "purpose", ""))])
+            if reveals:
+                gate.count_reveals(call, 1)
             return response
         except Exception as exc:  # noqa: BLE001 - the translation table decides
             code = _code_name(exc)
@@ -339,14 +341,19 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
             outcomes = await self._service.detokenize_batch(
                 chunk.tenant, chunk.purpose, [item.token for item in items]
             )
-            # Every revealed token is audited, durably, before the chunk is answered.
-            await self._gate.audit_reveals(
+            # Every revealed token is audited, durably, before the chunk is answered; the
+            # response is built while PostgreSQL commits the records, and dropped if it fails.
+            audited = asyncio.ensure_future(self._gate.audit_reveals(
                 call,
                 chunk.tenant,
                 chunk.purpose,
                 [o.record.token for o in outcomes if isinstance(o, Revealed)],
-            )
-            return detokenize_results(items, outcomes)
+            ))
+            try:
+                response = detokenize_results(items, outcomes)
+            finally:
+                await audited
+            return response
 
         async for response in pipelined(requests, handle, PIPELINE_DEPTH):
             yield response

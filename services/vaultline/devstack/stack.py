@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from ..config import DEFAULT_POLICY, ConfigError, TlsFiles, TokenizerConfig
 from ..security.pki import init_dev_pki
 from ..server import TokenizerServer
@@ -23,6 +25,8 @@ from ..vault import AppRoleCredentials
 from . import write_json
 from .openbao import OpenBaoServer
 from .postgres import PostgresServer
+
+IVR_FLOWS = Path(__file__).resolve().parents[3] / "ivr_flows"
 
 
 class DevStack:
@@ -33,6 +37,8 @@ class DevStack:
         self.openbao: OpenBaoServer | None = None
         self.postgres: PostgresServer | None = None
         self.tokenizer: TokenizerServer | None = None
+        self.ivr: Any = None
+        self._ivr_channel: grpc.aio.Channel | None = None
         self.info: dict[str, Any] = {}
 
     @property
@@ -64,6 +70,7 @@ class DevStack:
                 )
             )
             grpc_address = await self.tokenizer.start()
+            ivr_info = await self._start_ivr(grpc_address, pki, app_dsn)
         except BaseException:
             await self.stop()
             raise
@@ -81,8 +88,21 @@ class DevStack:
                 "keys_admin_approle": admin_file,
             },
             "pid": os.getpid(),
+            **ivr_info,
         }
         write_json(self.stack_file, self.info, mode=0o600)
+
+    async def _start_ivr(self, grpc_address: str, pki: Any, app_dsn: str) -> dict[str, Any]:
+        """The payment IVR webhook service and the Twilio simulator's REST side it calls."""
+        from ..ivr.dev import stack_info, start_dev_ivr
+        from ..security.tls import load_client_credentials
+
+        ivr_client = pki.clients["ivr"]
+        self._ivr_channel = grpc.aio.secure_channel(grpc_address, load_client_credentials(
+            pki.ca_cert, ivr_client["cert"], ivr_client["key"]))
+        self.ivr = await start_dev_ivr(dev_dir=self.dev_dir, database_url=app_dsn,
+                                       channel=self._ivr_channel, flows_dir=IVR_FLOWS)
+        return dict(stack_info(self.ivr, self.dev_dir))
 
     def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None]:
         addr = os.environ.get("VAULTLINE_VAULT_ADDR")
@@ -116,6 +136,12 @@ class DevStack:
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.stack_file.unlink()
+        if self.ivr is not None:
+            await self.ivr.stop()
+            self.ivr = None
+        if self._ivr_channel is not None:
+            await self._ivr_channel.close()
+            self._ivr_channel = None
         if self.tokenizer is not None:
             await self.tokenizer.stop()
             self.tokenizer = None
@@ -144,9 +170,15 @@ class DevStack:
             lines.append(
                 f"  DEV ONLY: unseal keys and root token in {self.openbao.init_file}"
             )
+        if "ivr_base_url" in i:
+            lines += [
+                f"  payment IVR      {i['ivr_base_url']}/voice/<flow>  (Twilio webhooks)",
+                f"  Twilio (sim)     {i['twilio_api_base_url']}",
+            ]
         lines += [
             "",
-            "Try:  vaultline keys status",
-            "      python load/bench.py --help",
+            "Try:  vaultline sim call --flow card_capture     (keys in a network test card)",
+            "      vaultline keys status",
+            "      vaultline audit verify",
         ]
         return "\n".join(lines)

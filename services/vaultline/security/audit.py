@@ -259,10 +259,42 @@ def verify_chain(
 # ---- the writer -----------------------------------------------------------------------------
 
 
+# Column order of `Store.append_audit` (after the timestamps).
+_COLUMNS: Final = (
+    "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer",
+)
+
+
 class _Pending(NamedTuple):
-    events: list[AuditEvent]
+    """One caller's records, already as columns (so a batch is joined by list concatenation)."""
+
+    ats: list[dt.datetime]
+    columns: tuple[list[str], ...]  # in _COLUMNS order
     hashes: list[bytes]
     future: asyncio.Future[list[AuditReceipt]]
+
+    @property
+    def size(self) -> int:
+        return len(self.hashes)
+
+
+def token_hashes(base: AuditEvent, tokens: Sequence[str]) -> list[bytes]:
+    """Content hashes of `base` with each of `tokens` as its token: the same bytes `canonical`
+    gives, but the shared prefix is hashed once (a batch reveal audits thousands of tokens)."""
+    values = [getattr(base, name) for name in FIELDS]
+    cut = FIELDS.index("token")
+    head = _encode(base.at, values[:cut])
+    tail = _encode(base.at, values[cut + 1:])[len(_MAGIC) + 8:]
+    prefix = hashlib.sha256(head)
+    out = []
+    for token in tokens:
+        raw = token.encode("utf-8")
+        h = prefix.copy()
+        h.update(len(raw).to_bytes(4, "big"))
+        h.update(raw)
+        h.update(tail)
+        out.append(h.digest())
+    return out
 
 
 class AuditWriter:
@@ -300,12 +332,28 @@ class AuditWriter:
         if not events:
             return []
         events = list(events)
-        # Hashed in the caller's task: whatever goes wrong there fails this call alone, and
-        # the drain loop, which every waiter depends on, stays short.
+        # Hash here, in the caller's task: spreads the CPU and keeps the drain loop short.
         hashes = [content_hash(event) for event in events]
+        columns = tuple([getattr(e, name) for e in events] for name in _COLUMNS)
+        return await self._enqueue([e.at for e in events], columns, hashes)
+
+    async def record_tokens(self, base: AuditEvent, tokens: Sequence[str]) -> None:
+        """One record per token, each `base` with that token; committed together."""
+        if not tokens:
+            return
+        tokens = [_clean(t, "token") for t in tokens]
+        n = len(tokens)
+        columns = tuple(
+            tokens if name == "token" else [getattr(base, name)] * n for name in _COLUMNS
+        )
+        await self._enqueue([base.at] * n, columns, token_hashes(base, tokens))
+
+    async def _enqueue(
+        self, ats: list[dt.datetime], columns: tuple[list[str], ...], hashes: list[bytes]
+    ) -> list[AuditReceipt]:
         future: asyncio.Future[list[AuditReceipt]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(events, hashes, future))
-        self._queued += len(events)
+        self._queue.append(_Pending(ats, columns, hashes, future))
+        self._queued += len(hashes)
         if self._draining < self._max_in_flight:
             self._draining += 1
             task = asyncio.create_task(self._drain())
@@ -316,10 +364,10 @@ class AuditWriter:
     def _take(self) -> list[_Pending]:
         taken: list[_Pending] = []
         size = 0
-        while self._queue and (not taken or size + len(self._queue[0].events) <= self._max_batch):
+        while self._queue and (not taken or size + self._queue[0].size <= self._max_batch):
             pending = self._queue.popleft()
             taken.append(pending)
-            size += len(pending.events)
+            size += pending.size
         self._queued -= size
         return taken
 
@@ -355,21 +403,16 @@ class AuditWriter:
                 pending.future.set_exception(exc)
 
     async def _append(self, batch: list[_Pending]) -> None:
-        events = [e for pending in batch for e in pending.events]
-        try:
-            rows = await self._store.append_audit(
-                [e.at for e in events],
-                [e.identity for e in events],
-                [e.role for e in events],
-                [e.tenant for e in events],
-                [e.method for e in events],
-                [e.token for e in events],
-                [e.purpose for e in events],
-                [e.outcome for e in events],
-                [e.request_id for e in events],
-                [e.peer for e in events],
-                [h for pending in batch for h in pending.hashes],
+        if len(batch) == 1:
+            ats, columns, hashes = batch[0].ats, batch[0].columns, batch[0].hashes
+        else:
+            ats = [at for pending in batch for at in pending.ats]
+            columns = tuple(
+                [v for pending in batch for v in pending.columns[i]] for i in range(len(_COLUMNS))
             )
+            hashes = [h for pending in batch for h in pending.hashes]
+        try:
+            rows = await self._store.append_audit(ats, *columns, hashes)
         except Exception as exc:  # every waiter of the batch gets its failure
             self._fail(batch, exc)
             return
@@ -379,7 +422,7 @@ class AuditWriter:
         receipts = [AuditReceipt(seq, digest) for seq, digest in rows]
         offset = 0
         for pending in batch:
-            n = len(pending.events)
+            n = pending.size
             if not pending.future.done():
                 pending.future.set_result(receipts[offset : offset + n])
             offset += n

@@ -1,0 +1,371 @@
+"""The IVR webhook service (aiohttp): Twilio's form posts in, TwiML out.
+
+Routes (all POST, all checked against `X-Twilio-Signature` with the twilio package's
+`RequestValidator`, using the configured public base URL + the raw request path, so a TLS
+proxy in front changes nothing; a bad or missing signature is a bare 403 and an audit line):
+
+    /voice/{flow}              a call enters a flow (incoming call, or a redirected leg;
+                               `?conference=NAME` says where to send it back)
+    /voice/{flow}/input?seq=N  a <Gather> result
+    /voice/status              call status callbacks: a finished call ends its capture
+    /voice/queue/{name}        hold message + <Enqueue> (a flow's failure path)
+
+Each request: load the call's session row, open its sealed fields, run the interpreter,
+perform each side effect and feed the result back, then save with compare-and-set on the
+row version (a replayed or concurrent request loses and gets 409). Digits are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+from twilio.request_validator import RequestValidator
+
+from ..errors import DatabaseUnavailable
+from ..ivr_store import IvrStore, SessionExists, SessionRow
+from . import interpreter as ivr
+from .crm import CrmNotifier, capture_event
+from .flows import Flow, load_flows
+from .sealing import OpenFailed, SessionSealer
+from .tokenizer import IvrTokenizer, TokenizerUnavailable
+from .twilio_rest import RecordingNotFound, TwilioRest, TwilioUnavailable
+from .twiml import render
+
+__all__ = ["IvrConfig", "IvrService", "RunningIvr", "start_ivr"]
+
+log = logging.getLogger("vaultline.ivr")
+audit = logging.getLogger("vaultline.ivr.audit")
+
+_CALL_SID = re.compile(r"CA[0-9a-f]{32}\Z")
+_ENDED_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+_XML = "application/xml"
+
+
+@dataclass(frozen=True)
+class IvrConfig:
+    """Everything the webhook service needs; secrets are kept out of the repr."""
+
+    public_base_url: str  # the URL Twilio calls, e.g. https://ivr.example.com
+    account_sid: str
+    auth_token: str = field(repr=False)
+    database_url: str = field(repr=False)
+    session_secret: bytes = field(repr=False)
+    crm_secret: bytes = field(repr=False)
+    flows_dir: Path = Path("ivr_flows")
+    twilio_api_base_url: str = "https://api.twilio.com"
+    crm_callback_urls: Mapping[str, str] = field(default_factory=dict)  # per-flow override
+    session_ttl: dt.timedelta = dt.timedelta(minutes=15)
+    crm_attempts: int = 4
+    crm_backoff: float = 0.25
+    crm_timeout: float = 2.0
+    twilio_timeout: float = 5.0
+    tokenizer_timeout: float = 5.0
+    sweep_interval: float = 60.0
+    db_pool_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.session_ttl > dt.timedelta(minutes=15):
+            raise ValueError("session_ttl must be at most 15 minutes")
+        if not self.public_base_url.startswith(("http://", "https://")):
+            raise ValueError("public_base_url must be an http(s):// URL")
+
+
+class IvrService:
+    """Owns the store, the Twilio REST client, the CRM notifier; serves `app`."""
+
+    def __init__(self, config: IvrConfig, channel: grpc.aio.Channel,
+                 flows: Mapping[str, Flow] | None = None) -> None:
+        self.config = config
+        self.flows = dict(flows) if flows is not None else load_flows(config.flows_dir)
+        self._tokenizer = IvrTokenizer(channel, timeout=config.tokenizer_timeout)
+        self._validator = RequestValidator(config.auth_token)
+        self._sealer = SessionSealer(config.session_secret)
+        self._base = config.public_base_url.rstrip("/")
+        self.store: IvrStore | None = None
+        self._rest: TwilioRest | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._crm: CrmNotifier | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.app = web.Application()
+        self.app.add_routes([
+            web.post("/voice/status", self.status_callback),
+            web.post("/voice/queue/{queue}", self.queue),
+            web.post("/voice/{flow}", self.call_enters),
+            web.post("/voice/{flow}/input", self.gather_input),
+            web.get("/healthz", self.health),
+        ])
+
+    async def start(self) -> None:
+        c = self.config
+        self.store = await IvrStore.connect(c.database_url, max_size=c.db_pool_size)
+        self._rest = TwilioRest(c.account_sid, c.auth_token, c.twilio_api_base_url,
+                                timeout=c.twilio_timeout)
+        self._http = aiohttp.ClientSession()
+        self._crm = CrmNotifier(c.crm_secret, self._http, attempts=c.crm_attempts,
+                                backoff=c.crm_backoff, timeout=c.crm_timeout)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._rest is not None:
+            await self._rest.close()
+        if self._http is not None:
+            await self._http.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def _sweep(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                n = await self.store.end_expired_sessions()
+                if n:
+                    log.info("ivr sweeper erased %d abandoned captures", n)
+            except DatabaseUnavailable:
+                log.warning("ivr sweeper: database unavailable")
+
+    # ---- request plumbing --------------------------------------------------------------------
+
+    async def _signed_form(self, request: web.Request) -> Mapping[str, str] | None:
+        form = await request.post()
+        signature = request.headers.get("X-Twilio-Signature", "")
+        url = self._base + request.raw_path
+        if not signature or not self._validator.validate(url, form, signature):
+            audit.warning("twilio signature rejected: path=%s remote=%s signed=%s",
+                          request.path, request.remote, bool(signature))
+            return None
+        if form.get("AccountSid") != self.config.account_sid:
+            audit.warning("twilio request for another account rejected: path=%s",
+                          request.path)
+            return None
+        return {k: str(v) for k, v in form.items()}
+
+    @staticmethod
+    def _forbidden() -> web.Response:
+        return web.Response(status=403)
+
+    def _twiml(self, flow: Flow, actions: tuple[ivr.Action, ...] | list[ivr.Action]
+               ) -> web.Response:
+        return web.Response(text=render(actions, base_url=self._base, flow=flow.name),
+                            content_type=_XML)
+
+    # ---- handlers ----------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "flows": sorted(self.flows)})
+
+    async def call_enters(self, request: web.Request) -> web.StreamResponse:
+        form = await self._signed_form(request)
+        if form is None:
+            return self._forbidden()
+        flow = self.flows.get(request.match_info["flow"])
+        call_sid = form.get("CallSid", "")
+        if flow is None or not _CALL_SID.match(call_sid):
+            return web.Response(status=404)
+        assert self.store is not None
+        state = ivr.new_state(flow.name, call_sid)
+        try:
+            row = await self.store.insert_session(call_sid, flow.name, state.public(),
+                                                  self.config.session_ttl)
+        except SessionExists:
+            audit.warning("ivr start refused: capture already in progress call=%s flow=%s",
+                          call_sid, flow.name)
+            return web.Response(status=409)
+        conference = request.query.get("conference", "")
+        return await self._run(flow, row, state, ivr.Start(conference=conference))
+
+    async def gather_input(self, request: web.Request) -> web.StreamResponse:
+        form = await self._signed_form(request)
+        if form is None:
+            return self._forbidden()
+        flow = self.flows.get(request.match_info["flow"])
+        call_sid = form.get("CallSid", "")
+        seq_raw = request.query.get("seq", "")
+        if flow is None or not _CALL_SID.match(call_sid) or not seq_raw.isdigit():
+            return web.Response(status=404)
+        assert self.store is not None
+        row = await self.store.find_active_session(call_sid)
+        if row is None or row.flow != flow.name:
+            audit.warning("ivr input without a capture in progress call=%s flow=%s",
+                          call_sid, flow.name)
+            return web.Response(status=409)
+        state = self._load(row)
+        event: ivr.Event
+        if row.expires_at <= dt.datetime.now(dt.UTC):
+            event = ivr.Expired()
+        else:
+            event = ivr.Input(int(seq_raw), form.get("Digits", ""),
+                              form.get("FinishedOnKey", ""), dt.datetime.now(dt.UTC).date())
+        return await self._run(flow, row, state, event)
+
+    async def status_callback(self, request: web.Request) -> web.StreamResponse:
+        form = await self._signed_form(request)
+        if form is None:
+            return self._forbidden()
+        call_sid = form.get("CallSid", "")
+        if form.get("CallStatus") in _ENDED_STATUSES and _CALL_SID.match(call_sid):
+            assert self.store is not None
+            row = await self.store.find_active_session(call_sid)
+            flow = self.flows.get(row.flow) if row is not None else None
+            if row is not None and flow is not None:
+                await self._run(flow, row, self._load(row), ivr.HungUp())
+        return web.Response(status=204)
+
+    async def queue(self, request: web.Request) -> web.StreamResponse:
+        form = await self._signed_form(request)
+        if form is None:
+            return self._forbidden()
+        from twilio.twiml.voice_response import VoiceResponse
+
+        response = VoiceResponse()
+        response.say("Please hold for the next available agent.")
+        response.enqueue(request.match_info["queue"][:64])
+        return web.Response(text=str(response), content_type=_XML)
+
+    # ---- the interpreter loop ----------------------------------------------------------------
+
+    def _load(self, row: SessionRow) -> ivr.State:
+        fields = {k: row.state[k] for k in ivr.State.__dataclass_fields__ if k in row.state}
+        try:
+            secrets = self._sealer.open(row.flow, row.call_sid, row.id, row.sealed)
+        except OpenFailed:
+            # Wrong secret (rotated mid-call) or tampering: carry on as if nothing was entered.
+            log.error("ivr sealed fields did not open call=%s", row.call_sid)
+            secrets = ivr.Secrets()
+        return ivr.State(**{**fields, "secrets": secrets})
+
+    async def _run(self, flow: Flow, row: SessionRow, state: ivr.State,
+                   event: ivr.Event) -> web.StreamResponse:
+        t = ivr.step(flow, state, event)
+        if t.rejected:
+            audit.warning("ivr event refused call=%s flow=%s event=%s reason=%s",
+                          row.call_sid, flow.name, type(event).__name__, t.rejected)
+            return web.Response(status=409)
+        if t.error:
+            log.info("ivr input error call=%s step=%d error=%s", row.call_sid, state.step,
+                     t.error)
+        actions = list(t.actions)
+        while t.effect is not None:
+            result = await self._perform(flow, row, t.state, t.effect)
+            t = ivr.step(flow, t.state, result)
+            actions += t.actions
+        new = t.state
+        assert self.store is not None
+        if new.ended:
+            saved = await self.store.end_session(
+                row.id, row.version, new.public(), new.outcome, new.token or None,
+                new.brand or None, new.last4 or None, new.expiry_month or None,
+                new.expiry_year or None)
+            log.info("ivr capture ended call=%s flow=%s outcome=%s", row.call_sid, flow.name,
+                     new.outcome)
+        else:
+            sealed = self._sealer.seal(flow.name, row.call_sid, row.id, new.secrets)
+            saved = await self.store.update_session(row.id, row.version, new.public(), sealed)
+        if not saved:
+            audit.warning("ivr concurrent or replayed request lost the race call=%s",
+                          row.call_sid)
+            return web.Response(status=409)
+        return self._twiml(flow, actions)
+
+    async def _perform(self, flow: Flow, row: SessionRow, state: ivr.State,
+                       effect: ivr.Effect) -> ivr.Event:
+        assert self._rest is not None and self._crm is not None
+        if isinstance(effect, ivr.PauseRecording | ivr.ResumeRecording):
+            pause = isinstance(effect, ivr.PauseRecording)
+            try:
+                if pause:
+                    await self._rest.pause_recording(row.call_sid)
+                else:
+                    await self._rest.resume_recording(row.call_sid)
+            except RecordingNotFound:
+                # No recording in progress: nothing can capture the tones.
+                log.info("ivr call=%s has no recording in progress", row.call_sid)
+            except TwilioUnavailable as exc:
+                log.error("ivr %s call=%s", exc, row.call_sid)
+                return ivr.RecordingUpdated(False)
+            return ivr.RecordingUpdated(True)
+        if isinstance(effect, ivr.Tokenize):
+            try:
+                result = await self._tokenizer.tokenize(
+                    flow.tenant, state.secrets, flow.token_format, f"ivr-{row.id}-{state.seq}")
+            except TokenizerUnavailable as exc:
+                log.error("ivr tokenize failed call=%s code=%s", row.call_sid, exc.code)
+                return ivr.TokenizeFailed(exc.code)
+            return ivr.Tokenized(result.token, result.brand, result.last4,
+                                 result.expiry_month, result.expiry_year)
+        if isinstance(effect, ivr.NotifyCrm):
+            url = self.config.crm_callback_urls.get(flow.name) or flow.crm_callback_url
+            if not url:
+                return ivr.CrmNotified(True)
+            data = {"flow": flow.name, "call_sid": row.call_sid, "session_id": row.id,
+                    "outcome": effect.outcome, "token": state.token or None,
+                    "brand": state.brand or None, "last4": state.last4 or None,
+                    "expiry_month": state.expiry_month or None,
+                    "expiry_year": state.expiry_year or None}
+            ok = await self._crm.notify(url, capture_event(row.id, data, int(time.time())))
+            return ivr.CrmNotified(ok)
+        raise AssertionError(f"unknown effect {effect!r}")
+
+
+# ---- running it ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunningIvr:
+    """A started webhook service (and, in the dev stack, the simulator's REST side)."""
+
+    service: IvrService
+    runner: web.AppRunner
+    address: str  # http://host:port the webhook listens on
+    sim: Any = None  # vaultline.twilio_sim.TwilioSim when started with one
+
+    @property
+    def ivr_base_url(self) -> str:
+        return self.service.config.public_base_url
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        await self.service.close()
+        if self.sim is not None:
+            await self.sim.stop()
+
+
+async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)  # access logs would show paths only, but
+    await runner.setup()  # Twilio's request volume makes them noise; audit lines stay
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound: int = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, bound
+
+
+async def start_ivr(config: IvrConfig, channel: grpc.aio.Channel, *, host: str = "127.0.0.1",
+                    port: int = 0, flows: Mapping[str, Flow] | None = None) -> RunningIvr:
+    """Start the webhook service on host:port. `config.public_base_url` is what Twilio (or
+    the simulator) signs against; when it is empty-ish, pass the bound address yourself."""
+    service = IvrService(config, channel, flows)
+    await service.start()
+    try:
+        runner, bound = await serve_app(service.app, host, port)
+    except BaseException:
+        await service.close()
+        raise
+    return RunningIvr(service, runner, f"http://{host}:{bound}")

@@ -1,0 +1,78 @@
+"""Dev stack wiring for the IVR: the webhook service plus the simulator's REST side.
+
+`start_dev_ivr` is what `vaultline dev up` calls: the twilio client is pointed at the
+simulator, every flow's CRM callback at the simulator's demo CRM sink, and the dev-only
+secrets (Twilio auth token, session secret, CRM signing secret) are 0600 files in `dev_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ..devstack import free_port
+from ..twilio_sim import TwilioSim
+from .app import IvrConfig, RunningIvr, start_ivr
+from .flows import load_flows
+
+__all__ = ["read_secret_file", "start_dev_ivr", "stack_info"]
+
+
+def _secret_file(path: Path, make: bytes) -> bytes:
+    """The file's bytes, creating it 0600 with `make` first if it does not exist."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(make)
+    return path.read_bytes()
+
+
+def read_secret_file(path: Path) -> bytes:
+    data = path.read_bytes().strip()
+    if not data:
+        raise ValueError(f"{path} is empty")
+    return data
+
+
+async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.Channel,
+                        flows_dir: Path = Path("ivr_flows"), host: str = "127.0.0.1",
+                        port: int = 0, sim_port: int = 0) -> RunningIvr:
+    """Simulator REST side + webhook service on loopback; `stack_info()` for stack.json."""
+    sim = TwilioSim()
+    await sim.start(host, sim_port)
+    try:
+        token_file = dev_dir / "twilio-auth-token"
+        token_file.unlink(missing_ok=True)  # a fresh simulator account per run
+        sim.auth_token = _secret_file(token_file, secrets.token_hex(16).encode()).decode()
+        session_secret = _secret_file(dev_dir / "ivr-session-secret", os.urandom(32))
+        crm_secret = _secret_file(dev_dir / "ivr-crm-secret", os.urandom(32))
+        port = port or free_port(host)
+        base = f"http://{host}:{port}"
+        flows = load_flows(flows_dir)
+        config = IvrConfig(
+            public_base_url=base, account_sid=sim.account_sid, auth_token=sim.auth_token,
+            database_url=database_url, session_secret=session_secret, crm_secret=crm_secret,
+            flows_dir=flows_dir, twilio_api_base_url=sim.rest_base_url,
+            crm_callback_urls={name: sim.rest_base_url + "/_sim/crm" for name in flows},
+        )
+        running = await start_ivr(config, channel, host=host, port=port, flows=flows)
+    except BaseException:
+        await sim.stop()
+        raise
+    running.sim = sim
+    return running
+
+
+def stack_info(running: RunningIvr, dev_dir: Path) -> dict[str, Any]:
+    """The keys the IVR adds to `.vaultline/dev/stack.json`."""
+    return {
+        "ivr_base_url": running.ivr_base_url,
+        "twilio_api_base_url": running.service.config.twilio_api_base_url,
+        "twilio_auth_token_file": str(dev_dir / "twilio-auth-token"),
+        "twilio_account_sid": running.service.config.account_sid,
+    }

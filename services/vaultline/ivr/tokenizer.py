@@ -1,0 +1,64 @@
+"""The IVR's tokenizer client: `TokenizationService/Tokenize` over a channel the caller builds.
+
+Taking a ready `grpc.aio.Channel` keeps transport security out of here: insecure on loopback
+in the dev stack today, mTLS with the `ivr` client certificate when access control lands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from ..gen.tokenization.v1 import tokenization_pb2 as pb
+from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from .interpreter import Secrets
+
+__all__ = ["IvrTokenizer", "TokenizeResult", "TokenizerUnavailable"]
+
+_FORMATS = {
+    "numeric": pb.TOKEN_FORMAT_NUMERIC,
+    "numeric_keep_bin": pb.TOKEN_FORMAT_NUMERIC_KEEP_BIN,
+    "opaque": pb.TOKEN_FORMAT_OPAQUE,
+}
+
+
+class TokenizerUnavailable(Exception):
+    """Tokenize failed; carries the gRPC status code name only."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"tokenize failed: {code}")
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    token: str
+    brand: str
+    last4: str
+    expiry_month: int
+    expiry_year: int
+
+
+class IvrTokenizer:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 5.0) -> None:
+        self._stub = pb_grpc.TokenizationServiceStub(channel)
+        self._timeout = timeout
+
+    async def tokenize(self, tenant: str, secrets: Secrets, token_format: str,
+                       request_id: str) -> TokenizeResult:
+        """`request_id` makes a retry (another replica, a replay) return the same token."""
+        request = pb.TokenizeRequest(
+            tenant=tenant,
+            card=pb.Card(pan=secrets.pan, expiry_month=int(secrets.expiry[:2]),
+                         expiry_year=2000 + int(secrets.expiry[2:])),
+            format=_FORMATS[token_format],
+            request_id=request_id,
+        )
+        try:
+            response = await self._stub.Tokenize(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise TokenizerUnavailable(exc.code().name) from None
+        token = response.token
+        return TokenizeResult(token.token, pb.CardBrand.Name(token.brand).removeprefix(
+            "CARD_BRAND_"), token.last4, token.expiry_month, token.expiry_year)

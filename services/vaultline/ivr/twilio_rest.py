@@ -1,0 +1,98 @@
+"""Twilio REST calls the IVR makes (recording pause/resume, call redirects), through the
+twilio package's async client, pointed at a configurable API base URL.
+
+The base URL is applied in the client's HTTP layer (`BaseUrlHttpClient`), so the twilio
+package builds every path and form body itself and the simulator sees exactly what Twilio
+would. Errors become `TwilioUnavailable` or `RecordingNotFound` and carry no request data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+
+__all__ = ["BaseUrlHttpClient", "RecordingNotFound", "TwilioRest", "TwilioUnavailable"]
+
+TWILIO_API = "https://api.twilio.com"
+log = logging.getLogger("vaultline.ivr.twilio")
+
+
+class TwilioUnavailable(Exception):
+    """Twilio's REST API did not do what was asked (network, 5xx, auth, …)."""
+
+    def __init__(self, operation: str, status: int | None) -> None:
+        super().__init__(f"twilio {operation} failed (status {status})")
+        self.operation = operation
+        self.status = status
+
+
+class RecordingNotFound(TwilioUnavailable):
+    """The call has no recording in progress (Twilio answers 404)."""
+
+
+class BaseUrlHttpClient(AsyncTwilioHttpClient):
+    """The twilio async HTTP client with `https://api.twilio.com` replaced by `base_url`."""
+
+    def __init__(self, base_url: str, timeout: float = 5.0) -> None:
+        super().__init__(timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+
+    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
+        if url.startswith(TWILIO_API) and self.base_url != TWILIO_API:
+            url = self.base_url + url[len(TWILIO_API):]
+        return await super().request(method, url, *args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingUpdate:
+    call_sid: str
+    sid: str
+    status: str
+
+
+class TwilioRest:
+    """Create inside a running event loop (the HTTP session belongs to it); `close()` it."""
+
+    def __init__(self, account_sid: str, auth_token: str, base_url: str = TWILIO_API,
+                 timeout: float = 5.0) -> None:
+        self._http = BaseUrlHttpClient(base_url, timeout)
+        self._client = Client(account_sid, auth_token, http_client=self._http)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def _recording(self, call_sid: str, status: str, **extra: Any) -> RecordingUpdate:
+        operation = f"recording {status}"
+        try:
+            rec = await self._client.calls(call_sid).recordings("Twilio.CURRENT").update_async(
+                status=status, **extra)
+        except TwilioRestException as exc:
+            if exc.status == 404:
+                raise RecordingNotFound(operation, 404) from None
+            raise TwilioUnavailable(operation, exc.status) from None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            raise TwilioUnavailable(operation, None) from None
+        return RecordingUpdate(call_sid, rec.sid or "", rec.status or "")
+
+    async def pause_recording(self, call_sid: str) -> RecordingUpdate:
+        """Pause the call's current recording, skipping (not silencing) the paused part."""
+        return await self._recording(call_sid, "paused", pause_behavior="skip")
+
+    async def resume_recording(self, call_sid: str) -> RecordingUpdate:
+        return await self._recording(call_sid, "in-progress")
+
+    async def redirect_call(self, call_sid: str, url: str) -> None:
+        """Send a live leg to new TwiML (agent handoff: out of the conference and back)."""
+        try:
+            await self._client.calls(call_sid).update_async(url=url, method="POST")
+        except TwilioRestException as exc:
+            raise TwilioUnavailable("call redirect", exc.status) from None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            raise TwilioUnavailable("call redirect", None) from None

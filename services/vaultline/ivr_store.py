@@ -1,0 +1,159 @@
+"""The IVR's SQL: capture sessions in PostgreSQL through asyncpg, one method per query.
+
+Kept apart from `store.py` (the vault's SQL) on purpose: the vault store and the IVR are
+separate services with separate pools, and a separate module lets each evolve without
+touching the other's queries. Same rules as `store.py`: single-statement primitives, bind
+parameters only, connection failures become `DatabaseUnavailable`. Card fields arrive here
+only sealed (`vaultline.ivr.sealing`); nothing here can open them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from .errors import DatabaseUnavailable
+
+__all__ = ["IvrStore", "SessionExists", "SessionRow"]
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
+)
+
+
+class SessionExists(Exception):
+    """The call already has a capture in progress."""
+
+
+@contextlib.asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable() from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    id: str
+    call_sid: str
+    flow: str
+    version: int
+    state: dict[str, Any]
+    sealed: bytes | None
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    ended_at: dt.datetime | None
+    outcome: str | None
+    token: str | None
+    brand: str | None
+    last4: str | None
+    expiry_month: int | None
+    expiry_year: int | None
+
+    def __repr__(self) -> str:
+        sealed = "sealed" if self.sealed else "none"
+        return (f"SessionRow(id={self.id}, call_sid={self.call_sid}, flow={self.flow}, "
+                f"version={self.version}, card_fields=<{sealed}>, outcome={self.outcome})")
+
+
+_COLUMNS = ("id, call_sid, flow, version, state, sealed, created_at, expires_at, ended_at,"
+            " outcome, token, brand, last4, expiry_month, expiry_year")
+
+
+_INSERT_SESSION = (
+    "INSERT INTO ivr_sessions (id, call_sid, flow, state, expires_at)"
+    " VALUES ($1, $2, $3, $4::jsonb, now() + $5::interval)"
+    " RETURNING id, call_sid, flow, version, state, sealed, created_at, expires_at, ended_at,"
+    " outcome, token, brand, last4, expiry_month, expiry_year"
+)
+
+
+def _row(r: asyncpg.Record) -> SessionRow:
+    return SessionRow(str(r["id"]), r["call_sid"], r["flow"], r["version"],
+                      json.loads(r["state"]), r["sealed"], r["created_at"], r["expires_at"],
+                      r["ended_at"], r["outcome"], r["token"], r["brand"], r["last4"],
+                      r["expiry_month"], r["expiry_year"])
+
+
+class IvrStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> IvrStore:
+        async with _translated():
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def insert_session(self, call_sid: str, flow: str, state: Mapping[str, Any],
+                             ttl: dt.timedelta) -> SessionRow:
+        """A new capture; SessionExists if the call already has one in progress."""
+        try:
+            async with _translated():
+                r = await self._pool.fetchrow(
+                    _INSERT_SESSION,
+                    uuid.uuid4(), call_sid, flow, json.dumps(state), ttl)
+        except asyncpg.UniqueViolationError:
+            raise SessionExists() from None
+        assert r is not None
+        return _row(r)
+
+    async def find_active_session(self, call_sid: str) -> SessionRow | None:
+        async with _translated():
+            r = await self._pool.fetchrow(
+                f"SELECT {_COLUMNS} FROM ivr_sessions"  # noqa: S608 constant columns
+                " WHERE call_sid = $1 AND ended_at IS NULL", call_sid)
+        return _row(r) if r is not None else None
+
+    async def find_sessions_by_call_sid(self, call_sid: str) -> list[SessionRow]:
+        async with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM ivr_sessions"  # noqa: S608 constant columns
+                " WHERE call_sid = $1 ORDER BY created_at", call_sid)
+        return [_row(r) for r in rows]
+
+    async def update_session(self, session_id: str, version: int, state: Mapping[str, Any],
+                             sealed: bytes | None) -> bool:
+        """Compare-and-set on `version`; False when another replica got there first."""
+        async with _translated():
+            status = await self._pool.execute(
+                "UPDATE ivr_sessions SET state = $3::jsonb, sealed = $4, version = version + 1,"
+                " updated_at = now() WHERE id = $1 AND version = $2 AND ended_at IS NULL",
+                uuid.UUID(session_id), version, json.dumps(state), sealed)
+        return status == "UPDATE 1"
+
+    async def end_session(self, session_id: str, version: int, state: Mapping[str, Any],
+                          outcome: str, token: str | None, brand: str | None,
+                          last4: str | None, expiry_month: int | None,
+                          expiry_year: int | None) -> bool:
+        """Record the result and erase the sealed fields, compare-and-set on `version`."""
+        async with _translated():
+            status = await self._pool.execute(
+                "UPDATE ivr_sessions SET state = $3::jsonb, sealed = NULL,"
+                " version = version + 1, updated_at = now(), ended_at = now(), outcome = $4,"
+                " token = $5, brand = $6, last4 = $7, expiry_month = $8, expiry_year = $9"
+                " WHERE id = $1 AND version = $2 AND ended_at IS NULL",
+                uuid.UUID(session_id), version, json.dumps(state), outcome, token, brand,
+                last4, expiry_month, expiry_year)
+        return status == "UPDATE 1"
+
+    async def end_expired_sessions(self) -> int:
+        """Erase and close captures past their deadline that nobody finished (the sweeper)."""
+        async with _translated():
+            status = await self._pool.execute(
+                "UPDATE ivr_sessions SET sealed = NULL, ended_at = now(), updated_at = now(),"
+                " outcome = 'session-timeout' WHERE ended_at IS NULL AND expires_at < now()")
+        return int(status.split()[-1])

@@ -1,0 +1,524 @@
+"""The Twilio simulator: calls (webhooks + TwiML interpretation) and the REST API side.
+
+A call runs on a simulated clock: speech takes time by word count, each key 0.3 s, a Gather
+that hears nothing its `timeout`. Every call keeps a timeline of what the caller heard,
+which keys were pressed (and whether the recording was running at that moment), the
+recording's status changes, webhook requests and REST requests. Pressed digits stay in
+memory in the timeline; `transcript()` masks them.
+
+REST paths served (HTTP Basic auth: Account SID / Auth Token, Twilio's error JSON on failure):
+
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json                    redirect
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings.json         start
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings/{Sid}.json   update
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import secrets
+import xml.etree.ElementTree as ET  # noqa: S405 TwiML comes from the service under test
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+from aiohttp import web
+
+from .signature import sign
+
+__all__ = ["Call", "Delay", "Event", "HangUp", "Press", "SimCall", "Timeout", "TwilioSim",
+           "WaitForRedirect"]
+
+API_VERSION = "2010-04-01"
+KEY_SECONDS = 0.3
+WORDS_PER_SECOND = 2.5
+
+
+# ---- the caller's script ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Press:
+    """Keys pressed at the next <Gather>; `sensitive` marks card data for timeline checks."""
+
+    keys: str
+    sensitive: bool = True
+
+    def __repr__(self) -> str:
+        return f"Press(<{len(self.keys)} keys>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """Say nothing at the next <Gather> until it times out."""
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """Hang up at the next <Gather>."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForRedirect:
+    """In a conference or queue: wait (real seconds) for a REST redirect of this call."""
+
+    seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """Wait this many real seconds before answering the next <Gather> (session expiry)."""
+
+    seconds: float
+
+
+ScriptItem = Press | Timeout | HangUp | WaitForRedirect | Delay
+
+
+# ---- timeline --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    t: float
+    kind: str  # heard | pressed | recording | webhook | rest | conference | enqueue | hangup …
+    detail: str = ""
+    recording: str | None = None  # the recording status at that moment
+    sensitive: bool = False
+
+    def __repr__(self) -> str:
+        detail = "*" * len(self.detail) if self.kind == "pressed" else self.detail
+        return f"Event({self.t:.1f}s {self.kind} {detail!r} rec={self.recording})"
+
+
+@dataclass
+class SimCall:
+    sid: str
+    account_sid: str
+    from_: str
+    to: str
+    recording_sid: str | None = None
+    recording: str | None = None  # in-progress | paused | stopped | None (not recorded)
+    pause_behavior: str | None = None
+    clock: float = 0.0
+    status: str = "ringing"
+    ended_by: str = ""  # caller | twiml | end-of-twiml | error
+    timeline: list[Event] = field(default_factory=list)
+    redirects: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
+    responses: list[str] = field(default_factory=list)  # every TwiML document received
+
+    def add(self, kind: str, detail: str = "", *, sensitive: bool = False) -> None:
+        self.timeline.append(Event(self.clock, kind, detail, self.recording, sensitive))
+
+    # what tests ask
+    def heard(self) -> list[str]:
+        return [e.detail for e in self.timeline if e.kind == "heard"]
+
+    def events(self, kind: str) -> list[Event]:
+        return [e for e in self.timeline if e.kind == kind]
+
+    def recording_timeline(self) -> list[tuple[float, str]]:
+        return [(e.t, e.detail) for e in self.timeline if e.kind == "recording"]
+
+    def sensitive_presses_while_recording(self) -> list[Event]:
+        """Card-data key presses made while the recording was running: must be empty."""
+        return [e for e in self.timeline
+                if e.kind == "pressed" and e.sensitive and e.recording == "in-progress"]
+
+    def transcript(self) -> str:
+        lines = []
+        for e in self.timeline:
+            if e.kind == "pressed":
+                shown = "".join("*" if c.isdigit() else c for c in e.detail)
+                lines.append(f"{e.t:7.1f}s  caller pressed {shown}   (recording {e.recording})")
+            elif e.kind == "heard":
+                lines.append(f"{e.t:7.1f}s  caller heard: {e.detail}")
+            else:
+                lines.append(f"{e.t:7.1f}s  [{e.kind}] {e.detail}")
+        return "\n".join(lines)
+
+
+Call = SimCall
+
+
+def _sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+def _twilio_error(status: int, code: int, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message, "status": status,
+                              "more_info": f"https://www.twilio.com/docs/errors/{code}"},
+                             status=status)
+
+
+def _rfc2822() -> str:
+    return email.utils.formatdate(usegmt=True).replace("GMT", "+0000")
+
+
+# ---- the simulator ---------------------------------------------------------------------------
+
+
+class TwilioSim:
+    """Use inside a running loop: `await sim.start()`, `await sim.call(...)`, `await sim.stop()`.
+
+    `route` maps public base URLs (what gets signed) to where the webhook really listens,
+    as a TLS-terminating proxy would.
+    """
+
+    def __init__(self, account_sid: str | None = None, auth_token: str | None = None, *,
+                 route: Mapping[str, str] | None = None) -> None:
+        self.account_sid = account_sid or _sid("AC")
+        self.auth_token = auth_token or secrets.token_hex(16)
+        self.route = dict(route or {})
+        self.calls: dict[str, SimCall] = {}
+        self.rest_requests: list[tuple[str, str, dict[str, str]]] = []
+        self.recording_fault: int | None = None  # answer Recordings updates with this status
+        self.webhook_timeout = 15.0  # Twilio's default for voice webhooks
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.rest_base_url = ""
+        self.crm_events: list[dict[str, Any]] = []  # what the demo CRM sink received
+
+    def __repr__(self) -> str:
+        return f"TwilioSim(account_sid={self.account_sid}, rest={self.rest_base_url})"
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._http = aiohttp.ClientSession()
+        app = web.Application()
+        base = f"/{API_VERSION}/Accounts/{{account}}/Calls/{{call}}"
+        app.add_routes([
+            web.post(base + "/Recordings/{rec}.json", self._rest_recording_update),
+            web.post(base + "/Recordings.json", self._rest_recording_create),
+            web.post(base + ".json", self._rest_call_update),
+            # Not Twilio: control paths so `vaultline sim call` (another process) can place a
+            # call through this simulator, and a demo CRM sink for the dev stack.
+            web.post("/_sim/calls", self._control_call),
+            web.post("/_sim/crm", self._crm_sink),
+        ])
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.rest_base_url = f"http://{host}:{bound}"
+        return self.rest_base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+
+    # ---- webhooks -----------------------------------------------------------------------------
+
+    def call_params(self, call: SimCall) -> dict[str, str]:
+        return {
+            "AccountSid": self.account_sid, "CallSid": call.sid, "From": call.from_,
+            "To": call.to, "Caller": call.from_, "Called": call.to,
+            "CallStatus": call.status, "Direction": "inbound", "ApiVersion": API_VERSION,
+            "FromCountry": "US", "ToCountry": "US",
+        }
+
+    def _target(self, url: str) -> str:
+        for public, real in self.route.items():
+            if url.startswith(public):
+                return real + url[len(public):]
+        return url
+
+    async def post(self, url: str, params: Mapping[str, str] | Sequence[tuple[str, str]], *,
+                   signature: str | None = None) -> tuple[int, str]:
+        """A form POST as Twilio sends it, signed unless `signature` is given ('' = none)."""
+        assert self._http is not None, "start() the simulator first"
+        pairs = list(params.items()) if isinstance(params, Mapping) else list(params)
+        headers = {"User-Agent": "TwilioProxy/1.1", "I-Twilio-Idempotency-Token":
+                   secrets.token_hex(16)}
+        sig = sign(self.auth_token, url, pairs) if signature is None else signature
+        if sig:
+            headers["X-Twilio-Signature"] = sig
+        timeout = aiohttp.ClientTimeout(total=self.webhook_timeout)
+        async with self._http.post(self._target(url), data=pairs, headers=headers,
+                                   timeout=timeout) as response:
+            return response.status, await response.text()
+
+    async def call(self, url: str | None, script: Sequence[ScriptItem] = (), *,
+                   twiml: str | None = None, from_: str = "+14155550100",
+                   to: str = "+18005550199", record: bool = True,
+                   status_callback: str | None = None) -> SimCall:
+        """Place an inbound call to `url` (or start it on `twiml`) and run it to its end."""
+        call = self.new_call(from_=from_, to=to, record=record)
+        await self.run(call, url, script, twiml=twiml, status_callback=status_callback)
+        return call
+
+    def new_call(self, *, from_: str = "+14155550100", to: str = "+18005550199",
+                 record: bool = True) -> SimCall:
+        call = SimCall(_sid("CA"), self.account_sid, from_, to)
+        if record:
+            call.recording_sid, call.recording = _sid("RE"), "in-progress"
+            call.add("recording", "in-progress")
+        self.calls[call.sid] = call
+        return call
+
+    async def run(self, call: SimCall, url: str | None, script: Sequence[ScriptItem] = (), *,
+                  twiml: str | None = None, status_callback: str | None = None) -> None:
+        todo = list(script)
+        doc: str | None = twiml
+        current = url or ""
+        try:
+            if doc is None:
+                assert url is not None
+                doc = await self._fetch(call, url, {})
+                call.status = "in-progress"
+            else:
+                call.status = "in-progress"
+            while doc is not None:
+                doc, current = await self._execute(call, doc, current, todo)
+        finally:
+            call.status = "completed"
+            call.add("hangup", call.ended_by or "end-of-twiml")
+            if status_callback:
+                params = {**self.call_params(call), "CallDuration": str(int(call.clock)),
+                          "CallbackSource": "call-progress-events", "SequenceNumber": "0",
+                          "Timestamp": _rfc2822()}
+                status, _ = await self.post(status_callback, params)
+                call.add("status-callback", f"completed -> {status}")
+
+    async def _fetch(self, call: SimCall, url: str, extra: Mapping[str, str]) -> str | None:
+        params = {**self.call_params(call), **extra}
+        status, body = await self.post(url, params)
+        call.add("webhook", f"POST {url} -> {status}")
+        if status != 200:
+            call.add("heard", "An application error has occurred. Goodbye.")
+            call.ended_by = "error"
+            return None
+        call.responses.append(body)
+        return body
+
+    async def _execute(self, call: SimCall, doc: str, url: str,
+                       todo: list[ScriptItem]) -> tuple[str | None, str]:
+        """Run one TwiML document; returns the next document to run (and its URL) or None."""
+        root = ET.fromstring(doc)  # noqa: S314 our own service's answer, in tests and demos
+        if root.tag != "Response":
+            call.add("error", f"not TwiML: <{root.tag}>")
+            call.ended_by = "error"
+            return None, url
+        for verb in root:
+            tag = verb.tag
+            if tag in ("Say", "Play", "Pause"):
+                self._speak(call, verb)
+            elif tag == "Gather":
+                for child in verb:
+                    self._speak(call, child)
+                item = todo.pop(0) if todo else HangUp()
+                while isinstance(item, Delay):
+                    await asyncio.sleep(item.seconds)
+                    call.clock += item.seconds
+                    item = todo.pop(0) if todo else HangUp()
+                result = self._gather(call, verb, item)
+                if result is None:
+                    call.ended_by = "caller"
+                    return None, url
+                if result or verb.get("actionOnEmptyResult") == "true":
+                    action = urljoin(url, verb.get("action") or url)
+                    nxt = await self._fetch(call, action, result)
+                    return nxt, action
+                # no input and no actionOnEmptyResult: fall through to the next verb
+            elif tag == "Redirect":
+                target = urljoin(url, (verb.text or "").strip())
+                call.add("redirect", target)
+                return await self._fetch(call, target, {}), target
+            elif tag == "Hangup":
+                call.ended_by = "twiml"
+                return None, url
+            elif tag in ("Dial", "Enqueue"):
+                if tag == "Enqueue":
+                    call.add("enqueue", (verb.text or "").strip())
+                else:
+                    for child in verb:
+                        call.add(child.tag.lower(), (child.text or "").strip())
+                    if len(verb) == 0:
+                        call.add("dial", (verb.text or "").strip())
+                return await self._wait_for_redirect(call, todo)
+            else:
+                call.add("error", f"unsupported verb <{tag}>")
+        call.ended_by = "end-of-twiml"
+        return None, url
+
+    def _speak(self, call: SimCall, verb: ET.Element) -> None:
+        if verb.tag == "Say":
+            text = (verb.text or "").strip()
+            call.add("heard", text)
+            call.clock += max(1.0, len(text.split()) / WORDS_PER_SECOND)
+        elif verb.tag == "Play":
+            call.add("heard", f"[audio {(verb.text or '').strip()}]")
+            call.clock += 3.0
+        elif verb.tag == "Pause":
+            call.clock += float(verb.get("length", "1"))
+
+    def _gather(self, call: SimCall, verb: ET.Element, item: ScriptItem
+                ) -> dict[str, str] | None:
+        """The Digits/FinishedOnKey a Gather reports, {} for nothing, None if hung up."""
+        finish = verb.get("finishOnKey", "#")
+        num = int(verb.get("numDigits", "0") or 0)
+        timeout = float(verb.get("timeout", "5"))
+        if isinstance(item, HangUp | WaitForRedirect | Delay):
+            return None
+        if isinstance(item, Timeout):
+            call.clock += timeout
+            call.add("silence", f"gather timed out after {timeout:g}s")
+            return {}
+        digits, finished = "", ""
+        for key in item.keys:
+            call.clock += KEY_SECONDS
+            call.add("pressed", key, sensitive=item.sensitive)
+            if finish and key == finish:
+                finished = key
+                break
+            digits += key
+            if num and len(digits) >= num:
+                break
+        else:
+            if not finished and not (num and len(digits) >= num):
+                call.clock += timeout  # stopped pressing: the Gather waits out its timeout
+        if not digits and not finished:
+            return {}
+        return {"Digits": digits, "FinishedOnKey": finished}
+
+    async def _wait_for_redirect(self, call: SimCall, todo: list[ScriptItem]
+                                 ) -> tuple[str | None, str]:
+        if not todo or not isinstance(todo[0], WaitForRedirect):
+            call.ended_by = "caller"
+            return None, ""
+        item = todo.pop(0)
+        assert isinstance(item, WaitForRedirect)
+        try:
+            url, _method = await asyncio.wait_for(call.redirects.get(), item.seconds)
+        except TimeoutError:
+            call.ended_by = "caller"
+            return None, ""
+        return await self._fetch(call, url, {}), url
+
+    # ---- control (not Twilio) -----------------------------------------------------------------
+
+    async def _control_call(self, request: web.Request) -> web.Response:
+        """Run a scripted call here and answer its timeline (digits masked) as JSON."""
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.Response(status=403)
+        spec = await request.json()
+        script: list[ScriptItem] = []
+        for item in spec.get("script", []):
+            if "press" in item:
+                script.append(Press(str(item["press"]), bool(item.get("sensitive", True))))
+            elif item.get("timeout"):
+                script.append(Timeout())
+            elif item.get("hangup"):
+                script.append(HangUp())
+        call = await self.call(spec["url"], script, record=bool(spec.get("record", True)),
+                               status_callback=spec.get("status_callback"))
+        return web.json_response({
+            "call_sid": call.sid, "ended_by": call.ended_by, "transcript": call.transcript(),
+            "recording": call.recording_timeline(),
+            "card_digits_while_recording": len(call.sensitive_presses_while_recording()),
+            "crm_events": [e for e in self.crm_events
+                           if e.get("data", {}).get("call_sid") == call.sid],
+        })
+
+    async def _crm_sink(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if isinstance(body, dict):
+            self.crm_events.append(body)
+            del self.crm_events[:-1000]
+        return web.Response(status=200)
+
+    # ---- REST ---------------------------------------------------------------------------------
+
+    def _authorised(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return (user == self.account_sid and request.match_info["account"] == self.account_sid
+                and secrets.compare_digest(password, self.auth_token))
+
+    async def _rest_common(self, request: web.Request
+                           ) -> tuple[SimCall | None, dict[str, str], web.Response | None]:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.rest_requests.append((request.method, request.path, form))
+        if not self._authorised(request):
+            return None, form, _twilio_error(401, 20003, "Authenticate")
+        call = self.calls.get(request.match_info["call"])
+        if call is None:
+            return None, form, _twilio_error(404, 20404, "The requested resource "
+                                             f"{request.path} was not found")
+        call.add("rest", f"{request.method} {request.path.split('/Calls/')[1]} "
+                         + " ".join(f"{k}={v}" for k, v in sorted(form.items())))
+        return call, form, None
+
+    def _recording_json(self, call: SimCall) -> dict[str, Any]:
+        now = _rfc2822()
+        return {
+            "account_sid": self.account_sid, "api_version": API_VERSION, "call_sid": call.sid,
+            "conference_sid": None, "channels": 1, "date_created": now, "date_updated": now,
+            "start_time": now, "duration": "-1", "sid": call.recording_sid, "price": None,
+            "price_unit": "USD", "status": call.recording, "source": "StartCallRecordingAPI",
+            "error_code": None, "encryption_details": None, "track": "both",
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{call.sid}/Recordings/"
+                   f"{call.recording_sid}.json",
+        }
+
+    async def _rest_recording_update(self, request: web.Request) -> web.Response:
+        call, form, error = await self._rest_common(request)
+        if error is not None:
+            return error
+        assert call is not None
+        if self.recording_fault is not None:
+            return _twilio_error(self.recording_fault, 20500, "Internal Server Error")
+        rec = request.match_info["rec"]
+        if call.recording is None or call.recording == "stopped" or (
+                rec != "Twilio.CURRENT" and rec != call.recording_sid):
+            return _twilio_error(404, 20404, "The requested resource was not found")
+        status = form.get("Status", "")
+        behavior = form.get("PauseBehavior")
+        if status not in ("paused", "in-progress", "stopped"):
+            return _twilio_error(400, 21220, "Invalid Status")
+        if behavior is not None and (status != "paused" or behavior not in ("skip", "silence")):
+            return _twilio_error(400, 21220, "Invalid PauseBehavior")
+        call.recording = status
+        call.pause_behavior = (behavior or "silence") if status == "paused" else None
+        call.add("recording", status + (f" ({call.pause_behavior})" if status == "paused"
+                                        else ""))
+        return web.json_response(self._recording_json(call))
+
+    async def _rest_recording_create(self, request: web.Request) -> web.Response:
+        call, _form, error = await self._rest_common(request)
+        if error is not None:
+            return error
+        assert call is not None
+        call.recording_sid, call.recording = _sid("RE"), "in-progress"
+        call.add("recording", "in-progress")
+        return web.json_response(self._recording_json(call), status=201)
+
+    async def _rest_call_update(self, request: web.Request) -> web.Response:
+        call, form, error = await self._rest_common(request)
+        if error is not None:
+            return error
+        assert call is not None
+        if "Url" in form:
+            call.add("redirected", form["Url"])
+            await call.redirects.put((form["Url"], form.get("Method", "POST")))
+        now = _rfc2822()
+        return web.json_response({
+            "sid": call.sid, "account_sid": self.account_sid, "to": call.to,
+            "from": call.from_, "status": call.status, "direction": "inbound",
+            "api_version": API_VERSION, "date_created": now, "date_updated": now,
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{call.sid}.json",
+        })
+
