@@ -6,6 +6,8 @@ Variables (all `VAULTLINE_`-prefixed):
   VAULT_ROLE_ID       AppRole role id of the tokenizer        } or VAULT_APPROLE_FILE: a JSON
   VAULT_SECRET_ID     AppRole secret id of the tokenizer      } file with role_id and secret_id
   VAULT_KEY_NAME      transit key name (default vaultline-kek)
+  KEYS_ADMIN_APPROLE_FILE  optional: the keys-admin AppRole JSON file; enables the admin
+                      KeyService (rotation). Without it, KeyService answers FAILED_PRECONDITION
   GRPC_LISTEN         host:port to serve gRPC on (default 127.0.0.1:50051); mTLS only
   TLS_CA              PEM file of the CA whose client certificates are accepted
   TLS_CERT            PEM file of the server certificate
@@ -52,6 +54,7 @@ class TokenizerConfig:
     vault_credentials: AppRoleCredentials = field(repr=False)
     tls: TlsFiles
     policy_path: Path = DEFAULT_POLICY
+    keys_admin_credentials: AppRoleCredentials | None = field(default=None, repr=False)
     vault_key_name: str = "vaultline-kek"
     grpc_listen: str = "127.0.0.1:50051"
     metrics_listen: str | None = "127.0.0.1:0"
@@ -99,6 +102,13 @@ class TokenizerConfig:
             if not path.is_file():
                 raise ConfigError(f"VAULTLINE_{name} does not name a readable file")
         metrics = get("METRICS_LISTEN", "127.0.0.1:0")
+        admin_file = env.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE")
+        keys_admin = None
+        if admin_file:
+            try:
+                keys_admin = AppRoleCredentials.from_file(Path(admin_file))
+            except (OSError, ValueError, KeyError):
+                raise ConfigError("VAULTLINE_KEYS_ADMIN_APPROLE_FILE cannot be read") from None
         return cls(
             database_url=database_url,
             vault_addr=vault_addr,
@@ -107,6 +117,7 @@ class TokenizerConfig:
             grpc_listen=listen,
             tls=tls,
             policy_path=Path(get("POLICY_FILE", str(DEFAULT_POLICY))),
+            keys_admin_credentials=keys_admin,
             metrics_listen=None if metrics == "off" else metrics,
             key_policy=KeyPolicy(
                 max_uses=positive_int("DEK_MAX_USES", "10000000"),

@@ -9,6 +9,8 @@ input, the fields at fault — never the value that was sent. The gRPC layer tur
      ├── TokenNotFound         unknown, expired or deleted token            -> NOT_FOUND
      ├── RequestIdReused       same request_id, different card              -> ALREADY_EXISTS
      ├── TokenSpaceExhausted   no free token left for this BIN/last four    -> RESOURCE_EXHAUSTED
+     ├── KeyAdminNotConfigured no keys-admin AppRole on this server         -> FAILED_PRECONDITION
+     ├── InvalidPageToken      a page_token this service did not issue      -> INVALID_ARGUMENT
      └── DependencyUnavailable OpenBao or PostgreSQL cannot be reached      -> UNAVAILABLE
           ├── KeyServiceUnavailable
           └── DatabaseUnavailable
@@ -83,3 +85,13 @@ class KeyServiceUnavailable(DependencyUnavailable):
 class DatabaseUnavailable(DependencyUnavailable):
     reason = "DATABASE_UNAVAILABLE"
     message = "the database is unavailable; retry later"
+
+
+class KeyAdminNotConfigured(VaultlineError):
+    reason = "KEY_ADMIN_NOT_CONFIGURED"
+    message = "key administration is not configured on this server"
+
+
+class InvalidPageToken(VaultlineError):
+    reason = "INVALID_PAGE_TOKEN"
+    message = "page_token is not one this service issued"

@@ -15,10 +15,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.admin import AuditServicer, KeyServicer
 from .api.gate import Gate
 from .api.tokenization import TokenizationServicer
 from .config import TokenizerConfig
 from .errors import DependencyUnavailable
+from .gen.admin.v1 import admin_service_pb2 as admin_svc_pb
+from .gen.admin.v1 import admin_service_pb2_grpc as admin_grpc
 from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
 from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .keyring import Keyring
@@ -33,6 +36,7 @@ from .vault import TransitClient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = svc_pb.DESCRIPTOR.services_by_name["TokenizationService"].full_name
+ADMIN_SERVICES = tuple(s.full_name for s in admin_svc_pb.DESCRIPTOR.services_by_name.values())
 HEALTH_PERIOD_S = 5.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -80,10 +84,24 @@ class TokenizerServer:
         pb_grpc.add_TokenizationServiceServicer_to_server(
             TokenizationServicer(self.service, gate), server
         )
+        admin = (
+            TransitClient(config.vault_addr, config.keys_admin_credentials,
+                          key_name=config.vault_key_name)
+            if config.keys_admin_credentials is not None
+            else None
+        )
+        admin_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.store, admin, gate), server)
+        admin_grpc.add_AuditServiceServicer_to_server(
+            AuditServicer(self.store, config.database_url, gate), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                *ADMIN_SERVICES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         port = server.add_secure_port(config.grpc_listen, credentials)

@@ -416,6 +416,15 @@ class Store:
         )
         return [(r[0], r[1]) for r in rows]
 
+    async def audit_page_before(self, before_seq: int, limit: int) -> list[asyncpg.Record]:
+        """Up to `limit` records older than `before_seq`, newest first (admin listing)."""
+        return await self._fetch(
+            "SELECT seq, at, identity, role, tenant, method, token, purpose, outcome,"
+            " request_id, peer, hash FROM audit_log WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+            before_seq,
+            limit,
+        )
+
     async def list_audit(self, after_seq: int, limit: int) -> list[asyncpg.Record]:
         """The next `limit` records after `after_seq`, in seq order (a page of `verify`)."""
         return await self._fetch(

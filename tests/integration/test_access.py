@@ -12,6 +12,7 @@ import pytest
 
 from tests.fixtures.tokenizer import Running
 from tests.helpers import rpc_failure, tokenize_request
+from vaultline.gen.admin.v1 import admin_pb2 as admin_pb
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from vaultline.security.tls import channel_credentials
@@ -198,3 +199,61 @@ async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
         "vaultline_quota_refusals_total",
         {"identity": "spiffe://vaultline/settlement/settlement-tight", "method": "Detokenize"})
     assert refusals and refusals >= 1
+
+
+# ---- the administration API: admin only, and every other role refused -----------------------
+
+ADMIN_METHODS = ["GetKeyStatus", "ListAuditRecords", "VerifyAuditChain", "RotateKek"]
+
+
+async def _invoke_admin(running: Running, who: str, method: str):  # type: ignore[no-untyped-def]
+    if method in ("GetKeyStatus", "RotateKek"):
+        stub = running.keys_as(who)
+        request = (admin_pb.GetKeyStatusRequest() if method == "GetKeyStatus"
+                   else admin_pb.RotateKekRequest())
+    else:
+        stub = running.audit_as(who)
+        request = (admin_pb.ListAuditRecordsRequest(page_size=5) if method == "ListAuditRecords"
+                   else admin_pb.VerifyAuditChainRequest())
+    return await getattr(stub, method)(request)
+
+
+@pytest.mark.parametrize("role", ["ivr", "crm", "settlement"])
+async def test_admin_methods_are_refused_to_other_roles(tokenizer: Running, role: str) -> None:
+    for method in ADMIN_METHODS:
+        failure = await rpc_failure(_invoke_admin(tokenizer, IDENTITY[role], method))
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED"), (role, method)
+
+
+async def test_admin_reads_keys_and_audit_and_rotates(tokenizer: Running) -> None:
+    await tokenizer.stub.Tokenize(tokenize_request(VISA))
+    who = IDENTITY["admin"]
+    status = await _invoke_admin(tokenizer, who, "GetKeyStatus")
+    assert status.kek_name == "vaultline-kek" and status.latest_version >= 1
+    assert {d.purpose for d in status.data_keys} >= {"pan", "fingerprint"}
+    page = await _invoke_admin(tokenizer, who, "ListAuditRecords")
+    assert len(page.records) == 5 and page.next_page_token
+    seqs = [r.seq for r in page.records]
+    assert seqs == sorted(seqs, reverse=True)
+    older = await tokenizer.audit_as(who).ListAuditRecords(
+        admin_pb.ListAuditRecordsRequest(page_size=5, page_token=page.next_page_token))
+    assert older.records[0].seq < seqs[-1]
+    bad = await rpc_failure(tokenizer.audit_as(who).ListAuditRecords(
+        admin_pb.ListAuditRecordsRequest(page_token="nope")))
+    assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    chain = await _invoke_admin(tokenizer, who, "VerifyAuditChain")
+    assert chain.intact and chain.checked > 0, chain.problem
+    rotated = await _invoke_admin(tokenizer, who, "RotateKek")
+    assert rotated.latest_version == status.latest_version + 1
+    after = await _invoke_admin(tokenizer, who, "GetKeyStatus")
+    assert {d.kek_version for d in after.data_keys} == {rotated.latest_version}
+    # The admin's own calls are audit records too.
+    latest = await _invoke_admin(tokenizer, who, "ListAuditRecords")
+    assert latest.records[0].identity == f"spiffe://vaultline/{who}"
+    assert latest.records[0].method in ADMIN_METHODS
+
+
+async def test_bound_admin_still_reads_tenantless_admin_api(tokenizer: Running) -> None:
+    status = await _invoke_admin(tokenizer, "admin/admin-tenant-a", "GetKeyStatus")
+    assert status.latest_version >= 1

@@ -17,6 +17,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from ..errors import (
     DependencyUnavailable,
     InvalidInput,
+    InvalidPageToken,
+    KeyAdminNotConfigured,
     RequestIdReused,
     TokenNotFound,
     TokenSpaceExhausted,
@@ -40,6 +42,8 @@ _TABLE: tuple[tuple[type[VaultlineError], grpc.StatusCode], ...] = (
     (TokenSpaceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DataCorrupted, grpc.StatusCode.DATA_LOSS),
+    (KeyAdminNotConfigured, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidPageToken, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
 INTERNAL_MESSAGE = "internal error"

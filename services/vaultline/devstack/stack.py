@@ -66,6 +66,9 @@ class DevStack:
                     vault_credentials=tokenizer_creds,
                     tls=TlsFiles(pki.ca_cert, pki.server_cert, pki.server_key),
                     policy_path=Path(os.environ.get("VAULTLINE_POLICY_FILE", DEFAULT_POLICY)),
+                    keys_admin_credentials=(
+                        AppRoleCredentials.from_file(admin_file) if admin_file else None
+                    ),
                     grpc_listen=f"127.0.0.1:{self.grpc_port}",
                 )
             )

@@ -1,0 +1,115 @@
+"""KeyService and AuditService servicers (role `admin`): protobuf in, domain call, protobuf out.
+
+Key operations use a separate keys-admin AppRole; a tokenizer started without one answers
+FAILED_PRECONDITION rather than borrowing its own, least-privilege credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import InvalidPageToken, KeyAdminNotConfigured, KeyServiceUnavailable
+from ..gen.admin.v1 import admin_pb2 as pb
+from ..gen.admin.v1 import admin_service_pb2_grpc as pb_grpc
+from ..keyring import KekAdmin, rewrap_all
+from ..security.audit_cli import verify_database
+from ..store import Store
+from ..vault import VaultError, VaultUnavailable
+from .calls import unary
+from .gate import Gate
+
+MAX_PAGE = 1000
+
+
+async def _vault(fn: Any, *args: Any) -> Any:
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (VaultUnavailable, VaultError) as exc:
+        raise KeyServiceUnavailable() from exc
+
+
+class KeyServicer(pb_grpc.KeyServiceServicer):
+    def __init__(self, store: Store, admin: Any | None, gate: Gate) -> None:
+        self._store = store
+        self._admin: KekAdmin | None = admin
+        self._gate = gate
+
+    def _require_admin(self) -> Any:
+        if self._admin is None:
+            raise KeyAdminNotConfigured()
+        return self._admin
+
+    @unary
+    async def GetKeyStatus(
+        self, request: pb.GetKeyStatusRequest, context: Any
+    ) -> pb.GetKeyStatusResponse:
+        admin = self._require_admin()
+        status = await _vault(admin.key_status)
+        response = pb.GetKeyStatusResponse(
+            kek_name=status.name,
+            latest_version=status.latest_version,
+            min_decryption_version=status.min_decryption_version,
+        )
+        for version, purpose, active, retired in await self._store.count_data_keys_by_kek_version():
+            response.data_keys.add(
+                kek_version=version, purpose=purpose, active=active, retired=retired
+            )
+        return response
+
+    @unary
+    async def RotateKek(self, request: pb.RotateKekRequest, context: Any) -> pb.RotateKekResponse:
+        admin = self._require_admin()
+        await _vault(admin.rotate_key)
+        latest = (await _vault(admin.key_status)).latest_version
+        report = await rewrap_all(self._store, admin, latest)
+        if request.raise_min_decryption_version:
+            await _vault(admin.set_min_decryption_version, latest)
+        return pb.RotateKekResponse(
+            latest_version=latest, scanned=report.scanned, rewrapped=report.rewrapped
+        )
+
+
+class AuditServicer(pb_grpc.AuditServiceServicer):
+    def __init__(self, store: Store, database_url: str, gate: Gate) -> None:
+        self._store = store
+        self._database_url = database_url
+        self._gate = gate
+
+    @unary
+    async def ListAuditRecords(
+        self, request: pb.ListAuditRecordsRequest, context: Any
+    ) -> pb.ListAuditRecordsResponse:
+        size = request.page_size or 100
+        if not 1 <= size <= MAX_PAGE:
+            size = min(max(size, 1), MAX_PAGE)
+        before = 2**62
+        if request.page_token:
+            if not request.page_token.isdigit() or len(request.page_token) > 19:
+                raise InvalidPageToken()
+            before = int(request.page_token)
+        rows = await self._store.audit_page_before(before, size)
+        response = pb.ListAuditRecordsResponse()
+        for row in rows:
+            record = response.records.add(
+                seq=row["seq"], identity=row["identity"], role=row["role"],
+                tenant=row["tenant"], method=row["method"], token=row["token"],
+                purpose=row["purpose"], outcome=row["outcome"],
+                request_id=row["request_id"], peer=row["peer"], hash=bytes(row["hash"]).hex(),
+            )
+            record.time.FromDatetime(row["at"])
+        if len(rows) == size and rows[-1]["seq"] > 1:
+            response.next_page_token = str(rows[-1]["seq"])
+        return response
+
+    @unary
+    async def VerifyAuditChain(
+        self, request: pb.VerifyAuditChainRequest, context: Any
+    ) -> pb.VerifyAuditChainResponse:
+        report, _ = await verify_database(self._database_url)
+        return pb.VerifyAuditChainResponse(
+            intact=report.ok,
+            checked=report.checked,
+            first_broken_seq=report.first_broken_seq or 0,
+            problem=report.problem if not report.ok else "",
+        )

@@ -1,0 +1,151 @@
+"""The wrapper every RPC method runs in: open the call context, admit the caller through the
+gate, run the method, audit the answer (allowed or refused), translate errors through the one
+table, and observe metrics. Servicers decorate methods with `unary` or `streaming`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ..card import mask_pans
+from ..errors import VaultlineError
+from ..security.access import REVEALING_METHODS
+from ..tokens import TokenError, parse_token
+from .context import CallContext, current_call, open_call
+from .errors import code_for, to_grpc_status, to_rpc_status
+from .gate import Gate
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ---- the call wrapper: admit, run, audit, translate errors -----------------------------------
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if not isinstance(exc, VaultlineError):
+        # The traceback goes to the log (PAN-masked); the caller gets a fixed message.
+        log.exception("unexpected error", exc_info=exc)
+    await context.abort_with_status(to_grpc_status(to_rpc_status(exc)))
+
+
+def _code_name(exc: BaseException) -> str:
+    return code_for(exc).name if isinstance(exc, VaultlineError) else "INTERNAL"
+
+
+def _audited_token(raw: str) -> str:
+    """A token as it may appear in the audit trail: only a well-formed token, never a PAN."""
+    if not raw:
+        return ""
+    try:
+        return parse_token(raw)[0]
+    except TokenError:
+        return "<malformed>"
+
+
+def _audited_purpose(raw: str) -> str:
+    return mask_pans(raw)[:200]
+
+
+async def _audit_failure(
+    gate: Gate, call: CallContext, code: str, tenant: str, token: str, purpose: str
+) -> None:
+    try:
+        await gate.audit([gate.event(
+            call, code, tenant=tenant, token=_audited_token(token),
+            purpose=_audited_purpose(purpose))])
+    except Exception:  # noqa: BLE001 - the call is refused either way; the log says why
+        log.error("could not audit a refused or failed call", exc_info=True)
+
+
+def unary(fn: F) -> F:
+    method = fn.__name__
+    reveals = method in REVEALING_METHODS
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        gate: Gate = self._gate
+        call = open_call(method, context)
+        started = time.perf_counter()
+        code = "OK"
+        # Administration requests name no tenant: the policy's tenant binding does not apply.
+        scoped = hasattr(request, "tenant")
+        tenant = (request.tenant or "default") if scoped else ""
+        try:
+            call = gate.admit(call, context)
+            if scoped:
+                gate.check_tenant(call, tenant)
+            if reveals:
+                gate.take_quota(call, 1)
+            response = await fn(self, request, context)
+            token = getattr(request, "token", "") or getattr(
+                getattr(response, "token", None), "token", "")
+            await gate.audit([gate.event(
+                call, "OK", tenant=tenant, token=token, purpose=getattr(request, "purpose", ""))])
+            if reveals:
+                gate.count_reveals(call, 1)
+            return response
+        except Exception as exc:  # noqa: BLE001 - the translation table decides
+            code = _code_name(exc)
+            # current_call: the identity is known even when authorization refused the call.
+            await _audit_failure(gate, current_call.get() or call, code, tenant,
+                                 getattr(request, "token", ""), getattr(request, "purpose", ""))
+            await _abort(context, exc)
+        finally:
+            if gate.metrics is not None:
+                gate.metrics.observe_call(method, code, time.perf_counter() - started)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        gate: Gate = self._gate
+        call = open_call(method, context)
+        started = time.perf_counter()
+        code = "OK"
+        seen = _StreamTrace()
+        try:
+            call = gate.admit(call, context)
+            async for response in fn(self, _traced(requests, seen), context):
+                yield response
+            await gate.audit([gate.event(call, "OK", tenant=seen.tenant, purpose=seen.purpose)])
+        except Exception as exc:  # noqa: BLE001 - the translation table decides
+            code = _code_name(exc)
+            await _audit_failure(gate, current_call.get() or call, code, seen.tenant, "",
+                                 seen.purpose)
+            await _abort(context, exc)
+        finally:
+            if gate.metrics is not None:
+                gate.metrics.observe_call(method, code, time.perf_counter() - started)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _StreamTrace:
+    """What the call-level audit record of a stream names: the last chunk's tenant/purpose."""
+
+    __slots__ = ("tenant", "purpose")
+
+    def __init__(self) -> None:
+        self.tenant = ""  # unknown until a chunk is read (a refused stream reads none)
+        self.purpose = ""
+
+
+async def _traced(requests: AsyncIterator[Any], seen: _StreamTrace) -> AsyncIterator[Any]:
+    async for chunk in requests:
+        seen.tenant = chunk.tenant or "default"
+        seen.purpose = getattr(chunk, "purpose", "")
+        yield chunk
+
+
