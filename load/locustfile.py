@@ -4,7 +4,8 @@ Start the stack (`make run`), then in another terminal:
 
     .venv/bin/locust -f load/locustfile.py --headless -u 50 -r 10 -t 60s
 
-The gRPC address comes from `.vaultline/dev/stack.json` (or `VAULTLINE_GRPC_ADDRESS`).
+The address and the mTLS client certificates come from `.vaultline/dev/stack.json` (the crm
+identity tokenizes and reads metadata, the settlement identity detokenizes).
 Each simulated CRM tokenizes new and returning cards, reads token metadata, and now and then
 detokenizes with a purpose. Card numbers are synthetic test-range numbers, never real cards.
 """
@@ -23,16 +24,21 @@ from locust import User, between, events, task
 
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from vaultline.security.tls import load_client_credentials
 
 grpc_gevent.init_gevent()  # grpc's blocking stubs must cooperate with locust's greenlets
 
 
-def _address() -> str:
-    explicit = os.environ.get("VAULTLINE_GRPC_ADDRESS")
-    if explicit:
-        return explicit
+def _stack() -> dict:  # type: ignore[type-arg]
     stack = Path(os.environ.get("VAULTLINE_HOME", ".vaultline")) / "dev" / "stack.json"
-    return json.loads(stack.read_text())["grpc_address"]
+    return json.loads(stack.read_text())
+
+
+def _channel(stack: dict, who: str) -> grpc.Channel:  # type: ignore[type-arg]
+    """An mTLS channel as one of the stack's client identities (crm, settlement, …)."""
+    client = stack["clients"][who]
+    return grpc.secure_channel(stack["grpc_address"], load_client_credentials(
+        stack["ca"], client["cert"], client["key"]))
 
 
 def _synthetic_pan(rng: random.Random) -> str:
@@ -50,14 +56,18 @@ class CrmUser(User):
     wait_time = between(0.0, 0.05)
 
     def on_start(self) -> None:
-        self.channel = grpc.insecure_channel(_address())
+        stack = _stack()
+        self.channel = _channel(stack, "crm")
+        self.reveal_channel = _channel(stack, "settlement")
         self.stub = pb_grpc.TokenizationServiceStub(self.channel)
+        self.reveal = pb_grpc.TokenizationServiceStub(self.reveal_channel)
         self.rng = random.Random()
         self.tokens: list[str] = []
         self.cards: list[str] = []
 
     def on_stop(self) -> None:
         self.channel.close()
+        self.reveal_channel.close()
 
     def _call(self, name: str, fn, request):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
@@ -101,5 +111,5 @@ class CrmUser(User):
     @task(1)
     def detokenize(self) -> None:
         if self.tokens:
-            self._call("Detokenize", self.stub.Detokenize, pb.DetokenizeRequest(
+            self._call("Detokenize", self.reveal.Detokenize, pb.DetokenizeRequest(
                 token=self.rng.choice(self.tokens), purpose="load test"))
