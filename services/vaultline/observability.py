@@ -301,6 +301,7 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
+        self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         reg = self.registry
         self.calls = Counter(
             "vaultline_grpc_calls",
@@ -342,9 +343,14 @@ class Metrics:
 
     def observe_call(self, method: str, code_name: str, seconds: float) -> None:
         """One finished call; `code_name` is the grpc.StatusCode name, e.g. 'OK'."""
-        method = _safe_label(method)
-        self.calls.labels(method, _safe_label(code_name)).inc()
-        self.latency.labels(method).observe(seconds)
+        # Called on every RPC: the labelled children are looked up once per (method, code).
+        children = self._call_children.get((method, code_name))
+        if children is None:
+            safe = _safe_label(method)
+            children = (self.calls.labels(safe, _safe_label(code_name)), self.latency.labels(safe))
+            self._call_children[(method, code_name)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_detokenized(self, identity: str | None, n: int) -> None:
         if n > 0:
