@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import config as config_module
 from .config import ConfigError, TokenizerConfig
+from .devstack import stack_value
 
 DEFAULT_HOME = Path(os.environ.get("VAULTLINE_HOME", ".vaultline"))
 
@@ -85,7 +86,7 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     from .store import migrate
 
-    dsn = os.environ.get("VAULTLINE_DATABASE_OWNER_URL") or _from_stack(args.home, "owner_dsn")
+    dsn = os.environ.get("VAULTLINE_DATABASE_OWNER_URL") or stack_value(args.home, "owner_dsn")
     if not dsn:
         raise ConfigError("VAULTLINE_DATABASE_OWNER_URL is not set and no dev stack is running")
     applied = asyncio.run(migrate(dsn))
@@ -96,22 +97,11 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 # ---- keys ----------------------------------------------------------------------------------
 
 
-def _from_stack(home: str, key: str) -> str | None:
-    path = Path(home) / "dev" / "stack.json"
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value if isinstance(value, str) else None
-
-
 def _admin_client(home: str):  # type: ignore[no-untyped-def]
     from .vault import AppRoleCredentials, TransitClient
 
-    addr = os.environ.get("VAULTLINE_VAULT_ADDR") or _from_stack(home, "vault_addr")
-    approle = os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE") or _from_stack(
+    addr = os.environ.get("VAULTLINE_VAULT_ADDR") or stack_value(home, "vault_addr")
+    approle = os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE") or stack_value(
         home, "credentials.keys_admin_approle"
     )
     if not addr:
@@ -128,7 +118,7 @@ def _admin_client(home: str):  # type: ignore[no-untyped-def]
 
 
 def _database_url(home: str) -> str:
-    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or _from_stack(home, "database_url")
+    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or stack_value(home, "database_url")
     if not dsn:
         raise ConfigError("VAULTLINE_DATABASE_URL is not set and no dev stack is running")
     return dsn

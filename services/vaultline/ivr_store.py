@@ -9,37 +9,22 @@ only sealed (`vaultline.ivr.sealing`); nothing here can open them.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from .errors import DatabaseUnavailable
+from .store import translated_errors as _translated
 
 __all__ = ["IvrStore", "SessionExists", "SessionRow"]
-
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError,
-    asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
-)
 
 
 class SessionExists(Exception):
     """The call already has a capture in progress."""
-
-
-@contextlib.asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise DatabaseUnavailable() from exc
 
 
 @dataclass(frozen=True, slots=True)

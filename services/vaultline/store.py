@@ -36,11 +36,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 
 @contextlib.asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
+async def translated_errors() -> AsyncIterator[None]:
+    """Outages of PostgreSQL become `DatabaseUnavailable` (shared with `ivr_store`)."""
     try:
         yield
     except _UNAVAILABLE as exc:
         raise DatabaseUnavailable() from exc
+
+
+_translated = translated_errors
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.fixtures.devstack import VAULTLINE, Stack
+from tests.fixtures.devstack import VAULTLINE, Stack, stack_channel
 from tests.testcards import TEST_CARDS
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
-from vaultline.security.tls import load_client_credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -32,12 +31,6 @@ def home() -> Iterator[Path]:
     path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _channel(info: dict, who: str) -> grpc.Channel:  # type: ignore[type-arg]
-    client = info["clients"][who]
-    return grpc.secure_channel(info["grpc_address"], load_client_credentials(
-        info["ca"], client["cert"], client["key"]))
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -58,7 +51,7 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
 
         assert set(info["clients"]) >= {"ivr", "crm", "settlement", "settlement-2", "admin"}
         pans = [p for pans in TEST_CARDS.values() for p in pans[:1]]
-        with _channel(info, "crm") as crm, _channel(info, "settlement") as settlement:
+        with stack_channel(info, "crm") as crm, stack_channel(info, "settlement") as settlement:
             health = health_pb2_grpc.HealthStub(crm).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.TokenizationServiceStub(crm)
@@ -103,7 +96,7 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
     stack2 = Stack(home)
     info2 = stack2.up()
     try:
-        with _channel(info2, "crm") as crm, _channel(info2, "settlement") as settlement:
+        with stack_channel(info2, "crm") as crm, stack_channel(info2, "settlement") as settlement:
             stub = pb_grpc.TokenizationServiceStub(crm)
             reveal = pb_grpc.TokenizationServiceStub(settlement)
             for pan, token in zip(pans, tokens, strict=True):

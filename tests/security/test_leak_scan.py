@@ -24,13 +24,12 @@ import asyncpg
 import grpc
 import pytest
 
-from tests.fixtures.devstack import VAULTLINE, Stack
+from tests.fixtures.devstack import VAULTLINE, Stack, stack_channel
 from tests.helpers import luhn_valid
 from tests.testcards import ALL_TEST_PANS
 from vaultline.card import CardError, Pan
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
-from vaultline.security.tls import load_client_credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -69,12 +68,6 @@ def home() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _channel(info: dict, who: str) -> grpc.Channel:  # type: ignore[type-arg]
-    client = info["clients"][who]
-    return grpc.secure_channel(info["grpc_address"], load_client_credentials(
-        info["ca"], client["cert"], client["key"]))
-
-
 def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
     """Every flow with every test card; returns what came back, reveals excluded."""
     seen: list[bytes] = []
@@ -89,8 +82,8 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
         seen.append(f"{err.value.code()} {err.value.details()}".encode())
         seen.append(repr(err.value.trailing_metadata()).encode())
 
-    with _channel(info, "crm") as crm, _channel(info, "settlement") as settlement, \
-            _channel(info, "admin") as admin:
+    with stack_channel(info, "crm") as crm, stack_channel(info, "settlement") as settlement, \
+            stack_channel(info, "admin") as admin:
         tok = pb_grpc.TokenizationServiceStub(crm)
         rev = pb_grpc.TokenizationServiceStub(settlement)
         adm = pb_grpc.TokenizationServiceStub(admin)

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ..devstack import stack_file
 from ..twilio_sim import DEMO_CARD
 
 __all__ = ["add_ivr_commands"]
@@ -82,7 +83,7 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
 def _stack(home: str) -> dict[str, Any]:
     from ..config import ConfigError
 
-    path = Path(home) / "dev" / "stack.json"
+    path = stack_file(home)
     try:
         info: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):

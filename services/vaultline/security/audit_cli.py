@@ -19,26 +19,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import ConfigError
+from ..devstack import stack_value
 from .audit import FIELDS, ChainVerifier, VerifyReport
 
 PAGE_SIZE = 5000
 
-# ---- configuration (kept apart from vaultline.cli, which imports this module) --------------
-
-
-def _from_stack(home: str | Path, key: str) -> str | None:
-    path = Path(home) / "dev" / "stack.json"
-    try:
-        value: Any = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value if isinstance(value, str) else None
+# ---- configuration ---------------------------------------------------------------------------
 
 
 def database_url(home: str | Path) -> str:
-    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or _from_stack(home, "database_url")
+    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or stack_value(home, "database_url")
     if not dsn:
         raise ConfigError("VAULTLINE_DATABASE_URL is not set and no dev stack is running")
     return dsn
