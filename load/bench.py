@@ -126,11 +126,14 @@ def credentials(stack: dict, who: str) -> grpc.ChannelCredentials:  # type: igno
     return load_client_credentials(stack["ca"], client["cert"], client["key"])
 
 
+WARMUP_S = 3.0  # connections, pools and caches fill before anything is measured
+
+
 async def bench_echo(address: str, creds: grpc.ChannelCredentials, payload: bytes,
                      seconds: float, concurrency: int):  # type: ignore[no-untyped-def]
     async with grpc.aio.secure_channel(address, creds) as channel:
         echo = channel.unary_unary(ECHO_METHOD)
-        await echo(payload)
+        await closed_loop(lambda: echo(payload), WARMUP_S, concurrency)
         return await closed_loop(lambda: echo(payload), seconds, concurrency)
 
 
@@ -173,6 +176,7 @@ async def bench_tokenize(
         await stub.Tokenize(pb.TokenizeRequest(
             card=pb.Card(pan=next(it), expiry_month=12, expiry_year=2030)))
 
+    await closed_loop(call, WARMUP_S, concurrency)
     return await closed_loop(call, seconds, concurrency)
 
 
@@ -267,7 +271,7 @@ async def run(args: argparse.Namespace) -> None:
         tmp.chmod(0o711)  # PostgreSQL's server account must be able to reach its data dir
         print(f"generating {args.pans:,} synthetic PANs…", flush=True)
         batch_pans = unique_pans(args.pans, seed=1)
-        unary_pans = unique_pans(args.seconds * 20_000, seed=2)
+        unary_pans = unique_pans(int(args.seconds + WARMUP_S) * 20_000, seed=2)
         stack_proc, stack = start_stack(tmp / "home")
         try:
             echo_proc, echo_addr = start_echo(tmp, str(Path(stack["ca"]).parent))
@@ -281,7 +285,8 @@ async def run(args: argparse.Namespace) -> None:
             cpu0 = cpu_seconds(echo_proc.pid)
             echo_rate, echo_lat = await bench_echo(echo_addr, credentials(stack, "crm"),
                                                    payload, args.seconds, args.concurrency)
-            echo_cpu = (cpu_seconds(echo_proc.pid) - cpu0) / (echo_rate * args.seconds)
+            echo_cpu = (cpu_seconds(echo_proc.pid) - cpu0) / (
+                echo_rate * args.seconds + echo_rate * WARMUP_S)
             copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
             options = [("grpc.max_receive_message_length", 64 << 20)]
             async with grpc.aio.secure_channel(
@@ -296,7 +301,8 @@ async def run(args: argparse.Namespace) -> None:
                 cpu0 = cpu_seconds(stack_proc.pid)
                 tok_rate, tok_lat = await bench_tokenize(stub, unary_pans, args.seconds,
                                                          args.concurrency)
-                tok_cpu = (cpu_seconds(stack_proc.pid) - cpu0) / (tok_rate * args.seconds)
+                tok_cpu = (cpu_seconds(stack_proc.pid) - cpu0) / (
+                    tok_rate * args.seconds + tok_rate * WARMUP_S)
                 bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
                 bd_rate = await bench_batch_detokenize(reveal, tokens, args.chunk)
         finally:
