@@ -106,18 +106,21 @@ BEGIN
         hashes[i] := head_hash;
     END LOOP;
 
+    -- prevs and hashes are unnested beside the inputs, not subscripted per row: finding the
+    -- i-th element of a bytea[] walks the array, which made a 1,000-record append quadratic.
     INSERT INTO audit_log (seq, at, identity, role, tenant, method, token, purpose, outcome,
                            request_id, peer, content_hash, prev_hash, hash)
     SELECT head_seq + u.ord, u.at, u.identity, u.role, u.tenant, u.method, u.token, u.purpose,
-           u.outcome, u.request_id, u.peer, u.content_hash, prevs[u.ord], hashes[u.ord]
+           u.outcome, u.request_id, u.peer, u.content_hash, u.prev_hash, u.hash
     FROM unnest(p_at, p_identity, p_role, p_tenant, p_method, p_token, p_purpose, p_outcome,
-                p_request_id, p_peer, p_content_hash) WITH ORDINALITY
+                p_request_id, p_peer, p_content_hash, prevs, hashes) WITH ORDINALITY
         AS u(at, identity, role, tenant, method, token, purpose, outcome, request_id, peer,
-             content_hash, ord);
+             content_hash, prev_hash, hash, ord);
 
     UPDATE audit_head h SET seq = head_seq + n, hash = head_hash WHERE h.singleton;
 
-    RETURN QUERY SELECT head_seq + g.i, hashes[g.i] FROM generate_series(1, n) AS g(i);
+    RETURN QUERY SELECT head_seq + r.ord, r.hash
+        FROM unnest(hashes) WITH ORDINALITY AS r(hash, ord);
 END
 $$;
 

@@ -400,10 +400,14 @@ class Store:
         request_ids: Sequence[str],
         peers: Sequence[str],
         content_hashes: Sequence[bytes],
+        *,
+        receipts: bool = True,
     ) -> list[tuple[int, bytes]]:
-        """Chain and commit a batch of records in one round trip; (seq, hash) of each."""
+        """Chain and commit a batch of records in one round trip; (seq, hash) of each, or
+        nothing when `receipts` is false (one row back instead of one per record)."""
         rows = await self._fetch(
-            "SELECT seq, hash FROM audit_append($1::timestamptz[], $2::text[], $3::text[],"
+            ("SELECT seq, hash" if receipts else "SELECT count(*)")
+            + " FROM audit_append($1::timestamptz[], $2::text[], $3::text[],"
             " $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
             " $10::text[], $11::bytea[])",
             list(ats),
@@ -418,7 +422,7 @@ class Store:
             list(peers),
             list(content_hashes),
         )
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1]) for r in rows] if receipts else []
 
     async def audit_page_before(self, before_seq: int, limit: int) -> list[asyncpg.Record]:
         """Up to `limit` records older than `before_seq`, newest first (admin listing)."""

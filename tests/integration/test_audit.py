@@ -73,9 +73,9 @@ class CountingStore(Store):
 
     appends = 0
 
-    async def append_audit(self, *args: Any) -> list[tuple[int, bytes]]:
+    async def append_audit(self, *args: Any, **kwargs: Any) -> list[tuple[int, bytes]]:
         self.appends += 1
-        return await super().append_audit(*args)
+        return await super().append_audit(*args, **kwargs)
 
 
 @pytest_asyncio.fixture

@@ -272,6 +272,7 @@ class _Pending(NamedTuple):
     columns: tuple[list[str], ...]  # in _COLUMNS order
     hashes: list[bytes]
     future: asyncio.Future[list[AuditReceipt]]
+    wants_receipts: bool
 
     @property
     def size(self) -> int:
@@ -325,9 +326,11 @@ class AuditWriter:
 
     async def record(self, events: Sequence[AuditEvent]) -> None:
         """Append `events` (in order, all in one transaction); returns once committed."""
-        await self.append(events)
+        await self.append(events, receipts=False)
 
-    async def append(self, events: Sequence[AuditEvent]) -> list[AuditReceipt]:
+    async def append(
+        self, events: Sequence[AuditEvent], *, receipts: bool = True
+    ) -> list[AuditReceipt]:
         """`record`, also saying where each record landed in the chain."""
         if not events:
             return []
@@ -335,7 +338,7 @@ class AuditWriter:
         # Hash here, in the caller's task: spreads the CPU and keeps the drain loop short.
         hashes = [content_hash(event) for event in events]
         columns = tuple([getattr(e, name) for e in events] for name in _COLUMNS)
-        return await self._enqueue([e.at for e in events], columns, hashes)
+        return await self._enqueue([e.at for e in events], columns, hashes, receipts)
 
     async def record_tokens(self, base: AuditEvent, tokens: Sequence[str]) -> None:
         """One record per token, each `base` with that token; committed together."""
@@ -346,13 +349,17 @@ class AuditWriter:
         columns = tuple(
             tokens if name == "token" else [getattr(base, name)] * n for name in _COLUMNS
         )
-        await self._enqueue([base.at] * n, columns, token_hashes(base, tokens))
+        await self._enqueue([base.at] * n, columns, token_hashes(base, tokens), False)
 
     async def _enqueue(
-        self, ats: list[dt.datetime], columns: tuple[list[str], ...], hashes: list[bytes]
+        self,
+        ats: list[dt.datetime],
+        columns: tuple[list[str], ...],
+        hashes: list[bytes],
+        receipts: bool,
     ) -> list[AuditReceipt]:
         future: asyncio.Future[list[AuditReceipt]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(ats, columns, hashes, future))
+        self._queue.append(_Pending(ats, columns, hashes, future, receipts))
         self._queued += len(hashes)
         if self._draining < self._max_in_flight:
             self._draining += 1
@@ -411,15 +418,19 @@ class AuditWriter:
                 [v for pending in batch for v in pending.columns[i]] for i in range(len(_COLUMNS))
             )
             hashes = [h for pending in batch for h in pending.hashes]
+        # Receipts cost a row per record back over the wire: fetch them only if asked.
+        receipts_wanted = any(pending.wants_receipts for pending in batch)
         try:
-            rows = await self._store.append_audit(ats, *columns, hashes)
+            rows = await self._store.append_audit(
+                ats, *columns, hashes, receipts=receipts_wanted
+            )
         except Exception as exc:  # every waiter of the batch gets its failure
             self._fail(batch, exc)
             return
         except asyncio.CancelledError:  # shutting down: nobody may wait forever
             self._fail(batch, DatabaseUnavailable())
             raise
-        receipts = [AuditReceipt(seq, digest) for seq, digest in rows]
+        receipts = [AuditReceipt(seq, digest) for seq, digest in rows] if receipts_wanted else []
         offset = 0
         for pending in batch:
             n = pending.size
