@@ -7,7 +7,6 @@ leaves the process: if the audit record cannot be made durable, the card is not 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -46,12 +45,15 @@ class Gate:
             identity = identity_from_auth_context(context.auth_context())
         except IdentityError as exc:
             raise Unauthenticated(exc.reason) from None
-        call = dataclasses.replace(call, identity=identity.uri, role=identity.role)
-        current_call.set(call)
+        # Current before authorizing, so a refusal is audited under the caller's identity.
+        known = CallContext(call.method, call.request_id, call.peer, identity.uri, identity.role)
+        current_call.set(known)
         grant = self.guard.authorize(identity.uri, identity.role, call.method)
-        call = dataclasses.replace(call, grant=grant)
-        current_call.set(call)
-        return call
+        admitted = CallContext(
+            call.method, call.request_id, call.peer, identity.uri, identity.role, grant
+        )
+        current_call.set(admitted)
+        return admitted
 
     def check_tenant(self, call: CallContext, tenant: str) -> None:
         assert call.grant is not None
