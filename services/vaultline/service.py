@@ -196,7 +196,8 @@ class Coalescer(Generic[K, I, R]):
     """Runs concurrent single-item calls of one group as chunks.
 
     An idle service answers at once (the first chunk leaves after one loop turn); under load,
-    while one chunk is in flight the next gathers calls for up to `busy_window`, so a busy
+    while one chunk is in flight the next gathers calls for up to `busy_window` (4 ms: measured
+    best of 0, 2 and 4 ms for unary Tokenize at 64 calls in flight), so a busy
     service makes one database round trip per chunk instead of one per call.
     """
 
@@ -206,7 +207,7 @@ class Coalescer(Generic[K, I, R]):
         *,
         max_chunk: int = 512,
         max_in_flight: int = 2,
-        busy_window: float = 0.002,
+        busy_window: float = 0.004,
     ) -> None:
         self._run_chunk = run_chunk
         self._max_chunk = max_chunk
