@@ -79,14 +79,7 @@ class TokenizerConfig:
                 raise ConfigError(f"VAULTLINE_{name} must be positive")
             return value
 
-        approle_file = env.get("VAULTLINE_VAULT_APPROLE_FILE")
-        if approle_file:
-            try:
-                credentials = AppRoleCredentials.from_file(Path(approle_file))
-            except (OSError, ValueError, KeyError):
-                raise ConfigError("VAULTLINE_VAULT_APPROLE_FILE cannot be read") from None
-        else:
-            credentials = AppRoleCredentials(get("VAULT_ROLE_ID"), get("VAULT_SECRET_ID"))
+        credentials = vault_credentials_from_env(env)
         database_url = get("DATABASE_URL")
         if not database_url.startswith(("postgresql://", "postgres://")):
             raise ConfigError("VAULTLINE_DATABASE_URL must be a postgresql:// URL")
@@ -124,3 +117,21 @@ class TokenizerConfig:
                 max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
             ),
         )
+
+
+def vault_credentials_from_env(env: Mapping[str, str] = os.environ) -> AppRoleCredentials:
+    """The tokenizer's AppRole: VAULTLINE_VAULT_APPROLE_FILE, or _ROLE_ID + _SECRET_ID."""
+    approle_file = env.get("VAULTLINE_VAULT_APPROLE_FILE")
+    if approle_file:
+        try:
+            return AppRoleCredentials.from_file(Path(approle_file))
+        except (OSError, ValueError, KeyError):
+            raise ConfigError("VAULTLINE_VAULT_APPROLE_FILE cannot be read") from None
+    role_id = env.get("VAULTLINE_VAULT_ROLE_ID")
+    secret_id = env.get("VAULTLINE_VAULT_SECRET_ID")
+    if not role_id or not secret_id:
+        raise ConfigError(
+            "set VAULTLINE_VAULT_APPROLE_FILE, or VAULTLINE_VAULT_ROLE_ID and "
+            "VAULTLINE_VAULT_SECRET_ID (the tokenizer's AppRole)"
+        )
+    return AppRoleCredentials(role_id, secret_id)

@@ -121,3 +121,30 @@ def test_cli_help_and_config_errors(home: Path) -> None:
     serve = subprocess.run([*VAULTLINE, "serve"], capture_output=True, text=True, env=env,
                            timeout=60)
     assert serve.returncode == 2 and "VAULTLINE_" in serve.stderr
+
+
+def test_external_openbao_and_postgres(home: Path, openbao, migrated) -> None:  # type: ignore[no-untyped-def]
+    """VAULTLINE_VAULT_ADDR / VAULTLINE_DATABASE_URL (+ credentials) replace the embedded
+    servers: nothing is started for them, and tokens land in the external database."""
+    stack = Stack(home, env={
+        "VAULTLINE_VAULT_ADDR": openbao.addr,
+        "VAULTLINE_VAULT_ROLE_ID": openbao.tokenizer.role_id,
+        "VAULTLINE_VAULT_SECRET_ID": openbao.tokenizer.secret_id,
+        "VAULTLINE_DATABASE_URL": migrated.app_dsn,
+        "VAULTLINE_DATABASE_OWNER_URL": migrated.owner_dsn,
+    })
+    info = stack.up()
+    try:
+        assert info["vault_addr"] == openbao.addr
+        assert info["database_url"] == migrated.app_dsn
+        assert not (home / "openbao").exists() and not (home / "postgres").exists()
+        with stack_channel(info, "crm") as crm:
+            token = pb_grpc.TokenizationServiceStub(crm).Tokenize(pb.TokenizeRequest(
+                tenant="demo", card=pb.Card(
+                    pan="6011111111111117", expiry_month=1, expiry_year=2034))).token.token
+        with stack_channel(info, "settlement") as settlement:
+            got = pb_grpc.TokenizationServiceStub(settlement).Detokenize(
+                pb.DetokenizeRequest(tenant="demo", token=token, purpose="e2e"))
+        assert got.card.pan == "6011111111111117"
+    finally:
+        assert stack.interrupt() == 0, stack.output

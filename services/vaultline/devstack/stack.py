@@ -17,7 +17,13 @@ from typing import Any
 
 import grpc
 
-from ..config import DEFAULT_POLICY, ConfigError, TlsFiles, TokenizerConfig
+from ..config import (
+    DEFAULT_POLICY,
+    ConfigError,
+    TlsFiles,
+    TokenizerConfig,
+    vault_credentials_from_env,
+)
 from ..security.pki import init_dev_pki
 from ..server import TokenizerServer
 from ..store import migrate
@@ -110,10 +116,7 @@ class DevStack:
     def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None]:
         addr = os.environ.get("VAULTLINE_VAULT_ADDR")
         if addr:
-            config = TokenizerConfig.from_env(
-                {**os.environ, "VAULTLINE_DATABASE_URL": "postgresql://unused"}
-            )
-            return addr, config.vault_credentials, os.environ.get(
+            return addr, vault_credentials_from_env(), os.environ.get(
                 "VAULTLINE_KEYS_ADMIN_APPROLE_FILE"
             )
         self.openbao = OpenBaoServer(self.home / "openbao", dev_dir=self.dev_dir)
