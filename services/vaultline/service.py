@@ -123,7 +123,9 @@ def _invalid(reason: str, field: str, description: str) -> InvalidInput:
 def validate_tenant(tenant: str) -> str:
     if not tenant:
         return DEFAULT_TENANT
-    if not _TENANT.match(tenant):
+    # A card number is all digits, so it would pass the pattern: refuse it explicitly, or a
+    # PAN pasted into the tenant field would travel into audit records and logs as a name.
+    if not _TENANT.match(tenant) or mask_pans(tenant) != tenant:
         raise _invalid(
             "INVALID_TENANT", "tenant", "must be 1-63 of a-z, 0-9, '_' or '-', starting alnum"
         )

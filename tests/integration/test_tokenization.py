@@ -201,6 +201,7 @@ async def test_bad_cards_are_invalid_argument_without_echo(
     "request_kwargs,reason,field",
     [
         ({"tenant": "Bad Tenant"}, "INVALID_TENANT", "tenant"),
+        ({"tenant": "5555555555554444"}, "INVALID_TENANT", "tenant"),  # a PAN is no tenant
         ({"format": 9}, "INVALID_TOKEN_FORMAT", "format"),
         ({"ttl": duration_pb2.Duration(seconds=-5)}, "INVALID_TTL", "ttl"),
         ({"request_id": "x" * 200}, "INVALID_REQUEST_ID", "request_id"),

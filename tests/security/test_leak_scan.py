@@ -105,6 +105,10 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
                 token=t, purpose="x")))
             refused(lambda p=pan: tok.Tokenize(pb.TokenizeRequest(tenant="Bad Tenant", card=pb.Card(
                 pan=p, expiry_month=10, expiry_year=2033))))
+            # A card number where none belongs: as the tenant, and as the request id.
+            refused(lambda p=pan: tok.GetToken(pb.GetTokenRequest(tenant=p, token="tok_x")))
+            keep(tok.GetToken(pb.GetTokenRequest(token=response.token.token),
+                              metadata=(("x-request-id", pan),)))
         chunk = pb.BatchTokenizeRequest(items=[
             pb.BatchTokenizeRequest.Item(reference=f"r{i}", card=pb.Card(
                 pan=pan, expiry_month=10, expiry_year=2033 if i % 2 else 2019))

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 import grpc
 
 from ..card import mask_pans
-from ..errors import VaultlineError
+from ..errors import InvalidInput, VaultlineError
 from ..security.access import REVEALING_METHODS
+from ..service import validate_tenant
 from ..tokens import TokenError, parse_token
 from .context import CallContext, current_call, open_call
 from .errors import code_for, to_grpc_status, to_rpc_status
@@ -54,12 +55,21 @@ def _audited_purpose(raw: str) -> str:
     return mask_pans(raw)[:200]
 
 
+def _audited_tenant(raw: str) -> str:
+    """The tenant as the audit trail may hold it: a well-formed one, or a marker (a refused
+    call's tenant field is caller text and could hold anything, a card number included)."""
+    try:
+        return validate_tenant(raw) if raw else raw
+    except InvalidInput:
+        return "<malformed>"
+
+
 async def _audit_failure(
     gate: Gate, call: CallContext, code: str, tenant: str, token: str, purpose: str
 ) -> None:
     try:
         await gate.audit([gate.event(
-            call, code, tenant=tenant, token=_audited_token(token),
+            call, code, tenant=_audited_tenant(tenant), token=_audited_token(token),
             purpose=_audited_purpose(purpose))])
     except Exception:  # noqa: BLE001 - the call is refused either way; the log says why
         log.error("could not audit a refused or failed call", exc_info=True)

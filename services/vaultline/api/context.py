@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from ..card import mask_pans
+
 if TYPE_CHECKING:
     from ..security.access import Grant
 
@@ -42,7 +44,12 @@ current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVa
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+        if (
+            key == "x-request-id"
+            and isinstance(value, str)
+            and _REQUEST_ID.match(value)
+            and mask_pans(value) == value  # a card number is never taken as a request id
+        ):
             return value
     return new_request_id()
 
