@@ -285,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .ivr.cli import add_ivr_commands
     from .security.audit_cli import add_audit_commands
+    from .settlement.cli import add_settle_commands
 
     add_audit_commands(sub, str(DEFAULT_HOME))
     add_ivr_commands(sub)
+    add_settle_commands(sub)
 
     keys = sub.add_parser("keys", help="key management (keys-admin AppRole)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")

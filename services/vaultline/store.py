@@ -457,6 +457,107 @@ class Store:
             limit,
         )
 
+    # ---- settlement ----------------------------------------------------------------------
+    # Batches of `vaultline settle` (0004_settlement.sql). Tokens only, never a PAN.
+
+    _SETTLEMENT_COLUMNS = (
+        "id, tenant, state, created_by, created_at, approved_by, approved_at, input_sha256,"
+        " input_name, row_count, totals, run_id, run_host, run_pid, run_started_at,"
+        " lease_until, runs, done_at, summary"
+    )
+
+    async def insert_settlement_batch(
+        self,
+        batch_id: str,
+        tenant: str,
+        created_by: str,
+        input_sha256: str,
+        input_name: str,
+        totals_json: str,
+        rows: Sequence[tuple[int, str, str, int, str, str]],
+    ) -> None:
+        """The batch and its rows (line, reference, token, amount, currency, auth code), in one
+        transaction: a batch is never visible without all its rows."""
+        async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO settlement_batches (id, tenant, created_by, input_sha256,"
+                " input_name, row_count, totals) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+                batch_id, tenant, created_by, input_sha256, input_name, len(rows), totals_json,
+            )
+            await conn.copy_records_to_table(
+                "settlement_rows",
+                records=((batch_id, *row) for row in rows),
+                columns=("batch_id", "line", "reference", "token", "amount_minor", "currency",
+                         "auth_code"),
+            )
+
+    async def find_settlement_batch(self, batch_id: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches WHERE id = $1", batch_id
+        )
+
+    async def list_settlement_batches(self, limit: int) -> list[asyncpg.Record]:
+        return await self._fetch(
+            f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches"
+            " ORDER BY created_at DESC, id LIMIT $1",
+            limit,
+        )
+
+    async def approve_settlement_batch(self, batch_id: str, approver: str) -> bool:
+        """created → approved, only by someone other than the creator."""
+        row = await self._fetchrow(
+            "UPDATE settlement_batches SET state = 'approved', approved_by = $2,"
+            " approved_at = now() WHERE id = $1 AND state = 'created' AND created_by <> $2"
+            " RETURNING id",
+            batch_id,
+            approver,
+        )
+        return row is not None
+
+    async def claim_settlement_run(
+        self, batch_id: str, run_id: str, host: str, pid: int, lease: dt.timedelta,
+        take_over: str | None,
+    ) -> bool:
+        """approved → running under `run_id`; or take over a running batch whose lease ran
+        out, or whose run `take_over` is known dead."""
+        row = await self._fetchrow(
+            "UPDATE settlement_batches SET state = 'running', run_id = $2::uuid, run_host = $3,"
+            " run_pid = $4, run_started_at = now(), lease_until = now() + $5::interval,"
+            " runs = runs + 1 WHERE id = $1 AND (state = 'approved' OR (state = 'running'"
+            " AND (lease_until < now() OR run_id = $6::uuid))) RETURNING id",
+            batch_id, run_id, host, pid, lease, take_over,
+        )
+        return row is not None
+
+    async def renew_settlement_lease(
+        self, batch_id: str, run_id: str, lease: dt.timedelta
+    ) -> bool:
+        row = await self._fetchrow(
+            "UPDATE settlement_batches SET lease_until = now() + $3::interval"
+            " WHERE id = $1 AND state = 'running' AND run_id = $2::uuid RETURNING id",
+            batch_id, run_id, lease,
+        )
+        return row is not None
+
+    async def finish_settlement_run(self, batch_id: str, run_id: str, summary_json: str) -> bool:
+        row = await self._fetchrow(
+            "UPDATE settlement_batches SET state = 'done', done_at = now(), lease_until = NULL,"
+            " summary = $3::jsonb WHERE id = $1 AND state = 'running' AND run_id = $2::uuid"
+            " RETURNING id",
+            batch_id, run_id, summary_json,
+        )
+        return row is not None
+
+    async def settlement_rows_after(
+        self, batch_id: str, after_line: int, limit: int
+    ) -> list[asyncpg.Record]:
+        """The next `limit` rows of a batch after `after_line`, in line order."""
+        return await self._fetch(
+            "SELECT line, reference, token, amount_minor, currency, auth_code"
+            " FROM settlement_rows WHERE batch_id = $1 AND line > $2 ORDER BY line LIMIT $3",
+            batch_id, after_line, limit,
+        )
+
 
 # ---- migrations ----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from tests.testcards import TEST_CARDS
 from vaultline.settlement.batch import parse_captures
 
 TOK_A = "tok_" + "A" * 22
-TOK_B = "tok_" + "b" * 21 + "-"
+TOK_B = "tok_" + "b_-" * 7 + "g"
 HEADER = "reference,token,amount_minor,currency,auth_code\n"
 
 
@@ -25,7 +25,7 @@ def test_valid_file_gives_rows_totals_and_digest() -> None:
 
 
 def test_four_columns_and_a_bom_are_accepted() -> None:
-    raw = "\ufeffreference,token,amount_minor,currency\nr1,{},1,JPY\n".format(TOK_A).encode()
+    raw = f"\ufeffreference,token,amount_minor,currency\nr1,{TOK_A},1,JPY\n".encode()
     parsed = parse_captures(raw)
     assert parsed.ok and parsed.rows[0].auth_code == ""
 

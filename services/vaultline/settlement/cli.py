@@ -1,0 +1,362 @@
+"""`vaultline settle create|approve|run|status|list`: the finance settlement job's commands.
+
+Who you are is the mTLS client identity you pick with `--as` (a key of the dev stack's
+`clients`, e.g. `settlement` or `settlement-2`); its certificate's SAN URI is the identity in
+the batch and the audit trail. The commands run inside the card data zone: they reach
+PostgreSQL with the app role (VAULTLINE_DATABASE_URL or the dev stack) and the tokenizer over
+mTLS (VAULTLINE_GRPC_ADDRESS or the dev stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from vaultline.config import ConfigError
+from vaultline.devstack import stack_value
+from vaultline.security.identity import Identity, IdentityError, identity_from_pem
+
+__all__ = ["add_settle_commands"]
+
+
+def _need(value: str | None, what: str) -> str:
+    if not value:
+        raise ConfigError(f"{what} is not set and no dev stack is running")
+    return value
+
+
+def _identity_files(home: str, who: str) -> tuple[Path, Path]:
+    cert = stack_value(home, f"clients.{who}.cert")
+    key = stack_value(home, f"clients.{who}.key")
+    if not cert or not key:
+        raise ConfigError(f"no client certificate for --as {who} in the dev stack")
+    return Path(cert), Path(key)
+
+
+def _identity(home: str, who: str) -> Identity:
+    cert, _ = _identity_files(home, who)
+    try:
+        return identity_from_pem(cert.read_bytes())
+    except (OSError, IdentityError):
+        raise ConfigError(f"the certificate of --as {who} is not a vaultline identity") from None
+
+
+@asynccontextmanager
+async def _store_and_audit(home: str) -> AsyncIterator[tuple[Any, Any]]:
+    from vaultline.security.audit import AuditWriter
+    from vaultline.store import Store
+
+    dsn = _need(os.environ.get("VAULTLINE_DATABASE_URL") or stack_value(home, "database_url"),
+                "VAULTLINE_DATABASE_URL")
+    store = await Store.connect(dsn, min_size=1, max_size=2)
+    try:
+        yield store, AuditWriter(store)
+    finally:
+        await store.close()
+
+
+def _fmt_totals(totals: dict[str, Any]) -> str:
+    return ", ".join(f"{c} {v['count']} rows {v['amount_minor']}" for c, v in totals.items())
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .batch import parse_captures
+    from .job import create_batch
+
+    who = _identity(args.home, args.as_)
+    path = Path(args.input)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        print(f"vaultline: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    parsed = parse_captures(raw)
+    if not parsed.ok:
+        print(f"vaultline: {path} has {len(parsed.problems)} problem(s); nothing was created:",
+              file=sys.stderr)
+        for problem in parsed.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+
+    async def main() -> str:
+        async with _store_and_audit(args.home) as (store, audit):
+            return await create_batch(store, audit, who, parsed, tenant=args.tenant,
+                                      input_name=path.name)
+
+    batch_id = asyncio.run(main())
+    totals = {c: {"count": parsed.counts[c], "amount_minor": parsed.totals[c]}
+              for c in parsed.totals}
+    print(f"created batch {batch_id}: {len(parsed.rows)} rows ({_fmt_totals(totals)}),"
+          f" input sha256 {parsed.sha256}, by {who.uri}")
+    print(f"next: `vaultline settle approve {batch_id} --as <another settlement identity>`")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from .job import approve_batch
+
+    who = _identity(args.home, args.as_)
+
+    async def main() -> None:
+        async with _store_and_audit(args.home) as (store, audit):
+            await approve_batch(store, audit, who, args.batch)
+
+    asyncio.run(main())
+    print(f"approved batch {args.batch} by {who.uri}")
+    return 0
+
+
+class _ProgressPrinter:
+    """A bar with rows/s and ETA on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, stream: TextIO, interval: float = 5.0) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._interval = 0.2 if self._tty else interval
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self._interval:
+            return
+        self._last = now
+        elapsed = max(now - self._start, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        eta_text = str(dt.timedelta(seconds=round(eta)))
+        pct = 100.0 * done / total if total else 100.0
+        if self._tty:
+            width = 30
+            filled = int(width * done / total) if total else width
+            bar = "#" * filled + "." * (width - filled)
+            self._stream.write(f"\r[{bar}] {pct:5.1f}% {done}/{total} {rate:,.0f} rows/s"
+                               f" ETA {eta_text} ")
+            if done >= total:
+                self._stream.write("\n")
+        else:
+            self._stream.write(f"progress: {done}/{total} rows ({pct:.1f}%),"
+                               f" {rate:,.0f} rows/s, ETA {eta_text}\n")
+        self._stream.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+    from vaultline.security.tls import load_client_credentials
+
+    from .job import RunOptions, run_batch
+
+    who = _identity(args.home, args.as_)
+    cert, key = _identity_files(args.home, args.as_)
+    ca = _need(os.environ.get("VAULTLINE_CA_FILE") or stack_value(args.home, "ca"),
+               "VAULTLINE_CA_FILE")
+    address = _need(os.environ.get("VAULTLINE_GRPC_ADDRESS")
+                    or stack_value(args.home, "grpc_address"), "VAULTLINE_GRPC_ADDRESS")
+    options = RunOptions(
+        recipient=Path(args.recipient),
+        output_dir=Path(args.output),
+        signing_key=Path(args.sign_key) if args.sign_key else None,
+        chunk=args.chunk,
+    )
+    if not options.recipient.is_file():
+        raise ConfigError(f"--recipient {options.recipient} is not a file")
+
+    async def main() -> Any:
+        credentials = load_client_credentials(ca, cert, key)
+        async with _store_and_audit(args.home) as (store, audit):
+            channel = grpc.aio.secure_channel(address, credentials)
+            try:
+                return await run_batch(store, audit, who, pb_grpc.TokenizationServiceStub(channel),
+                                       args.batch, options, _ProgressPrinter(sys.stderr))
+            finally:
+                await channel.close()
+
+    result = asyncio.run(main())
+    s = result.summary
+    if result.already_done:
+        print(f"batch {args.batch} is already done ({s['file']}, sha256 {s['file_sha256']});"
+              " nothing to do")
+        return 0
+    print(f"done: {s['records']} records written to {Path(args.output) / s['file']},"
+          f" {s['rejected']} rejected ({s['rejects_file']}); totals {s['totals'] or 'none'};"
+          f" reconciled={s['reconciled']}; sha256 {s['file_sha256']}")
+    return 0
+
+
+def _describe(row: Any) -> dict[str, Any]:
+    summary = json.loads(row["summary"]) if row["summary"] else None
+    return {
+        "id": row["id"],
+        "tenant": row["tenant"],
+        "state": row["state"],
+        "rows": row["row_count"],
+        "totals": json.loads(row["totals"]),
+        "input_sha256": row["input_sha256"],
+        "input_name": row["input_name"],
+        "created_by": row["created_by"],
+        "created_at": row["created_at"].isoformat(),
+        "approved_by": row["approved_by"],
+        "approved_at": row["approved_at"].isoformat() if row["approved_at"] else None,
+        "runs": row["runs"],
+        "running_on": (f"{row['run_host']} pid {row['run_pid']}"
+                       if row["state"] == "running" else None),
+        "done_at": row["done_at"].isoformat() if row["done_at"] else None,
+        "summary": summary,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def main() -> Any:
+        async with _store_and_audit(args.home) as (store, _):
+            return await store.find_settlement_batch(args.batch)
+
+    row = asyncio.run(main())
+    if row is None:
+        print(f"vaultline: no batch {args.batch}", file=sys.stderr)
+        return 1
+    info = _describe(row)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"batch {info['id']} ({info['tenant']}): {info['state']}")
+    print(f"  rows       {info['rows']} ({_fmt_totals(info['totals'])})")
+    print(f"  input      {info['input_name']} sha256 {info['input_sha256']}")
+    print(f"  created    {info['created_at']} by {info['created_by']}")
+    print(f"  approved   {info['approved_at'] or '-'} by {info['approved_by'] or '-'}")
+    if info["running_on"]:
+        print(f"  running on {info['running_on']}")
+    if info["summary"]:
+        s = info["summary"]
+        print(f"  done       {info['done_at']}: {s['records']} records, {s['rejected']}"
+              f" rejected, reconciled={s['reconciled']}, file {s['file']} sha256"
+              f" {s['file_sha256']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def main() -> Any:
+        async with _store_and_audit(args.home) as (store, _):
+            return await store.list_settlement_batches(args.limit)
+
+    rows = [_describe(r) for r in asyncio.run(main())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no batches")
+    for r in rows:
+        print(f"{r['id']}  {r['state']:<8}  {r['rows']:>9} rows  {r['created_at'][:19]}"
+              f"  {_fmt_totals(r['totals'])}")
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+
+def add_settle_commands(sub: Any) -> None:
+    settle = sub.add_parser(
+        "settle",
+        help="finance settlement: dual-controlled bulk detokenization into a processor file",
+        description="Settlement batches: `create` from a capture CSV, `approve` by a second "
+        "settlement identity (dual control), `run` into an OpenPGP-encrypted processor file "
+        "(format VLSF v1, see vaultline.settlement.fileformat), `status`, `list`. Every step "
+        "is an audit record; every revealed token is audited by the tokenizer with the batch "
+        "id as purpose.",
+    )
+    s = settle.add_subparsers(dest="settle_command", required=True, metavar="SUBCOMMAND")
+
+    def identity_option(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--as", dest="as_", default=default, metavar="CLIENT",
+                       help=f"the mTLS client identity to act as, a key of the dev stack's "
+                       f"`clients` (default: {default})")
+
+    create = s.add_parser(
+        "create", help="validate a capture CSV and store it as a batch awaiting approval",
+        description="Read `reference,token,amount_minor,currency[,auth_code]` (header "
+        "required, UTF-8). Every row is checked (token shape, positive integer amount in minor "
+        "units, ISO 4217 currency, unique reference); all problems are listed with their line "
+        "numbers and nothing is created unless the whole file is valid. Prints the batch id.")
+    create.add_argument("--input", required=True, metavar="CSV", help="the capture file")
+    create.add_argument("--tenant", default="default", help="tenant of the tokens")
+    identity_option(create, "settlement")
+    create.set_defaults(func=cmd_create)
+
+    approve = s.add_parser(
+        "approve", help="approve a batch (must be a different identity than its creator)",
+        description="Dual control: a batch is approved by a settlement identity other than "
+        "the one that created it. Approving your own batch is refused and audited.")
+    approve.add_argument("batch", metavar="BATCH", help="batch id (sb_…)")
+    identity_option(approve, "settlement-2")
+    approve.set_defaults(func=cmd_approve)
+
+    run = s.add_parser(
+        "run", help="detokenize an approved batch into an encrypted processor file",
+        description="Stream the batch through BatchDetokenize (mTLS, purpose = batch id), "
+        "write the VLSF file encrypted to the processor's OpenPGP key (gpg --decrypt reads it) "
+        "into DIR through a temp file, fsync and atomic rename, with BATCH.rejects.csv "
+        "(reference, token, reason) and BATCH.summary.json (rows, totals per currency, "
+        "reconciliation, SHA-256 of the encrypted file). Only approved batches run; a done "
+        "batch is not run again; an interrupted run is restarted cleanly by running again.")
+    run.add_argument("batch", metavar="BATCH", help="batch id (sb_…)")
+    run.add_argument("--recipient", required=True, metavar="KEY.asc",
+                     help="the processor's OpenPGP public key file")
+    run.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    run.add_argument("--sign-key", metavar="SECRET.asc",
+                     help="optionally sign with this (unprotected) OpenPGP secret key file")
+    run.add_argument("--chunk", type=int, default=2000, help="tokens per BatchDetokenize chunk")
+    identity_option(run, "settlement")
+    run.set_defaults(func=cmd_run)
+
+    status = s.add_parser("status", help="one batch's state, counts and totals",
+                          description="Show a batch: state, rows, totals per currency, "
+                          "creator, approver and, once done, the summary.")
+    status.add_argument("batch", metavar="BATCH", help="batch id (sb_…)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    lst = s.add_parser("list", help="recent batches, newest first",
+                       description="List recent batches with state, rows and totals.")
+    lst.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=cmd_list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vaultline.settlement.cli …`: the same commands before `vaultline` wires them."""
+    from vaultline.cli import DEFAULT_HOME, _setup_logging
+    from vaultline.errors import VaultlineError
+
+    parser = argparse.ArgumentParser(prog="vaultline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--home", default=str(DEFAULT_HOME), help="state directory")
+    add_settle_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"vaultline: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except VaultlineError as exc:
+        print(f"vaultline: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
