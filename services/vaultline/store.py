@@ -400,6 +400,7 @@ class Store:
         request_ids: Sequence[str],
         peers: Sequence[str],
         content_hashes: Sequence[bytes],
+        token_lists: Sequence[str],
         *,
         receipts: bool = True,
     ) -> list[tuple[int, bytes]]:
@@ -409,7 +410,7 @@ class Store:
             ("SELECT seq, hash" if receipts else "SELECT count(*)")
             + " FROM audit_append($1::timestamptz[], $2::text[], $3::text[],"
             " $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
-            " $10::text[], $11::bytea[])",
+            " $10::text[], $11::bytea[], $12::text[])",
             list(ats),
             list(identities),
             list(roles),
@@ -421,6 +422,7 @@ class Store:
             list(request_ids),
             list(peers),
             list(content_hashes),
+            list(token_lists),
         )
         return [(r[0], r[1]) for r in rows] if receipts else []
 
@@ -428,7 +430,8 @@ class Store:
         """Up to `limit` records older than `before_seq`, newest first (admin listing)."""
         return await self._fetch(
             "SELECT seq, at, identity, role, tenant, method, token, purpose, outcome,"
-            " request_id, peer, hash FROM audit_log WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+            " request_id, peer, hash, tokens FROM audit_log WHERE seq < $1"
+            " ORDER BY seq DESC LIMIT $2",
             before_seq,
             limit,
         )
@@ -437,7 +440,7 @@ class Store:
         """The next `limit` records after `after_seq`, in seq order (a page of `verify`)."""
         return await self._fetch(
             "SELECT seq, at, identity, role, tenant, method, token, purpose, outcome,"
-            " request_id, peer, content_hash, prev_hash, hash FROM audit_log"
+            " request_id, peer, content_hash, prev_hash, hash, tokens FROM audit_log"
             " WHERE seq > $1 ORDER BY seq LIMIT $2",
             after_seq,
             limit,
@@ -452,7 +455,7 @@ class Store:
         """The last `limit` records, oldest first."""
         return await self._fetch(
             "SELECT * FROM (SELECT seq, at, identity, role, tenant, method, token, purpose,"
-            " outcome, request_id, peer, content_hash, prev_hash, hash FROM audit_log"
+            " outcome, request_id, peer, content_hash, prev_hash, hash, tokens FROM audit_log"
             " ORDER BY seq DESC LIMIT $1) r ORDER BY seq",
             limit,
         )

@@ -257,3 +257,48 @@ async def test_admin_reads_keys_and_audit_and_rotates(tokenizer: Running) -> Non
 async def test_bound_admin_still_reads_tenantless_admin_api(tokenizer: Running) -> None:
     status = await _invoke_admin(tokenizer, "admin/admin-tenant-a", "GetKeyStatus")
     assert status.latest_version >= 1
+
+
+async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
+    tokenizer: Running, superuser_db: str
+) -> None:
+    tenant = "r-" + uuid.uuid4().hex[:10]
+    pans = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"]
+    tokens = [(await tokenizer.stub.Tokenize(tokenize_request(p, tenant=tenant))).token.token
+              for p in pans]
+    purpose = "reveal-list " + tenant
+    chunks = [
+        pb.BatchDetokenizeRequest(tenant=tenant, purpose=purpose, items=[
+            pb.BatchDetokenizeRequest.Item(reference=str(i), token=t)
+            for i, t in enumerate(tokens[:3])]),
+        pb.BatchDetokenizeRequest(tenant=tenant, purpose=purpose, items=[
+            pb.BatchDetokenizeRequest.Item(reference="unknown", token="4000000000000002"),
+            pb.BatchDetokenizeRequest.Item(reference="3", token=tokens[3])]),
+    ]
+    stub = tokenizer.as_(IDENTITY["settlement"])
+    answers = [r async for r in stub.BatchDetokenize(iter(chunks))]
+    assert [len(a.results) for a in answers] == [3, 2]
+
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, identity, method, outcome, token, tokens FROM audit_log"
+            " WHERE purpose = $1 ORDER BY seq", purpose)
+    finally:
+        await conn.close()
+    # One record per chunk, naming exactly the tokens revealed (not the unknown one), then the
+    # call's own record.
+    assert [(r["method"], r["outcome"], r["token"], list(r["tokens"])) for r in rows] == [
+        ("BatchDetokenize", "OK", "", tokens[:3]),
+        ("BatchDetokenize", "OK", "", tokens[3:]),
+        ("BatchDetokenize", "OK", "", []),
+    ]
+    assert {r["identity"] for r in rows} == {"spiffe://vaultline/settlement/settlement-1"}
+
+    page = await tokenizer.audit_as(IDENTITY["admin"]).ListAuditRecords(
+        admin_pb.ListAuditRecordsRequest(page_size=500))
+    listed = {r.seq: list(r.tokens) for r in page.records}
+    assert listed.get(rows[0]["seq"]) == tokens[:3]
+    chain = await tokenizer.audit_as(IDENTITY["admin"]).VerifyAuditChain(
+        admin_pb.VerifyAuditChainRequest())
+    assert chain.intact, chain.problem

@@ -60,9 +60,11 @@ def make_events(
             outcome="OK" if i % 5 else "PERMISSION_DENIED",
             request_id=f"req-{uuid.uuid4().hex[:8]}",
             peer="ipv4:127.0.0.1:50123",
-            token=f"tok_{i:06d}" if i % 3 else "",
+            token=f"tok_{i:06d}" if i % 3 and i % 4 != 1 else "",
             purpose="settlement" if i % 2 else "",
             at=now + dt.timedelta(microseconds=i * 7 + 1),
+            # every fourth record is a chunk's reveal list (format 2)
+            tokens=(f"tok_{i:06d}a", f"tok_{i:06d}b", f"{i:016d}") if i % 4 == 1 else (),
         )
         for i in range(n)
     ]
@@ -380,7 +382,7 @@ async def test_empty_chain_verifies(migrated: PostgresHandle, scratch: Scratch) 
     assert report.ok and report.checked == 0 and head == (0, GENESIS_HASH)
 
 
-_ALL = "at, " + ", ".join(FIELDS) + ", content_hash, prev_hash, hash"
+_ALL = "at, " + ", ".join(FIELDS) + ", tokens, content_hash, prev_hash, hash"
 
 TAMPERING: dict[str, tuple[list[str], int, str]] = {
     "edit a field": (
@@ -404,6 +406,16 @@ TAMPERING: dict[str, tuple[list[str], int, str]] = {
     "delete the last one": (["DELETE FROM audit_log WHERE seq = 30"], 30,
                             "record 30 missing at the end"),
     "rewrite the head": (["UPDATE audit_head SET hash = sha256('forged')"], 30, "head"),
+    # seq 2, 6 and 10 are reveal lists (make_events: i % 4 == 1)
+    "drop a token from a reveal list": (
+        ["UPDATE audit_log SET tokens = tokens[2:] WHERE seq = 6"], 6, "was edited"),
+    "reorder a reveal list": (
+        ["UPDATE audit_log SET tokens = ARRAY[tokens[2], tokens[1], tokens[3]] WHERE seq = 2"],
+        2, "was edited"),
+    "empty a reveal list": (["UPDATE audit_log SET tokens = '{}' WHERE seq = 10"], 10,
+                            "was edited"),
+    "add a token to a record": (
+        ["UPDATE audit_log SET tokens = ARRAY['tok_000009x'] WHERE seq = 9"], 9, "was edited"),
 }
 
 

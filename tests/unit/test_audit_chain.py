@@ -42,13 +42,17 @@ def event(i: int = 0, **changes: Any) -> AuditEvent:
 
 def chain(n: int) -> list[dict[str, Any]]:
     """Rows as audit_append would store them."""
+    return build_rows([event(i) for i in range(n)])
+
+
+def build_rows(events: list[AuditEvent]) -> list[dict[str, Any]]:
     rows, prev = [], GENESIS_HASH
-    for i in range(n):
-        ev = event(i)
+    for i, ev in enumerate(events):
         content = content_hash(ev)
         digest = chain_hash(prev, content)
         row = {name: getattr(ev, name) for name in FIELDS}
-        row.update(seq=i + 1, at=ev.at, content_hash=content, prev_hash=prev, hash=digest)
+        row.update(seq=i + 1, at=ev.at, content_hash=content, prev_hash=prev, hash=digest,
+                   tokens=list(ev.tokens))
         rows.append(row)
         prev = digest
     return rows
@@ -267,17 +271,53 @@ def test_verifier_stops_at_the_first_break() -> None:
     assert verifier.finish(head_of(rows)).first_broken_seq == 2
 
 
-def test_token_hashes_equal_the_content_hashes_of_each_record() -> None:
-    import dataclasses
-    import datetime as dt
-
-    from vaultline.security.audit import AuditEvent, content_hash, token_hashes
-
+def _reveal(**changes: Any) -> AuditEvent:
     base = AuditEvent(
-        identity="spiffe://vaultline/settlement/settlement-1", role="settlement",
-        tenant="default", method="BatchDetokenize", outcome="OK", request_id="req_abc",
-        peer="ipv4:127.0.0.1:5000", purpose="settlement batch 7 — é",
+        identity="spiffe://vaultline/crm/crm-1", role="crm", tenant="default",
+        method="/vaultline.tokenization.v1.TokenizationService/Detokenize", outcome="OK",
+        request_id="reqabc", peer="ipv4:127.0.0.1:5000", token="4000123412341111",
+        purpose="refund \u2014 \u00e9",
         at=dt.datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=dt.UTC))
-    tokens = ["4000123412341111", "tok_AAAAAAAAAAAAAAAAAAAAAA", "", "ü"]
-    expected = [content_hash(dataclasses.replace(base, token=t)) for t in tokens]
-    assert token_hashes(base, tokens) == expected
+    return dataclasses.replace(base, **changes)
+
+
+def test_format_1_records_hash_exactly_as_before_reveal_lists_existed() -> None:
+    # Computed by the release before format 2: every record stored then must still verify.
+    assert content_hash(_reveal()).hex() == (
+        "ee2679db0baf2c5d74161471de4c5ae28fb7ad7978e45c1edbe0d9e0d3f4685c")
+    assert canonical(_reveal())[16:18] == b"\x00\x01"
+
+
+def test_a_reveal_list_is_format_2_and_every_token_and_its_order_count() -> None:
+    listed = _reveal(token="", tokens=("4000123412341111", "tok_AAAAAAAAAAAAAAAAAAAAAA"))
+    assert canonical(listed)[16:18] == b"\x00\x02"
+    hashes = {
+        content_hash(listed),
+        content_hash(_reveal(token="")),
+        content_hash(_reveal(token="", tokens=("4000123412341111",))),
+        content_hash(_reveal(token="", tokens=("tok_AAAAAAAAAAAAAAAAAAAAAA", "4000123412341111"))),
+        # the boundary between the last field and the list cannot be moved
+        content_hash(_reveal(token="", peer="ipv4:127.0.0.1:500",
+                             tokens=("04000123412341111", "tok_AAAAAAAAAAAAAAAAAAAAAA"))),
+    }
+    assert len(hashes) == 5
+
+
+@pytest.mark.parametrize("bad", ["", "tok_A B", "40001234\x001111", "t\u00f6k"])
+def test_a_reveal_list_refuses_what_is_not_a_token(bad: str) -> None:
+    with pytest.raises(ValueError, match="well-formed tokens"):
+        _reveal(token="", tokens=("4000123412341111", bad))
+
+
+def test_editing_a_stored_reveal_list_breaks_the_chain() -> None:
+    events = [_reveal(token="", tokens=(f"tok_{i}A", f"tok_{i}B"), request_id=f"r{i}")
+              for i in range(4)]
+    rows = build_rows(events)
+    assert all(row["tokens"] for row in rows)
+    assert verify_chain(rows, head_of(rows)).ok
+    for edit in (lambda t: t[1:], lambda t: t[::-1], lambda t: (), lambda t: (*t, "tok_9Z")):
+        forged = [dict(row) for row in rows]
+        forged[2]["tokens"] = list(edit(tuple(forged[2]["tokens"])))
+        report = verify_chain(forged, head_of(rows))
+        assert (report.ok, report.first_broken_seq) == (False, 3)
+        assert "was edited" in report.problem

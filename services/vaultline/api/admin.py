@@ -96,6 +96,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 tenant=row["tenant"], method=row["method"], token=row["token"],
                 purpose=row["purpose"], outcome=row["outcome"],
                 request_id=row["request_id"], peer=row["peer"], hash=bytes(row["hash"]).hex(),
+                tokens=row["tokens"],
             )
             record.time.FromDatetime(row["at"])
         if len(rows) == size and rows[-1]["seq"] > 1:

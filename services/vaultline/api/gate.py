@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 class AuditSink(Protocol):
     async def record(self, events: Sequence[AuditEvent]) -> None: ...
-    async def record_tokens(self, base: AuditEvent, tokens: Sequence[str]) -> None: ...
 
 
 class CallMetrics(Protocol):
@@ -73,7 +72,8 @@ class Gate:
             raise
 
     def event(
-        self, call: CallContext, outcome: str, *, tenant: str, token: str = "", purpose: str = ""
+        self, call: CallContext, outcome: str, *, tenant: str, token: str = "", purpose: str = "",
+        tokens: Sequence[str] = (),
     ) -> AuditEvent:
         return AuditEvent(
             identity=call.identity or "",
@@ -86,6 +86,7 @@ class Gate:
             token=token,
             purpose=purpose,
             at=dt.datetime.now(dt.UTC),
+            tokens=tuple(tokens),
         )
 
     async def audit(self, events: Sequence[AuditEvent]) -> None:
@@ -94,11 +95,11 @@ class Gate:
     async def audit_reveals(
         self, call: CallContext, tenant: str, purpose: str, tokens: Sequence[str]
     ) -> None:
-        """One record per revealed token, durable before any of them is returned."""
+        """One record naming every revealed token, durable before any of them is returned."""
         if not tokens:
             return
-        base = self.event(call, "OK", tenant=tenant, purpose=purpose)
-        await self.audit_sink.record_tokens(base, tokens)
+        await self.audit_sink.record(
+            [self.event(call, "OK", tenant=tenant, purpose=purpose, tokens=tokens)])
         self.count_reveals(call, len(tokens))
 
     def count_reveals(self, call: CallContext, count: int) -> None:

@@ -30,18 +30,24 @@ __all__ = [
     "ChainVerifier",
     "VerifyReport",
     "canonical",
+    "TOKEN_SEPARATOR",
     "chain_hash",
     "content_hash",
     "verify_chain",
 ]
 
-FORMAT_VERSION: Final = 1
+# Format 1: a record without a token list (every record before reveal lists existed, and
+# every one since that names at most one token). Format 2: format 1's fields, then the list.
+FORMAT_VERSION: Final = 2
 GENESIS_HASH: Final = bytes(32)
 # Text fields in encoding order. Changing the order or the set means a new FORMAT_VERSION.
 FIELDS: Final = (
     "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer",
 )
-_MAGIC: Final = b"vaultline-audit\x00" + FORMAT_VERSION.to_bytes(2, "big")
+_MAGIC: Final = b"vaultline-audit\x00" + (1).to_bytes(2, "big")
+_MAGIC_V2: Final = b"vaultline-audit\x00" + (2).to_bytes(2, "big")
+# Stored space-separated on the way into PostgreSQL (0005_audit_reveal_lists.sql).
+TOKEN_SEPARATOR: Final = " "  # noqa: S105 - a separator, not a secret
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -60,6 +66,17 @@ def _clean(value: object, name: str) -> str:
     return value
 
 
+def _token_list(tokens: Iterable[str]) -> tuple[str, ...]:
+    """A reveal list as it can be stored: non-empty tokens without the separator (tokens the
+    service issued never have one; anything else is a caller bug, not data to repair)."""
+    out = tuple(tokens)
+    for token in out:
+        if type(token) is not str or not token or TOKEN_SEPARATOR in token or (
+            not token.isascii()) or "\x00" in token:
+            raise ValueError("AuditEvent.tokens holds only well-formed tokens")
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One audit record before it is chained. `at` is an aware datetime (stored as UTC)."""
@@ -74,6 +91,8 @@ class AuditEvent:
     token: str = ""
     purpose: str = ""
     at: dt.datetime = field(kw_only=True)
+    # Every token a chunk revealed, in order (format 2); empty for every other record.
+    tokens: tuple[str, ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         for name in FIELDS:
@@ -81,6 +100,8 @@ class AuditEvent:
             # The common case (plain ASCII text) costs three cheap checks per field.
             if type(value) is not str or not value.isascii() or "\x00" in value:
                 object.__setattr__(self, name, _clean(value, name))
+        if self.tokens:
+            object.__setattr__(self, "tokens", _token_list(self.tokens))
         at = self.at
         if not isinstance(at, dt.datetime) or at.utcoffset() is None:
             raise ValueError("AuditEvent.at must be a timezone-aware datetime")
@@ -101,19 +122,27 @@ def _micros(at: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _encode(at: dt.datetime, values: Iterable[str]) -> bytes:
-    parts = [_MAGIC, _micros(at).to_bytes(8, "big", signed=True)]
+def _encode(at: dt.datetime, values: Iterable[str], tokens: Sequence[str] = ()) -> bytes:
+    parts = [_MAGIC_V2 if tokens else _MAGIC, _micros(at).to_bytes(8, "big", signed=True)]
     for value in values:
         raw = value.encode("utf-8")
         parts.append(len(raw).to_bytes(4, "big"))
         parts.append(raw)
+    if tokens:
+        parts.append(len(tokens).to_bytes(4, "big"))
+        for token in tokens:
+            raw = token.encode("utf-8")
+            parts.append(len(raw).to_bytes(4, "big"))
+            parts.append(raw)
     return b"".join(parts)
 
 
 def canonical(event: AuditEvent) -> bytes:
-    """Version 1: magic+version, time as int64 µs since the epoch, then each of `FIELDS` as a
-    4-byte big-endian length and its UTF-8 bytes. Unambiguous, and stable across releases."""
-    return _encode(event.at, (getattr(event, name) for name in FIELDS))
+    """Format 1 (no token list): magic+version, time as int64 µs since the epoch, then each of
+    `FIELDS` as a 4-byte big-endian length and its UTF-8 bytes. Format 2 (a token list): the
+    same with version 2, then the number of tokens (4 bytes) and each token, length-prefixed.
+    Unambiguous, and stable across releases: records of both formats verify forever."""
+    return _encode(event.at, (getattr(event, name) for name in FIELDS), event.tokens)
 
 
 def content_hash(event: AuditEvent) -> bytes:
@@ -132,6 +161,14 @@ class AuditRowLike(Protocol):
     """A stored record: an asyncpg Record or a dict with the audit_log columns."""
 
     def __getitem__(self, key: str, /) -> Any: ...
+
+
+def _row_tokens(row: AuditRowLike) -> Sequence[str]:
+    try:
+        tokens = row["tokens"]
+    except KeyError:  # a row read before reveal lists existed
+        return ()
+    return tokens or ()
 
 
 @dataclass
@@ -189,7 +226,7 @@ class ChainVerifier:
             )
         try:
             content = hashlib.sha256(
-                _encode(row["at"], (row[name] for name in FIELDS))
+                _encode(row["at"], (row[name] for name in FIELDS), _row_tokens(row))
             ).digest()
         except (TypeError, AttributeError, UnicodeEncodeError, OverflowError):
             content = b""
@@ -259,10 +296,15 @@ def verify_chain(
 # ---- the writer -----------------------------------------------------------------------------
 
 
-# Column order of `Store.append_audit` (after the timestamps).
+# Column order of `Store.append_audit` (after the timestamps); "tokens" is the joined list.
 _COLUMNS: Final = (
     "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer",
+    "tokens",
 )
+
+
+def _column(event: AuditEvent, name: str) -> str:
+    return TOKEN_SEPARATOR.join(event.tokens) if name == "tokens" else getattr(event, name)
 
 
 class _Pending(NamedTuple):
@@ -277,25 +319,6 @@ class _Pending(NamedTuple):
     @property
     def size(self) -> int:
         return len(self.hashes)
-
-
-def token_hashes(base: AuditEvent, tokens: Sequence[str]) -> list[bytes]:
-    """Content hashes of `base` with each of `tokens` as its token: the same bytes `canonical`
-    gives, but the shared prefix is hashed once (a batch reveal audits thousands of tokens)."""
-    values = [getattr(base, name) for name in FIELDS]
-    cut = FIELDS.index("token")
-    head = _encode(base.at, values[:cut])
-    tail = _encode(base.at, values[cut + 1:])[len(_MAGIC) + 8:]
-    prefix = hashlib.sha256(head)
-    out = []
-    for token in tokens:
-        raw = token.encode("utf-8")
-        h = prefix.copy()
-        h.update(len(raw).to_bytes(4, "big"))
-        h.update(raw)
-        h.update(tail)
-        out.append(h.digest())
-    return out
 
 
 class AuditWriter:
@@ -337,19 +360,8 @@ class AuditWriter:
         events = list(events)
         # Hash here, in the caller's task: spreads the CPU and keeps the drain loop short.
         hashes = [content_hash(event) for event in events]
-        columns = tuple([getattr(e, name) for e in events] for name in _COLUMNS)
+        columns = tuple([_column(e, name) for e in events] for name in _COLUMNS)
         return await self._enqueue([e.at for e in events], columns, hashes, receipts)
-
-    async def record_tokens(self, base: AuditEvent, tokens: Sequence[str]) -> None:
-        """One record per token, each `base` with that token; committed together."""
-        if not tokens:
-            return
-        tokens = [_clean(t, "token") for t in tokens]
-        n = len(tokens)
-        columns = tuple(
-            tokens if name == "token" else [getattr(base, name)] * n for name in _COLUMNS
-        )
-        await self._enqueue([base.at] * n, columns, token_hashes(base, tokens), False)
 
     async def _enqueue(
         self,
@@ -422,7 +434,7 @@ class AuditWriter:
         receipts_wanted = any(pending.wants_receipts for pending in batch)
         try:
             rows = await self._store.append_audit(
-                ats, *columns, hashes, receipts=receipts_wanted
+                ats, *columns[:-1], hashes, columns[-1], receipts=receipts_wanted
             )
         except Exception as exc:  # every waiter of the batch gets its failure
             self._fail(batch, exc)

@@ -139,6 +139,7 @@ async def recent_records(dsn: str, limit: int) -> list[dict[str, Any]]:
             "seq": row["seq"],
             "at": row["at"].astimezone(dt.UTC).isoformat(timespec="microseconds"),
             **{name: row[name] for name in FIELDS},
+            "tokens": list(row["tokens"]),
             "hash": bytes(row["hash"]).hex(),
         }
         for row in rows
@@ -165,6 +166,9 @@ def _cell(record: dict[str, Any], name: str) -> str:
         return value.replace("T", " ").removesuffix("+00:00") + "Z"
     if name == "method":  # /pkg.v1.TokenizationService/Detokenize -> TokenizationService/...
         return value.rsplit(".", 1)[-1]
+    if name == "token" and not value and record.get("tokens"):  # a batch chunk's reveal list
+        count = len(record["tokens"])
+        return f"[{count} token{'s' if count != 1 else ''}]"
     return value
 
 

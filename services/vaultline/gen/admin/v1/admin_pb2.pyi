@@ -71,7 +71,7 @@ class ListAuditRecordsResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("seq", "time", "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer", "hash")
+    __slots__ = ("seq", "time", "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer", "hash", "tokens")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class AuditRecord(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time: _timestamp_pb2.Timestamp
     identity: str
@@ -96,7 +97,8 @@ class AuditRecord(_message.Message):
     request_id: str
     peer: str
     hash: str
-    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ..., role: _Optional[str] = ..., tenant: _Optional[str] = ..., method: _Optional[str] = ..., token: _Optional[str] = ..., purpose: _Optional[str] = ..., outcome: _Optional[str] = ..., request_id: _Optional[str] = ..., peer: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ..., role: _Optional[str] = ..., tenant: _Optional[str] = ..., method: _Optional[str] = ..., token: _Optional[str] = ..., purpose: _Optional[str] = ..., outcome: _Optional[str] = ..., request_id: _Optional[str] = ..., peer: _Optional[str] = ..., hash: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VerifyAuditChainRequest(_message.Message):
     __slots__ = ()
