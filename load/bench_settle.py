@@ -150,7 +150,9 @@ def main() -> None:
             cli = [sys.executable, "-m", "vaultline.settlement.cli", "--home", str(home),
                    "settle"]
             c_s, c_rss, out = timed([*cli, "create", "--input", str(captures)], env)
-            batch = out.split()[2].rstrip(":")
+            # stderr (progress lines) is merged into `out`: find the batch id in its own line.
+            created = next(ln for ln in out.splitlines() if ln.startswith("created batch "))
+            batch = created.split()[2].rstrip(":")
             a_s, _, _ = timed([*cli, "approve", batch, "--as", "settlement-2"], env)
             output = tmp / "out"
             r_s, r_rss, out = timed([*cli, "run", batch, "--recipient", str(recipient),

@@ -477,22 +477,34 @@ class Store:
         input_sha256: str,
         input_name: str,
         totals_json: str,
-        rows: Sequence[tuple[int, str, str, int, str, str]],
+        rows: Any,  # an iterable of (line, reference, token, amount, currency, auth code)
+        *,
+        row_count: int,
+        before_commit: Any = None,  # () -> None
     ) -> None:
         """The batch and its rows (line, reference, token, amount, currency, auth code), in one
-        transaction: a batch is never visible without all its rows."""
+        transaction: a batch is never visible without all its rows.
+
+        `rows` is consumed lazily by one binary COPY (a generator reading a file streams through
+        in bounded memory); `before_commit` runs after the COPY, inside the transaction, so
+        raising there (the rows were not what was checked) rolls the whole batch back."""
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO settlement_batches (id, tenant, created_by, input_sha256,"
                 " input_name, row_count, totals) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
-                batch_id, tenant, created_by, input_sha256, input_name, len(rows), totals_json,
+                batch_id, tenant, created_by, input_sha256, input_name, row_count, totals_json,
             )
             await conn.copy_records_to_table(
                 "settlement_rows",
                 records=((batch_id, *row) for row in rows),
                 columns=("batch_id", "line", "reference", "token", "amount_minor", "currency",
                          "auth_code"),
+                # The COPY lasts as long as producing the rows does (reading and checking a big
+                # file), not one query's command_timeout: allow down to 1,000 rows/s.
+                timeout=30 + row_count / 1000,
             )
+            if before_commit is not None:
+                before_commit()
 
     async def find_settlement_batch(self, batch_id: str) -> asyncpg.Record | None:
         return await self._fetchrow(

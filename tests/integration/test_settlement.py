@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,12 @@ from tests.fixtures.tokenizer import Running
 from tests.helpers import synthetic_pans
 from tests.testcards import TEST_CARDS
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
+from vaultline.security.audit import AuditWriter
+from vaultline.security.identity import identity_from_pem
+from vaultline.settlement.batch import check_captures
 from vaultline.settlement.fileformat import parse_file
+from vaultline.settlement.job import SettlementError, create_batch
+from vaultline.store import Store
 
 PYTHON = sys.executable
 GPG = shutil.which("gpg") or "/usr/bin/gpg"
@@ -331,3 +338,155 @@ async def test_signed_file_verifies_with_the_senders_key(
     parsed = parse_file(verified.stdout)
     assert [(d.reference, d.pan) for d in parsed.details] == [("s1", TEST_CARDS["VISA"][2])]
     assert json.loads((out / f"{batch}.summary.json").read_text())["signed"] is True
+
+
+async def settle_on_terminal(home: Path, *args: str) -> Result:
+    """Run `settle …` with its stderr on a pseudo-terminal, as in an interactive shell; `err`
+    is what the terminal received."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
+    master, slave = os.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON, "-m", "vaultline.settlement.cli", "--home", str(home), "settle", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=slave, env=env)
+    finally:
+        os.close(slave)
+
+    def terminal() -> bytes:
+        received = bytearray()
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every process closed its end of the terminal
+                break
+            if not data:
+                break
+            received += data
+        return bytes(received)
+
+    try:
+        err, (out, _) = await asyncio.wait_for(
+            asyncio.gather(asyncio.to_thread(terminal), proc.communicate()), 300)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        os.close(master)
+    result = Result(proc.returncode or 0, out.decode(), err.decode())
+    LOG.append(result.out + result.err)
+    return result
+
+
+async def test_run_on_a_terminal_shows_a_progress_bar(
+    home: Path, tokenizer: Running, processor: Processor, tmp_path: Path,
+) -> None:
+    pans = synthetic_pans(60, start=800_000)
+    tokens = await tokenize(tokenizer, pans)
+    captures = tmp_path / "captures.csv"
+    captures.write_text("reference,token,amount_minor,currency\n" + "".join(
+        f"t{i},{t},{i + 1},EUR\n" for i, t in enumerate(tokens)))
+    batch = batch_id_of(await settle(home, "create", "--input", str(captures)))
+    assert (await settle(home, "approve", batch)).code == 0
+    run = await settle_on_terminal(home, "run", batch, "--recipient", str(processor.public_key),
+                                   "--output", str(tmp_path / "out"), "--chunk", "5")
+    assert run.code == 0, run.err
+    assert run.out.startswith("done: 60 records")
+    # One line redrawn in place: each state starts with a carriage return, and the first chunk
+    # is drawn before the last one is.
+    bars = [part for part in run.err.split("\r") if part.startswith("[")]
+    assert len(bars) >= 2, run.err
+    assert all(re.search(r"rows [\d,]+ rows/s ETA \d+:\d\d:\d\d", bar) for bar in bars), bars
+    assert re.match(r"\[#*\.+\] +\d+\.\d% \d+/60 rows", bars[0]), bars[0]
+    assert re.match(r"\[#{30}\] 100\.0% 60/60 rows [\d,]+ rows/s ETA 0:00:00 *$", bars[-1])
+    assert re.search(r"ETA 0:00:00 *\r\n", run.err)  # done: the line ends (\n is \r\n on a tty)
+    assert "progress:" not in run.err  # plain lines are for logs, not terminals
+    for secret in (*pans, *tokens):
+        assert secret not in run.err
+
+
+async def test_create_streams_every_row_into_the_batch(
+    home: Path, superuser_db: str, tmp_path: Path,
+) -> None:
+    """20,000 rows through both passes (BOM, CRLF, a blank line, a numeric token written with
+    spaces): the database holds exactly the rows, lines and totals of the file."""
+    run = os.urandom(3).hex()
+    expected = []
+    lines = ["\ufeffreference,token,amount_minor,currency,auth_code"]
+    for i in range(20_000):
+        if i == 7:
+            lines.append("")  # a blank line still counts as a line
+        token = f"tok_{i:021d}A" if i % 10 else "4000 0000 0000 0001"  # numeric, fails Luhn
+        currency = ("EUR", "USD", "GBP")[i % 3]
+        lines.append(f"{run}-{i},{token},{i + 1},{currency},{'AC' + str(i) if i % 2 else ''}")
+        expected.append((len(lines), f"{run}-{i}", token.replace(" ", ""), i + 1, currency,
+                         "AC" + str(i) if i % 2 else ""))
+    captures = tmp_path / "captures.csv"
+    captures.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    created = await settle(home, "create", "--input", str(captures))
+    batch = batch_id_of(created)
+    assert f"created batch {batch}: 20000 rows (" in created.out
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        stored = await conn.fetch(
+            "SELECT line, reference, token, amount_minor, currency, auth_code"
+            " FROM settlement_rows WHERE batch_id = $1 ORDER BY line", batch)
+        info = await conn.fetchrow("SELECT row_count, totals, input_sha256, input_name, state"
+                                   " FROM settlement_batches WHERE id = $1", batch)
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in stored] == expected
+    totals: dict[str, dict[str, int]] = {}
+    for *_, amount, currency, _auth in expected:
+        entry = totals.setdefault(currency, {"count": 0, "amount_minor": 0})
+        entry["count"] += 1
+        entry["amount_minor"] += amount
+    assert info["row_count"] == 20_000 and json.loads(info["totals"]) == totals
+    assert info["input_sha256"] == hashlib.sha256(captures.read_bytes()).hexdigest()
+    assert (info["input_name"], info["state"]) == ("captures.csv", "created")
+
+
+async def test_create_refuses_an_input_that_changed_after_the_check(
+    migrated: PostgresHandle, test_pki: fx.TestPki, superuser_db: str,
+) -> None:
+    """Pass 2 re-reads the file into COPY; other bytes than pass 1 checked roll it all back."""
+    run = os.urandom(3).hex()
+    raw = ("reference,token,amount_minor,currency\n" + "".join(
+        f"{run}-{i},tok_{i:021d}A,{i + 1},EUR\n" for i in range(3000))).encode()
+
+    def source(content: bytes) -> Callable[[], Iterator[bytes]]:
+        return lambda: (content[o:o + 4096] for o in range(0, len(content), 4096))
+
+    def unreadable() -> Iterator[bytes]:
+        yield raw[:4096]
+        raise OSError(errno.EIO, "Input/output error")
+
+    checked = check_captures(source(raw))
+    assert checked.ok
+    who = identity_from_pem(test_pki.certs["settlement/settlement-1"].cert_pem)
+    store = await Store.connect(migrated.app_dsn, min_size=1, max_size=2)
+    try:
+        audit = AuditWriter(store)
+        changed = [
+            raw.replace(f"{run}-5,".encode(), f"{run}-5x,".encode()),  # other bytes
+            raw.replace(f"{run}-2999,".encode(), f"{run}-3,".encode()),  # now a duplicate
+            raw[:-30],  # truncated
+            raw + f"{run}-x,tok_{0:021d}A,1,EUR\n".encode(),  # a row more
+        ]
+        for content in changed:
+            with pytest.raises(SettlementError, match="changed while it was being read"):
+                await create_batch(store, audit, who, checked, source(content))
+        with pytest.raises(SettlementError, match="could not be read again"):
+            await create_batch(store, audit, who, checked, unreadable)
+        conn = await asyncpg.connect(superuser_db)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM settlement_batches"
+                                       " WHERE input_sha256 = $1", checked.sha256) == 0
+            assert await conn.fetchval("SELECT count(*) FROM settlement_rows"
+                                       " WHERE reference LIKE $1", f"{run}-%") == 0
+            # The unchanged input goes in, all of it.
+            batch = await create_batch(store, audit, who, checked, source(raw))
+            assert await conn.fetchval("SELECT count(*) FROM settlement_rows"
+                                       " WHERE batch_id = $1", batch) == 3000
+        finally:
+            await conn.close()
+    finally:
+        await store.close()

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -71,35 +71,67 @@ def _fmt_totals(totals: dict[str, Any]) -> str:
 # ---- commands --------------------------------------------------------------------------------
 
 
+_CHUNK = 1 << 20
+_PROGRESS_MIN_BYTES = 8 << 20  # `create` shows progress from 8 MiB (about 150,000 rows)
+
+
+def _file_source(path: Path, task: str) -> Callable[[], Iterator[bytes]]:
+    """The file's bytes from the start in 1 MiB chunks, at every call; a big file's read shows
+    its progress (bytes, never content) on stderr."""
+
+    def chunks() -> Iterator[bytes]:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            show = None
+            if size >= _PROGRESS_MIN_BYTES:
+                show = _ProgressPrinter(sys.stderr, 2.0, task=task, unit="MiB", scale=1 << 20)
+            done = 0
+            try:
+                while block := fh.read(_CHUNK):
+                    yield block
+                    done += len(block)  # counted once the reader is done with it
+                    if show is not None:
+                        show(done, size)
+            finally:
+                if show is not None:
+                    show.close()
+
+    return chunks
+
+
 def cmd_create(args: argparse.Namespace) -> int:
-    from .batch import parse_captures
+    from .batch import InputChanged, check_captures
     from .job import create_batch
 
     who = _identity(args.home, args.as_)
     path = Path(args.input)
+    # Pass 1 reads the file once, keeping no rows: problems, totals, digest. Pass 2 (in
+    # create_batch) reads it again into PostgreSQL and checks it is still the same bytes.
     try:
-        raw = path.read_bytes()
+        checked = check_captures(_file_source(path, "checking"))
     except OSError as exc:
         print(f"vaultline: cannot read {path}: {exc.strerror}", file=sys.stderr)
         return 1
-    parsed = parse_captures(raw)
-    if not parsed.ok:
-        print(f"vaultline: {path} has {len(parsed.problems)} problem(s); nothing was created:",
+    except InputChanged as exc:
+        print(f"vaultline: {path} {exc}; nothing was created", file=sys.stderr)
+        return 1
+    if not checked.ok:
+        print(f"vaultline: {path} has {len(checked.problems)} problem(s); nothing was created:",
               file=sys.stderr)
-        for problem in parsed.problems:
+        for problem in checked.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
 
     async def main() -> str:
         async with _store_and_audit(args.home) as (store, audit):
-            return await create_batch(store, audit, who, parsed, tenant=args.tenant,
-                                      input_name=path.name)
+            return await create_batch(store, audit, who, checked, _file_source(path, "storing"),
+                                      tenant=args.tenant, input_name=path.name)
 
     batch_id = asyncio.run(main())
-    totals = {c: {"count": parsed.counts[c], "amount_minor": parsed.totals[c]}
-              for c in parsed.totals}
-    print(f"created batch {batch_id}: {len(parsed.rows)} rows ({_fmt_totals(totals)}),"
-          f" input sha256 {parsed.sha256}, by {who.uri}")
+    totals = {c: {"count": checked.counts[c], "amount_minor": checked.totals[c]}
+              for c in checked.totals}
+    print(f"created batch {batch_id}: {checked.row_count} rows ({_fmt_totals(totals)}),"
+          f" input sha256 {checked.sha256}, by {who.uri}")
     print(f"next: `vaultline settle approve {batch_id} --as <another settlement identity>`")
     return 0
 
@@ -119,37 +151,67 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 class _ProgressPrinter:
-    """A bar with rows/s and ETA on a terminal; a plain line every few seconds otherwise."""
+    """A bar with rate and ETA on a terminal; a plain line every few seconds otherwise.
 
-    def __init__(self, stream: TextIO, interval: float = 5.0) -> None:
+    Called with (done, total) counts: rows by default, or e.g. bytes shown as MiB with
+    `unit="MiB", scale=2**20`. Only counts are ever printed, never data.
+    """
+
+    def __init__(self, stream: TextIO, interval: float = 5.0, *, task: str = "",
+                 unit: str = "rows", scale: int = 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
         self._tty = stream.isatty()
-        self._start = time.monotonic()
-        self._last = 0.0
+        self._clock = clock
+        self._start = clock()
+        self._last: float | None = None
         self._interval = 0.2 if self._tty else interval
+        self._task = f"{task} " if task else ""
+        self._unit = unit
+        self._scale = scale
+        self._drawn = 0  # length of the bar on screen (a terminal); 0 when none is
+        self._finished = False
+
+    def _count(self, n: float) -> str:
+        return f"{n / self._scale:,.1f}" if self._scale != 1 else f"{n:,.0f}"
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self._last < self._interval:
+        now = self._clock()
+        if self._finished or (done < total and self._last is not None
+                              and now - self._last < self._interval):
             return
         self._last = now
         elapsed = max(now - self._start, 1e-6)
         rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        eta_text = str(dt.timedelta(seconds=round(eta)))
+        left = max(total - done, 0)
+        eta_text = str(dt.timedelta(seconds=round(left / rate))) if rate > 0 else "?"
         pct = 100.0 * done / total if total else 100.0
+        count = (f"{done}/{total}" if self._scale == 1
+                 else f"{done / self._scale:.1f}/{total / self._scale:.1f}")
+        unit, speed = self._unit, self._count(rate)
         if self._tty:
             width = 30
-            filled = int(width * done / total) if total else width
+            filled = min(width, int(width * done / total) if total else width)
             bar = "#" * filled + "." * (width - filled)
-            self._stream.write(f"\r[{bar}] {pct:5.1f}% {done}/{total} {rate:,.0f} rows/s"
-                               f" ETA {eta_text} ")
+            text = (f"\r{self._task}[{bar}] {pct:5.1f}% {count} {unit} {speed} {unit}/s"
+                    f" ETA {eta_text}")
+            self._stream.write(text.ljust(self._drawn) + " ")
+            self._drawn = len(text)
             if done >= total:
                 self._stream.write("\n")
+                self._drawn = 0
         else:
-            self._stream.write(f"progress: {done}/{total} rows ({pct:.1f}%),"
-                               f" {rate:,.0f} rows/s, ETA {eta_text}\n")
+            self._stream.write(f"progress: {self._task}{count} {unit} ({pct:.1f}%),"
+                               f" {speed} {unit}/s, ETA {eta_text}\n")
+        self._finished = done >= total
         self._stream.flush()
+
+    def close(self) -> None:
+        """End a bar left unfinished (the work stopped early) with its line."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -289,7 +351,9 @@ def add_settle_commands(sub: Any) -> None:
         description="Read `reference,token,amount_minor,currency[,auth_code]` (header "
         "required, UTF-8). Every row is checked (token shape, positive integer amount in minor "
         "units, ISO 4217 currency, unique reference); all problems are listed with their line "
-        "numbers and nothing is created unless the whole file is valid. Prints the batch id.")
+        "numbers and nothing is created unless the whole file is valid. The file is streamed "
+        "in bounded memory, read twice: checked, then stored; if it changes in between, "
+        "nothing is created. Prints the batch id.")
     create.add_argument("--input", required=True, metavar="CSV", help="the capture file")
     create.add_argument("--tenant", default="default", help="tenant of the tokens")
     identity_option(create, "settlement")

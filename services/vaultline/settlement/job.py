@@ -43,7 +43,7 @@ from vaultline.security.audit import AuditEvent, AuditWriter
 from vaultline.security.identity import Identity
 from vaultline.store import Store
 
-from .batch import ParsedBatch
+from .batch import CheckedBatch, InputChanged, Source
 from .fileformat import FileBuilder, format_totals
 from .openpgp import GpgStream, check_public_key
 
@@ -87,24 +87,35 @@ def _require_settlement(who: Identity) -> None:
 # ---- create / approve ------------------------------------------------------------------------
 
 
-async def create_batch(store: Store, audit: AuditWriter, who: Identity, parsed: ParsedBatch,
-                       *, tenant: str = "default", input_name: str = "") -> str:
-    """Store a validated batch; audited as SettleCreate."""
+async def create_batch(store: Store, audit: AuditWriter, who: Identity, checked: CheckedBatch,
+                       source: Source, *, tenant: str = "default", input_name: str = "") -> str:
+    """Store a checked batch; audited as SettleCreate.
+
+    `checked` is pass 1 over the input (`check_captures`); this is pass 2: `source` is read
+    again and its rows stream into PostgreSQL by COPY in the transaction that creates the batch.
+    If the second read is not the checked input (changed since, or unreadable), the transaction
+    rolls back and nothing is created.
+    """
     _require_settlement(who)
-    if not parsed.ok:
+    if not checked.ok:
         raise SettlementError("the input has problems; nothing was created")
-    totals = {c: {"count": parsed.counts[c], "amount_minor": parsed.totals[c]}
-              for c in parsed.totals}
-    rows = [(r.line, r.reference, r.token, r.amount_minor, r.currency, r.auth_code)
-            for r in parsed.rows]
+    totals = {c: {"count": checked.counts[c], "amount_minor": checked.totals[c]}
+              for c in checked.totals}
     for _ in range(3):
         batch_id = new_batch_id()
+        rows = checked.reread(source)
         try:
-            await store.insert_settlement_batch(batch_id, tenant, who.uri, parsed.sha256,
-                                                input_name, json.dumps(totals), rows)
+            await store.insert_settlement_batch(batch_id, tenant, who.uri, checked.sha256,
+                                                input_name, json.dumps(totals), rows,
+                                                row_count=checked.row_count,
+                                                before_commit=rows.verify)
             break
-        except asyncpg.UniqueViolationError:
-            continue
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "settlement_batches_pkey":
+                raise
+            continue  # the batch id is taken (before any row was read): another id
+        except InputChanged as exc:
+            raise SettlementError(f"the input {exc}; nothing was created") from None
     else:
         raise SettlementError("could not allocate a batch id")
     await audit.record([_event(who, tenant, "SettleCreate", "OK", batch_id)])
