@@ -336,7 +336,10 @@ class AuditWriter:
         *,
         max_batch: int = 2000,
         max_in_flight: int = 2,
-        busy_window: float = 0.002,
+        # 8 ms: fewer, larger appends while another is in flight. Server CPU per unary
+        # Tokenize in back-to-back pairs: 2 ms 524/572/571 µs, 4 ms 517/480/395 µs; 4 ms
+        # 461/560 µs, 8 ms 376/459 µs. An idle service never waits (first batch: one loop turn).
+        busy_window: float = 0.008,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
