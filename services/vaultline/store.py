@@ -399,8 +399,8 @@ class Store:
         outcomes: Sequence[str],
         request_ids: Sequence[str],
         peers: Sequence[str],
-        content_hashes: Sequence[bytes],
         token_lists: Sequence[str],
+        content_hashes: Sequence[bytes],
         *,
         receipts: bool = True,
     ) -> list[tuple[int, bytes]]:
@@ -422,7 +422,7 @@ class Store:
             list(request_ids),
             list(peers),
             list(content_hashes),
-            list(token_lists),
+            list(token_lists),  # $12: the function's argument order, not this method's
         )
         return [(r[0], r[1]) for r in rows] if receipts else []
 

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "GENESIS_HASH",
+    "TOKEN_SEPARATOR",
     "AuditEvent",
     "AuditReceipt",
     "AuditWriter",
     "ChainVerifier",
     "VerifyReport",
     "canonical",
-    "TOKEN_SEPARATOR",
     "chain_hash",
     "content_hash",
     "verify_chain",
@@ -122,18 +122,19 @@ def _micros(at: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _encode(at: dt.datetime, values: Iterable[str], tokens: Sequence[str] = ()) -> bytes:
-    parts = [_MAGIC_V2 if tokens else _MAGIC, _micros(at).to_bytes(8, "big", signed=True)]
-    for value in values:
-        raw = value.encode("utf-8")
+def _put_texts(parts: list[bytes], texts: Iterable[str]) -> None:
+    for text in texts:
+        raw = text.encode("utf-8")
         parts.append(len(raw).to_bytes(4, "big"))
         parts.append(raw)
+
+
+def _encode(at: dt.datetime, values: Iterable[str], tokens: Sequence[str] = ()) -> bytes:
+    parts = [_MAGIC_V2 if tokens else _MAGIC, _micros(at).to_bytes(8, "big", signed=True)]
+    _put_texts(parts, values)
     if tokens:
         parts.append(len(tokens).to_bytes(4, "big"))
-        for token in tokens:
-            raw = token.encode("utf-8")
-            parts.append(len(raw).to_bytes(4, "big"))
-            parts.append(raw)
+        _put_texts(parts, tokens)
     return b"".join(parts)
 
 
@@ -437,7 +438,7 @@ class AuditWriter:
         receipts_wanted = any(pending.wants_receipts for pending in batch)
         try:
             rows = await self._store.append_audit(
-                ats, *columns[:-1], hashes, columns[-1], receipts=receipts_wanted
+                ats, *columns, hashes, receipts=receipts_wanted
             )
         except Exception as exc:  # every waiter of the batch gets its failure
             self._fail(batch, exc)
