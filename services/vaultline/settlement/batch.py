@@ -133,37 +133,40 @@ class _References:
         self._keys = array("Q", [0]) * (self._mask + 1)  # 0 = empty slot
         self._lines = array("I", [0]) * (self._mask + 1)
 
-    def first_line(self, reference: str, line: int) -> int:
-        """Record `reference` on `line` unless seen before; the line it was first seen on."""
-        d = (self._digest(reference) & _MASK64) or 1  # 0 marks an empty slot
-        if d in self._exact_digests:
-            return self._exact.setdefault(reference, line)
+    def _key(self, reference: str) -> int:
+        return (self._digest(reference) & _MASK64) or 1  # 0 marks an empty slot
+
+    def _slot(self, d: int) -> int:
+        """The slot holding digest `d`, or the empty slot where it would go."""
         keys, mask = self._keys, self._mask
         i = d & mask
-        while (k := keys[i]) != d:
-            if not k:
-                keys[i] = d
-                self._lines[i] = line
-                self._size += 1
-                if self._size * 2 > mask:
-                    self._grow()
-                return line
+        while (k := keys[i]) and k != d:
             i = (i + 1) & mask
-        self.hits.add(d)
-        return self._lines[i]
+        return i
+
+    def first_line(self, reference: str, line: int) -> int:
+        """Record `reference` on `line` unless seen before; the line it was first seen on."""
+        d = self._key(reference)
+        if d in self._exact_digests:
+            return self._exact.setdefault(reference, line)
+        i = self._slot(d)
+        if self._keys[i]:  # the same digest: the same reference, or a collision
+            self.hits.add(d)
+            return self._lines[i]
+        self._keys[i] = d
+        self._lines[i] = line
+        self._size += 1
+        if self._size * 2 > self._mask:
+            self._grow()
+        return line
 
     def recorded_line(self, reference: str, line: int) -> int:
         """The line `first_line` recorded for `reference` (0 if none); changes nothing."""
-        d = (self._digest(reference) & _MASK64) or 1
+        d = self._key(reference)
         if d in self._exact_digests:
             return self._exact.get(reference, 0)
-        keys, mask = self._keys, self._mask
-        i = d & mask
-        while (k := keys[i]) != d:
-            if not k:
-                return 0
-            i = (i + 1) & mask
-        return self._lines[i]
+        i = self._slot(d)
+        return self._lines[i] if self._keys[i] else 0
 
     def _grow(self) -> None:
         old_keys, old_lines = self._keys, self._lines
@@ -357,6 +360,10 @@ class CheckedBatch:
     @property
     def ok(self) -> bool:
         return not self.problems and self.row_count > 0
+
+    def currency_totals(self) -> dict[str, dict[str, int]]:
+        """{currency: {"count": rows, "amount_minor": sum}}, as batches store and print them."""
+        return {c: {"count": self.counts[c], "amount_minor": self.totals[c]} for c in self.totals}
 
     def reread(self, source: Source) -> RowStream:
         """Pass 2: the rows of the same input, read again; call `verify()` after the last."""

@@ -128,8 +128,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                                       tenant=args.tenant, input_name=path.name)
 
     batch_id = asyncio.run(main())
-    totals = {c: {"count": checked.counts[c], "amount_minor": checked.totals[c]}
-              for c in checked.totals}
+    totals = checked.currency_totals()
     print(f"created batch {batch_id}: {checked.row_count} rows ({_fmt_totals(totals)}),"
           f" input sha256 {checked.sha256}, by {who.uri}")
     print(f"next: `vaultline settle approve {batch_id} --as <another settlement identity>`")

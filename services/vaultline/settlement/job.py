@@ -99,8 +99,7 @@ async def create_batch(store: Store, audit: AuditWriter, who: Identity, checked:
     _require_settlement(who)
     if not checked.ok:
         raise SettlementError("the input has problems; nothing was created")
-    totals = {c: {"count": checked.counts[c], "amount_minor": checked.totals[c]}
-              for c in checked.totals}
+    totals = checked.currency_totals()
     for _ in range(3):
         batch_id = new_batch_id()
         rows = checked.reread(source)
