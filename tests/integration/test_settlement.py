@@ -98,12 +98,20 @@ class Result:
 LOG: list[str] = []  # every command's output, for the leak scan
 
 
+def settle_argv(home: Path, *args: str) -> list[str]:
+    return [PYTHON, "-m", "vaultline.settlement.cli", "--home", str(home), "settle", *args]
+
+
+def settle_env() -> dict[str, str]:
+    """This environment without VAULTLINE_* overrides: the commands use the test home's stack."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
+
+
 async def settle(home: Path, *args: str) -> Result:
     """Run `settle …` in a subprocess; async, since the tokenizer serves from this loop."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
     proc = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "vaultline.settlement.cli", "--home", str(home), "settle", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        *settle_argv(home, *args),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=settle_env())
     out, err = await asyncio.wait_for(proc.communicate(), 300)
     result = Result(proc.returncode or 0, out.decode(), err.decode())
     LOG.append(result.out + result.err)
@@ -121,6 +129,17 @@ async def tokenize(tokenizer: Running, pans: list[str]) -> list[str]:
             assert result.WhichOneof("outcome") == "token"
             tokens.append(result.token.token)
     return tokens
+
+
+async def approved_batch(home: Path, tmp_path: Path, tokens: list[str], *, prefix: str,
+                         currency: str) -> str:
+    """A batch of `tokens` (references prefix0…, amounts 1, 2, …), created and approved."""
+    captures = tmp_path / "captures.csv"
+    captures.write_text("reference,token,amount_minor,currency\n" + "".join(
+        f"{prefix}{i},{t},{i + 1},{currency}\n" for i, t in enumerate(tokens)))
+    batch = batch_id_of(await settle(home, "create", "--input", str(captures)))
+    assert (await settle(home, "approve", batch)).code == 0
+    return batch
 
 
 def batch_id_of(result: Result) -> str:
@@ -263,19 +282,13 @@ async def test_killed_run_leaves_no_output_and_rerun_gives_one_complete_file(
     home: Path, tokenizer: Running, processor: Processor, tmp_path: Path,
 ) -> None:
     n = 3000
-    pans = synthetic_pans(n, start=700_000)
-    tokens = await tokenize(tokenizer, pans)
-    captures = tmp_path / "captures.csv"
-    captures.write_text("reference,token,amount_minor,currency\n" + "".join(
-        f"k{i},{t},{i + 1},GBP\n" for i, t in enumerate(tokens)))
-    batch = batch_id_of(await settle(home, "create", "--input", str(captures)))
-    assert (await settle(home, "approve", batch)).code == 0
+    tokens = await tokenize(tokenizer, synthetic_pans(n, start=700_000))
+    batch = await approved_batch(home, tmp_path, tokens, prefix="k", currency="GBP")
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
     proc = subprocess.Popen(
-        [PYTHON, "-m", "vaultline.settlement.cli", "--home", str(home), "settle", "run", batch,
-         "--recipient", str(processor.public_key), "--output", str(out), "--chunk", "10"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        settle_argv(home, "run", batch, "--recipient", str(processor.public_key),
+                    "--output", str(out), "--chunk", "10"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=settle_env())
     deadline = time.monotonic() + 60
     # Kill it once the encrypted temp file has grown (rows are being written).
     while time.monotonic() < deadline:
@@ -343,12 +356,11 @@ async def test_signed_file_verifies_with_the_senders_key(
 async def settle_on_terminal(home: Path, *args: str) -> Result:
     """Run `settle …` with its stderr on a pseudo-terminal, as in an interactive shell; `err`
     is what the terminal received."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
     master, slave = os.openpty()
     try:
         proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "vaultline.settlement.cli", "--home", str(home), "settle", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=slave, env=env)
+            *settle_argv(home, *args), stdout=asyncio.subprocess.PIPE, stderr=slave,
+            env=settle_env())
     finally:
         os.close(slave)
 
@@ -381,11 +393,7 @@ async def test_run_on_a_terminal_shows_a_progress_bar(
 ) -> None:
     pans = synthetic_pans(60, start=800_000)
     tokens = await tokenize(tokenizer, pans)
-    captures = tmp_path / "captures.csv"
-    captures.write_text("reference,token,amount_minor,currency\n" + "".join(
-        f"t{i},{t},{i + 1},EUR\n" for i, t in enumerate(tokens)))
-    batch = batch_id_of(await settle(home, "create", "--input", str(captures)))
-    assert (await settle(home, "approve", batch)).code == 0
+    batch = await approved_batch(home, tmp_path, tokens, prefix="t", currency="EUR")
     run = await settle_on_terminal(home, "run", batch, "--recipient", str(processor.public_key),
                                    "--output", str(tmp_path / "out"), "--chunk", "5")
     assert run.code == 0, run.err
