@@ -71,7 +71,8 @@ class TokenizerServer:
             config.vault_addr, config.vault_credentials, key_name=config.vault_key_name
         )
         self.keyring = Keyring(self.store, self._vault, config.key_policy)
-        self.service = TokenService(self.store, self.keyring)
+        audit = AuditWriter(self.store)
+        self.service = TokenService(self.store, self.keyring, audit=audit)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -80,7 +81,7 @@ class TokenizerServer:
             ],
         )
         self.metrics.observe_keyring(self.keyring)
-        gate = Gate(guard, AuditWriter(self.store), self.metrics)
+        gate = Gate(guard, audit, self.metrics)
         pb_grpc.add_TokenizationServiceServicer_to_server(
             TokenizationServicer(self.service, gate), server
         )

@@ -3,7 +3,9 @@
 Composes the pure cores (card, tokens, crypto) with the keyring and the store. Speaks domain
 types only; `api/` translates to and from protobuf. Bulk operations cost one database round
 trip per chunk; concurrent single-card calls are coalesced into such chunks, so the unary path
-rides on the bulk one.
+rides on the bulk one — audit records included: a caller may hand `tokenize` the audit record
+to write for its result, and a chunk's records are appended together, once its tokens are
+committed and before any of its callers is answered.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from .card import Card, CardBrand, CardError, Expiry, Pan, mask_pans, validate_cardholder_name
 from .crypto import CIPHERTEXT_VERSION, OpenFailed, associated_data
@@ -189,6 +191,26 @@ def parse_card(raw: CardInput, today: dt.date) -> Card:
     return Card(pan, expiry, name)
 
 
+# ---- audit records of single calls --------------------------------------------------------
+
+
+class AuditRecorder(Protocol):
+    """Appends audit records durably (`security.audit.AuditWriter`); the service never builds
+    records itself: the caller hands it one per call, as `AuditRecordFor`."""
+
+    async def record(self, events: Sequence[Any]) -> None: ...
+
+
+# Builds the audit record of a call from the token it got (the token is known only after its
+# chunk is committed: a returning card gets the token it already has).
+AuditRecordFor = Callable[["TokenRecord"], Any]
+
+
+class _SingleCall(NamedTuple):
+    card: Card
+    audit_record: AuditRecordFor | None
+
+
 # ---- coalescing concurrent single calls into chunks --------------------------------------
 
 K = TypeVar("K", bound=Hashable)
@@ -286,16 +308,18 @@ class TokenService:
         store: Store,
         keyring: Keyring,
         *,
+        audit: AuditRecorder | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._store = store
         self._keyring = keyring
+        self._audit = audit
         self._clock = clock
         self._randbytes = randbytes
-        self._coalescer: Coalescer[TokenizeGroup, Card, Tokenized | VaultlineError] = Coalescer(
-            self._tokenize_group
-        )
+        self._coalescer: Coalescer[
+            TokenizeGroup, _SingleCall, Tokenized | VaultlineError
+        ] = Coalescer(self._tokenize_calls)
 
     # -- tokenize ------------------------------------------------------------------------
 
@@ -307,21 +331,38 @@ class TokenService:
         *,
         request_id: str = "",
         ttl: dt.timedelta | None = None,
+        audit_record: AuditRecordFor | None = None,
     ) -> Tokenized:
+        """Tokenize one card. With `audit_record`, the call's audit record (built from the
+        token it gets) is durable before this returns; if it cannot be written, this raises."""
+        if audit_record is not None and self._audit is None:
+            raise TypeError("TokenService was built without an audit recorder")
         tenant = validate_tenant(tenant)
         token_format = validate_format(fmt)
         ttl = validate_ttl(ttl)
         parsed = parse_card(card, self._clock().date())
+        group = (tenant, token_format, ttl)
         if not request_id:
+            # The common path: the chunk appends this call's audit record with its neighbours'.
             return self._unwrap(
-                await self._coalescer.submit((tenant, token_format, ttl), parsed)
+                await self._coalescer.submit(group, _SingleCall(parsed, audit_record))
             )
         request_id = validate_request_id(request_id)
-        fingerprint = (await self._keyring.fingerprint_key(tenant)).fingerprint(parsed.pan.reveal())
+        result = await self._tokenize_once(tenant, request_id, group, parsed)
+        if audit_record is not None:
+            assert self._audit is not None
+            await self._audit.record([audit_record(result.record)])
+        return result
+
+    async def _tokenize_once(
+        self, tenant: str, request_id: str, group: TokenizeGroup, card: Card
+    ) -> Tokenized:
+        """A retried `request_id` answers with its first result (or REQUEST_ID_REUSED)."""
+        fingerprint = (await self._keyring.fingerprint_key(tenant)).fingerprint(card.pan.reveal())
         earlier = await self._replay(tenant, request_id, fingerprint)
         if earlier is not None:
             return earlier
-        result = self._unwrap(await self._coalescer.submit((tenant, token_format, ttl), parsed))
+        result = self._unwrap(await self._coalescer.submit(group, _SingleCall(card, None)))
         if await self._store.insert_tokenize_request(
             tenant, request_id, fingerprint, result.record.token, result.created
         ):
@@ -372,6 +413,25 @@ class TokenService:
             for (i, _), outcome in zip(parsed, outcomes, strict=True):
                 results[i] = outcome
         return results  # type: ignore[return-value]
+
+    async def _tokenize_calls(
+        self, group: TokenizeGroup, calls: list[_SingleCall]
+    ) -> list[Tokenized | VaultlineError]:
+        """A chunk of coalesced single calls: their tokens, then their audit records.
+
+        The records are appended in the chunk's task, so a caller that went away after its
+        token was committed still has its record; if they cannot be written, every caller of
+        the chunk gets the failure (a retry then finds the same token, `created` false)."""
+        results = await self._tokenize_group(group, [call.card for call in calls])
+        records = [
+            call.audit_record(result.record)
+            for call, result in zip(calls, results, strict=True)
+            if call.audit_record is not None and type(result) is Tokenized
+        ]
+        if records:
+            assert self._audit is not None
+            await self._audit.record(records)
+        return results
 
     async def _tokenize_group(
         self, group: TokenizeGroup, cards: list[Card]

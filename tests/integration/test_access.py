@@ -302,3 +302,42 @@ async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
     chain = await tokenizer.audit_as(IDENTITY["admin"]).VerifyAuditChain(
         admin_pb.VerifyAuditChainRequest())
     assert chain.intact, chain.problem
+
+
+async def test_concurrent_tokenize_calls_each_get_one_record_naming_their_token(
+    tokenizer: Running, superuser_db: str
+) -> None:
+    # Concurrent unary calls are coalesced into shared chunks, and each chunk appends its
+    # callers' records together: every call must still get exactly its own record.
+    tenant = "u-" + uuid.uuid4().hex[:10]
+    pans = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"]
+    callers = {"crm": "crm/crm-1", "ivr": "ivr/ivr-1"}
+    calls = []
+    for i in range(24):
+        role = "crm" if i % 2 else "ivr"
+        request = tokenize_request(pans[i % len(pans)], tenant=tenant)
+        if i % 6 == 0:
+            request.request_id = f"idem-{tenant}-{i % 12}"  # the idempotent path, replayed once
+        calls.append((role, f"conc-{tenant}-{i}", request))
+    answers = await asyncio.gather(*(
+        tokenizer.as_(callers[role]).Tokenize(request, metadata=(("x-request-id", rid),))
+        for role, rid, request in calls))
+
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        rows = await conn.fetch(
+            "SELECT request_id, identity, method, outcome, tenant, token FROM audit_log"
+            " WHERE request_id LIKE $1 ORDER BY seq", f"conc-{tenant}-%")
+    finally:
+        await conn.close()
+    recorded: dict[str, list[tuple[str, str, str, str, str]]] = {}
+    for r in rows:
+        recorded.setdefault(r["request_id"], []).append(
+            (r["identity"], r["method"], r["outcome"], r["tenant"], r["token"]))
+    assert recorded == {
+        rid: [(f"spiffe://vaultline/{callers[role]}", "Tokenize", "OK", tenant,
+               answer.token.token)]
+        for (role, rid, _), answer in zip(calls, answers, strict=True)
+    }
+    # One token per card, however the calls were grouped.
+    assert len({a.token.token for a in answers}) == len(pans)

@@ -76,8 +76,20 @@ async def _audit_failure(
 
 
 def unary(fn: F) -> F:
+    """The wrapper of a unary method; it writes the audit record of every answer."""
+    return _unary(fn, audits_success=True)
+
+
+def unary_audited_by_method(fn: F) -> F:
+    """`unary` for a method that writes its own success record (Tokenize: in its coalesced
+    chunk, see `TokenService.tokenize`); refusals and failures are still audited here."""
+    return _unary(fn, audits_success=False)
+
+
+def _unary(fn: F, *, audits_success: bool) -> F:
     method = fn.__name__
     reveals = method in REVEALING_METHODS
+    assert audits_success or not reveals, "a reveal is always audited by the wrapper"
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -95,10 +107,12 @@ def unary(fn: F) -> F:
             if reveals:
                 gate.take_quota(call, 1)
             response = await fn(self, request, context)
-            token = getattr(request, "token", "") or getattr(
-                getattr(response, "token", None), "token", "")
-            await gate.audit([gate.event(
-                call, "OK", tenant=tenant, token=token, purpose=getattr(request, "purpose", ""))])
+            if audits_success:
+                token = getattr(request, "token", "") or getattr(
+                    getattr(response, "token", None), "token", "")
+                await gate.audit([gate.event(
+                    call, "OK", tenant=tenant, token=token,
+                    purpose=getattr(request, "purpose", ""))])
             if reveals:
                 gate.count_reveals(call, 1)
             return response

@@ -19,7 +19,7 @@ from ..errors import VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from ..service import CardInput, Revealed, Tokenized, TokenRecord, TokenService
-from .calls import streaming, unary
+from .calls import streaming, unary, unary_audited_by_method
 from .context import current_call
 from .errors import to_rpc_status
 from .gate import Gate
@@ -144,14 +144,20 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         self._service = service
         self._gate = gate
 
-    @unary
+    @unary_audited_by_method
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        call = current_call.get()
+        assert call is not None
+        tenant = request.tenant or "default"
+        event = self._gate.event
         result = await self._service.tokenize(
             request.tenant,
             card_in(request.card),
             request.format,
             request_id=request.request_id,
             ttl=ttl_in(request.HasField("ttl"), request.ttl),
+            # Written with the other records of its coalesced chunk, before the answer.
+            audit_record=lambda record: event(call, "OK", tenant=tenant, token=record.token),
         )
         response = pb.TokenizeResponse(created=result.created)
         fill_token(response.token, result.record)
