@@ -219,38 +219,29 @@ R = TypeVar("R")
 
 
 class Coalescer(Generic[K, I, R]):
-    """Runs concurrent single-item calls of one group as chunks.
+    """Runs concurrent single-item calls of one group as chunks (group commit).
 
-    An idle service answers at once (the first chunk leaves after one loop turn); under load,
-    while one chunk is in flight the next gathers calls for up to `busy_window` (4 ms: measured
-    best of 0, 2 and 4 ms for unary Tokenize at 64 calls in flight), so a busy
-    service makes one database round trip per chunk instead of one per call.
+    One chunk per group is in flight at a time; calls that arrive meanwhile wait and leave
+    together as the next chunk. An idle service answers at once (a chunk leaves after one loop
+    turn); a busy one makes one database round trip per chunk instead of one per call, and its
+    chunks grow with the load, without a timer to tune. Measured against the previous two
+    chunks in flight with a 4 ms gathering window (paired windows, unary Tokenize): the same
+    rate at 64 calls in flight, 24% more at 16 and 50% more at 8, where the window was idle.
     """
 
     def __init__(
-        self,
-        run_chunk: Callable[[K, list[I]], Awaitable[list[R]]],
-        *,
-        max_chunk: int = 512,
-        max_in_flight: int = 2,
-        busy_window: float = 0.004,
+        self, run_chunk: Callable[[K, list[I]], Awaitable[list[R]]], *, max_chunk: int = 512
     ) -> None:
         self._run_chunk = run_chunk
         self._max_chunk = max_chunk
-        self._max_in_flight = max_in_flight
-        self._busy_window = busy_window
         self._queues: dict[K, list[tuple[I, asyncio.Future[R]]]] = {}
-        self._draining: dict[K, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[K, asyncio.Task[None]] = {}  # the group's drainer, while it runs
 
     async def submit(self, key: K, item: I) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(key, []).append((item, future))
-        if self._draining.get(key, 0) < self._max_in_flight:
-            self._draining[key] = self._draining.get(key, 0) + 1
-            task = asyncio.create_task(self._drain(key))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.create_task(self._drain(key))
         return await future
 
     async def _drain(self, key: K) -> None:
@@ -258,10 +249,6 @@ class Coalescer(Generic[K, I, R]):
             # One loop turn first: calls that arrived in the same turn join this chunk.
             await asyncio.sleep(0)
             while queue := self._queues.get(key):
-                if self._draining[key] > 1 and len(queue) < self._max_chunk:
-                    # Busy: another chunk is in flight, so a short wait costs no throughput
-                    # and fills this chunk; each round trip costs far more than the wait.
-                    await asyncio.sleep(self._busy_window)
                 batch = queue[: self._max_chunk]
                 del queue[: self._max_chunk]
                 live = [(item, f) for item, f in batch if not f.cancelled()]
@@ -278,11 +265,9 @@ class Coalescer(Generic[K, I, R]):
                     if not f.done():
                         f.set_result(result)
         finally:
-            self._draining[key] -= 1
-            if not self._draining[key]:
-                del self._draining[key]
-                if not self._queues.get(key):
-                    self._queues.pop(key, None)
+            del self._tasks[key]
+            if not self._queues.get(key):
+                self._queues.pop(key, None)
 
 
 # ---- the service ---------------------------------------------------------------------------
