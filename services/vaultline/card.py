@@ -377,10 +377,33 @@ class Card:
                 PAN_MIN_DIGITS <= len(digits) <= PAN_MAX_DIGITS and digits.isdigit()
             ):
                 raise ValueError(_MALFORMED)
-            # Expiry and Card check month, year and name themselves.
-            return cls(_make_pan(digits, card_brand), Expiry(month, year), name)
+            expiry = _EXPIRIES.get((month, year)) or _known_expiry(month, year)
+            if name and not _name_ok(name):
+                raise ValueError(_MALFORMED)
         except ValueError:  # also CardError and UnicodeDecodeError, whose texts show input bytes
             raise ValueError(_MALFORMED) from None
+        # Every part is checked above: build the Card without running the checks again (this
+        # is the per-card path of every bulk reveal).
+        card = _new_object(Card)
+        _set_card_pan(card, _make_pan(digits, card_brand))
+        _set_card_expiry(card, expiry)
+        _set_card_name(card, name)
+        return card
+
+
+_set_card_pan = Card.__dict__["pan"].__set__
+_set_card_expiry = Card.__dict__["expiry"].__set__
+_set_card_name = Card.__dict__["cardholder_name"].__set__
+
+# Expiry is immutable, so decoded cards share one object per month (a bounded set: only the
+# valid ones, at most 12 x 100, are kept).
+_EXPIRIES: dict[tuple[int, int], Expiry] = {}
+
+
+def _known_expiry(month: int, year: int) -> Expiry:
+    expiry = Expiry(month, year)  # raises CardError on an invalid month or year
+    _EXPIRIES[(month, year)] = expiry
+    return expiry
 
 
 # ---- masking free text -----------------------------------------------------------------------
