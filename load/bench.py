@@ -5,6 +5,8 @@ directory, plus a bare grpc.aio echo server on the same mTLS, each in its own pr
 measures from this process, as the stack's crm (and, to reveal, settlement) identities:
 
   echo      bare grpc.aio unary calls/s with a Tokenize-sized payload (the gRPC ceiling)
+  null      the generated TokenizationService with a Tokenize that does no work, called with
+            the real Tokenize messages (the gRPC + protobuf floor under any servicer)
   copy      PostgreSQL COPY rows/s into a table shaped like `tokens` (the database ceiling)
   tokenize  unary Tokenize calls/s, p50/p99 latency, and the ratio to echo
   batch-tok BatchTokenize new PANs/s (chunks of --chunk), and the ratio to COPY
@@ -68,8 +70,23 @@ def unique_pans(n: int, seed: int) -> list[str]:
 # ---- the bare baselines ------------------------------------------------------------------------
 
 
-def echo_server_main(port_file: str, pki_dir: str) -> None:
-    """A grpc.aio server that returns its request bytes: the floor under any unary RPC.
+class NullTokenizer(pb_grpc.TokenizationServiceServicer):
+    """Tokenize answers a fixed, fully filled token: protobuf in and out, nothing else."""
+
+    def __init__(self) -> None:
+        self._response = pb.TokenizeResponse(created=True, token=pb.CardToken(
+            token="4111110000001112",  # noqa: S106 - a fixed token shape, not a secret
+            tenant="default", brand=pb.CARD_BRAND_VISA, bin="411111",
+            last4="1111", expiry_month=12, expiry_year=2030, format=pb.TOKEN_FORMAT_NUMERIC))
+        self._response.token.create_time.GetCurrentTime()
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: object) -> pb.TokenizeResponse:
+        return self._response
+
+
+def echo_server_main(kind: str, port_file: str, pki_dir: str) -> None:
+    """A grpc.aio server that returns its request bytes ("echo": the floor under any unary
+    RPC) or the generated TokenizationService with a no-work Tokenize ("null").
 
     It speaks the same mTLS as the tokenizer (same server certificate, client certificates
     required), so the comparison isolates the vault's own work."""
@@ -78,12 +95,12 @@ def echo_server_main(port_file: str, pki_dir: str) -> None:
         async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return request
 
-        handler = grpc.method_handlers_generic_handler(
-            "bench.Echo",
-            {"Echo": grpc.unary_unary_rpc_method_handler(echo)},
-        )
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((handler,))
+        if kind == "null":
+            pb_grpc.add_TokenizationServiceServicer_to_server(NullTokenizer(), server)
+        else:
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
         pki = Path(pki_dir)
         port = server.add_secure_port("127.0.0.1:0", load_server_credentials(
             pki / "ca.crt", pki / "server.crt", pki / "server.key"))
@@ -230,17 +247,17 @@ async def bench_batch_detokenize(
 # ---- orchestration -------------------------------------------------------------------------
 
 
-def start_echo(tmp: Path, pki_dir: str) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = tmp / "echo.port"
+def start_echo(tmp: Path, pki_dir: str, kind: str = "echo") -> tuple[subprocess.Popen[bytes], str]:
+    port_file = tmp / f"{kind}.port"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--echo-server", str(port_file), pki_dir],
+        [sys.executable, __file__, "--echo-server", kind, str(port_file), pki_dir],
     )
     for _ in range(200):
         if port_file.exists() and port_file.read_text():
             return proc, f"127.0.0.1:{port_file.read_text()}"
         time.sleep(0.05)
     proc.kill()
-    raise SystemExit("echo server did not start")
+    raise SystemExit(f"{kind} server did not start")
 
 
 def start_stack(home: Path) -> tuple[subprocess.Popen[bytes], dict]:  # type: ignore[type-arg]
@@ -287,6 +304,13 @@ async def run(args: argparse.Namespace) -> None:
                                                    payload, args.seconds, args.concurrency)
             echo_cpu = (cpu_seconds(echo_proc.pid) - cpu0) / (
                 echo_rate * args.seconds + echo_rate * WARMUP_S)
+            echo_proc.terminate()
+            echo_proc.wait(10)
+            echo_proc, null_addr = start_echo(tmp, str(Path(stack["ca"]).parent), "null")
+            async with grpc.aio.secure_channel(null_addr, credentials(stack, "crm")) as channel:
+                null_rate, null_lat = await bench_tokenize(
+                    pb_grpc.TokenizationServiceStub(channel), unary_pans, args.seconds,
+                    args.concurrency)
             copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
             options = [("grpc.max_receive_message_length", 64 << 20)]
             async with grpc.aio.secure_channel(
@@ -320,11 +344,15 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{'measure':<34}{'rate':>14}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>22}")
     print(f"{'bare grpc.aio echo (calls/s)':<34}{echo_rate:>14,.0f}"
           f"{pct(echo_lat, 50):>9.2f}{pct(echo_lat, 99):>9.2f}")
+    print(f"{'no-work Tokenize servicer (calls/s)':<34}{null_rate:>14,.0f}"
+          f"{pct(null_lat, 50):>9.2f}{pct(null_lat, 99):>9.2f}"
+          f"{null_rate / echo_rate:>13.0%} of echo")
     print(f"{'PostgreSQL COPY (rows/s)':<34}{copy_rate:>14,.0f}")
     print(f"server CPU per call: echo {echo_cpu * 1e6:,.0f} µs, Tokenize {tok_cpu * 1e6:,.0f} µs")
     print(f"{'Tokenize unary (calls/s)':<34}{tok_rate:>14,.0f}"
           f"{pct(tok_lat, 50):>9.2f}{pct(tok_lat, 99):>9.2f}"
           f"{tok_rate / echo_rate:>13.0%} of echo")
+    print(f"{'':<66}{tok_rate / null_rate:>13.0%} of no-work")
     print(f"{'BatchTokenize (new PANs/s)':<34}{bt_rate:>14,.0f}{'':>18}"
           f"{bt_rate / copy_rate:>13.0%} of COPY")
     print(f"{'BatchDetokenize (tokens/s)':<34}{bd_rate:>14,.0f}{'':>18}"
@@ -332,8 +360,8 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--echo-server":
-        echo_server_main(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
+        echo_server_main(sys.argv[2], sys.argv[3], sys.argv[4])
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
