@@ -305,10 +305,12 @@ async def _stream(store: Store, stub: pb_grpc.TokenizationServiceStub, batch: An
             after = rows[-1]["line"]
             await window.acquire()
             pending.append(rows)
-            yield pb.BatchDetokenizeRequest(
-                tenant=tenant, purpose=batch_id,
-                items=[pb.BatchDetokenizeRequest.Item(reference=r["reference"], token=r["token"])
-                       for r in rows])
+            # Filled in place: building each Item and copying the list costs twice as much.
+            request = pb.BatchDetokenizeRequest(tenant=tenant, purpose=batch_id)
+            add = request.items.add
+            for r in rows:
+                add(reference=r["reference"], token=r["token"])
+            yield request
 
     async def handle(response: pb.BatchDetokenizeResponse, done_rows: int) -> int:
         nonlocal last_renew
