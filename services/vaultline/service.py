@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .card import Card, CardBrand, CardError, Expiry, Pan, mask_pans, validate_cardholder_name
 from .crypto import CIPHERTEXT_VERSION, OpenFailed, associated_data
@@ -30,6 +30,7 @@ from .errors import (
     VaultlineError,
 )
 from .keyring import Keyring
+from .security.audit import AuditEvent, AuditSink
 from .store import NewTokens, Store
 from .tokens import TokenError, TokenFormat, new_tokens, parse_token
 
@@ -194,16 +195,10 @@ def parse_card(raw: CardInput, today: dt.date) -> Card:
 # ---- audit records of single calls --------------------------------------------------------
 
 
-class AuditRecorder(Protocol):
-    """Appends audit records durably (`security.audit.AuditWriter`); the service never builds
-    records itself: the caller hands it one per call, as `AuditRecordFor`."""
-
-    async def record(self, events: Sequence[Any]) -> None: ...
-
-
 # Builds the audit record of a call from the token it got (the token is known only after its
-# chunk is committed: a returning card gets the token it already has).
-AuditRecordFor = Callable[["TokenRecord"], Any]
+# chunk is committed: a returning card gets the token it already has). The service never
+# builds records itself: the caller hands it one builder per call.
+AuditRecordFor = Callable[["TokenRecord"], AuditEvent]
 
 
 class _SingleCall(NamedTuple):
@@ -293,7 +288,7 @@ class TokenService:
         store: Store,
         keyring: Keyring,
         *,
-        audit: AuditRecorder | None = None,
+        audit: AuditSink | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:

@@ -15,15 +15,11 @@ from typing import Protocol
 import grpc
 
 from ..security.access import REVEALING_METHODS, Grant, Guard, QuotaExceeded, Unauthenticated
-from ..security.audit import AuditEvent
+from ..security.audit import AuditEvent, AuditSink
 from ..security.identity import IdentityError, identity_from_auth_context
 from .context import CallContext, current_call
 
 log = logging.getLogger(__name__)
-
-
-class AuditSink(Protocol):
-    async def record(self, events: Sequence[AuditEvent]) -> None: ...
 
 
 class CallMetrics(Protocol):

@@ -27,6 +27,7 @@ __all__ = [
     "TOKEN_SEPARATOR",
     "AuditEvent",
     "AuditReceipt",
+    "AuditSink",
     "AuditWriter",
     "ChainVerifier",
     "VerifyReport",
@@ -295,6 +296,13 @@ def verify_chain(
 
 
 # ---- the writer -----------------------------------------------------------------------------
+
+
+class AuditSink(Protocol):
+    """Where records go, durably, before `record` returns: `AuditWriter` (the gate, and the
+    service's coalesced Tokenize chunks, both write through it)."""
+
+    async def record(self, events: Sequence[AuditEvent]) -> None: ...
 
 
 # Column order of `Store.append_audit` (after the timestamps); "tokens" is the joined list.
