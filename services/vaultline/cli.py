@@ -19,6 +19,7 @@ from pathlib import Path
 from . import config as config_module
 from .config import ConfigError, TokenizerConfig
 from .devstack import stack_value
+from .runtime import tune_gc
 
 DEFAULT_HOME = Path(os.environ.get("VAULTLINE_HOME", ".vaultline"))
 
@@ -44,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import TokenizerServer
 
     config = TokenizerConfig.from_env()
+    tune_gc()
 
     async def main() -> None:
         server = TokenizerServer(config)
@@ -65,6 +67,7 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     from .devstack.stack import DevStack
 
     stack = DevStack(Path(args.home).resolve(), grpc_port=args.grpc_port)
+    tune_gc()
 
     async def main() -> None:
         await stack.start()

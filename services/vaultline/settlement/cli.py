@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from vaultline.config import ConfigError
 from vaultline.devstack import stack_value
+from vaultline.runtime import tune_gc
 from vaultline.security.identity import Identity, IdentityError, identity_from_pem
 
 __all__ = ["add_settle_commands"]
@@ -235,6 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not options.recipient.is_file():
         raise ConfigError(f"--recipient {options.recipient} is not a file")
+    tune_gc()
 
     async def main() -> Any:
         credentials = load_client_credentials(ca, cert, key)
