@@ -7,7 +7,7 @@ and `settle run` (as settlement), each with its peak RSS (/proc VmHWM). For cont
 bare BatchDetokenize of the same tokens from this process (the tokenizer's ceiling for `run`).
 With --verify the output is decrypted with gpg and checked record by record (trailer totals).
 
-Usage: python load/bench_settle.py [--rows 1000000] [--chunk 2000] [--verify]
+Usage: python load/bench_settle.py [--rows 1000000] [--chunk 5000] [--verify]
 Record the printed figures in load/README.md. A measurement, never a test assertion.
 """
 
@@ -115,7 +115,7 @@ async def reveal_baseline(address: str, creds: grpc.ChannelCredentials, tokens: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--chunk", type=int, default=2000)
+    parser.add_argument("--chunk", type=int, default=5000)
     parser.add_argument("--verify", action="store_true", help="decrypt and check every record")
     parser.add_argument("--no-baseline", action="store_true", help="skip bare BatchDetokenize")
     args = parser.parse_args()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vaultline.settlement import cli
+from vaultline.config import ConfigError
+from vaultline.settlement import DEFAULT_CHUNK, MAX_CHUNK, cli
 from vaultline.settlement.batch import check_captures
 from vaultline.settlement.cli import _ProgressPrinter, add_settle_commands
 
@@ -34,7 +35,15 @@ def test_identities_default_to_two_different_clients() -> None:
     assert p.parse_args(["settle", "approve", "sb_0123456789"]).as_ == "settlement-2"
     run = p.parse_args(["settle", "run", "sb_0123456789", "--recipient", "k.asc",
                         "--output", "out"])
-    assert (run.as_, run.chunk, run.sign_key) == ("settlement", 2000, None)
+    assert (run.as_, run.chunk, run.sign_key) == ("settlement", DEFAULT_CHUNK, None)
+
+
+@pytest.mark.parametrize("chunk", ["0", "-5", str(MAX_CHUNK + 1)])
+def test_run_refuses_a_chunk_size_out_of_range(chunk: str, tmp_path: Path) -> None:
+    args = parser().parse_args(["--home", str(tmp_path), "settle", "run", "sb_0123456789",
+                                "--recipient", "k.asc", "--output", "out", "--chunk", chunk])
+    with pytest.raises(ConfigError, match="--chunk must be between 1 and"):
+        args.func(args)
 
 
 class Tty(io.StringIO):

@@ -6,3 +6,10 @@
 - ``job``: the run — BatchDetokenize over mTLS, temp file + fsync + rename, rejects, summary
 - ``cli``: ``vaultline settle create|approve|run|status|list``
 """
+
+from typing import Final
+
+# Tokens per BatchDetokenize chunk of `settle run`. 5,000 settled 300k rows ~10% faster than
+# 2,000 (fewer round trips and audit records per row); a chunk's response stays under 1 MB.
+DEFAULT_CHUNK: Final = 5000
+MAX_CHUNK: Final = 20_000

@@ -25,6 +25,7 @@ from vaultline.config import ConfigError
 from vaultline.devstack import stack_value
 from vaultline.runtime import tune_gc
 from vaultline.security.identity import Identity, IdentityError, identity_from_pem
+from vaultline.settlement import DEFAULT_CHUNK, MAX_CHUNK
 
 __all__ = ["add_settle_commands"]
 
@@ -222,6 +223,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .job import RunOptions, run_batch
 
+    if not 1 <= args.chunk <= MAX_CHUNK:
+        raise ConfigError(f"--chunk must be between 1 and {MAX_CHUNK}, not {args.chunk}")
     who = _identity(args.home, args.as_)
     cert, key = _identity_files(args.home, args.as_)
     ca = _need(os.environ.get("VAULTLINE_CA_FILE") or stack_value(args.home, "ca"),
@@ -382,7 +385,9 @@ def add_settle_commands(sub: Any) -> None:
     run.add_argument("--output", required=True, metavar="DIR", help="output directory")
     run.add_argument("--sign-key", metavar="SECRET.asc",
                      help="optionally sign with this (unprotected) OpenPGP secret key file")
-    run.add_argument("--chunk", type=int, default=2000, help="tokens per BatchDetokenize chunk")
+    run.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="N",
+                     help=f"tokens per BatchDetokenize chunk, 1..{MAX_CHUNK}"
+                          f" (default {DEFAULT_CHUNK})")
     identity_option(run, "settlement")
     run.set_defaults(func=cmd_run)
 

@@ -43,6 +43,7 @@ from vaultline.security.audit import AuditEvent, AuditWriter
 from vaultline.security.identity import Identity
 from vaultline.store import Store
 
+from . import DEFAULT_CHUNK
 from .batch import CheckedBatch, InputChanged, Source
 from .fileformat import FileBuilder, format_totals
 from .openpgp import GpgStream, check_public_key
@@ -150,7 +151,7 @@ class RunOptions:
     recipient: Path
     output_dir: Path
     signing_key: Path | None = None
-    chunk: int = 2000
+    chunk: int = DEFAULT_CHUNK
     in_flight: int = 4
     lease: dt.timedelta = dt.timedelta(seconds=30)
 
