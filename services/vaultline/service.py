@@ -31,7 +31,7 @@ from .errors import (
 )
 from .keyring import Keyring
 from .security.audit import AuditEvent, AuditSink
-from .store import NewTokens, Store
+from .store import REVEAL_COLUMNS, NewTokens, Store
 from .tokens import TokenError, TokenFormat, new_tokens, parse_token
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class Revealed(NamedTuple):
 # Dict lookups: several times cheaper than calling the enum, on the per-card path.
 _BRANDS = {b.value: b for b in CardBrand}
 _FORMATS = {f.value: f for f in TokenFormat}
+_KEY_ID = REVEAL_COLUMNS.index("data_key_id")
 
 
 def _record(tenant: str, row: Any) -> TokenRecord:
@@ -563,27 +564,28 @@ class TokenService:
     async def _reveal(self, tenant: str, tokens: list[str]) -> list[Revealed | VaultlineError]:
         if not tokens:
             return []
-        rows = {r["token"]: r for r in await self._store.find_live_tokens(tenant, tokens)}
-        keys = await self._keyring.sealing_keys({r["data_key_id"] for r in rows.values()})
-        out: list[Revealed | VaultlineError] = []
-        for token in tokens:
-            row = rows.get(token)
-            if row is None:
-                out.append(TokenNotFound())
-                continue
-            key_id = row["data_key_id"]
+        rows = await self._store.find_live_tokens(tenant, tokens)
+        keys = await self._keyring.sealing_keys({row[_KEY_ID] for row in rows})
+        out: list[Revealed | VaultlineError | None] = [None] * len(tokens)
+        # Unpacked positionally (store.REVEAL_COLUMNS): this loop runs once per revealed card.
+        for n, brand, bin_, last4, month, year, fmt, created, expires, key_id, blob in rows:
+            token = tokens[n - 1]
             key = keys.get(key_id)
             try:
                 if key is None:
                     raise OpenFailed()
                 plaintext = key.open(
-                    row["ciphertext"], associated_data(CIPHERTEXT_VERSION, tenant, token, key_id)
+                    blob, associated_data(CIPHERTEXT_VERSION, tenant, token, key_id)
                 )
-                out.append(Revealed(Card.from_plaintext(plaintext), _record(tenant, row)))
+                out[n - 1] = Revealed(
+                    Card.from_plaintext(plaintext),
+                    TokenRecord(token, tenant, _BRANDS[brand], bin_, last4, month, year,
+                                _FORMATS[fmt], created, expires),
+                )
             except (OpenFailed, ValueError):
                 log.error("stored card data failed its integrity check (data key %d)", key_id)
-                out.append(DataCorrupted())
-        return out
+                out[n - 1] = DataCorrupted()
+        return [TokenNotFound() if o is None else o for o in out]
 
     async def delete_token(self, tenant: str, token: str) -> None:
         tenant = validate_tenant(tenant)

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -83,6 +83,19 @@ _DATA_KEY_COLUMNS = (
 _TOKEN_META = (
     "token, fingerprint, brand, bin, last4, expiry_month, expiry_year, format, created_at,"
     " expires_at"
+)
+
+# The reveal path's row: no token (the caller sent it; `n` says which) and no fingerprint, so
+# nothing is decoded that a reveal does not use. Callers unpack it positionally, in this order.
+REVEAL_COLUMNS: Final = (
+    "n", "brand", "bin", "last4", "expiry_month", "expiry_year", "format", "created_at",
+    "expires_at", "data_key_id", "ciphertext",
+)
+_FIND_LIVE_TOKENS = (
+    f"SELECT i.n, t.* FROM unnest($2::text[]) WITH ORDINALITY AS i(token, n)"
+    f" CROSS JOIN LATERAL (SELECT {', '.join(REVEAL_COLUMNS[1:])} FROM tokens"
+    " WHERE tenant = $1 AND token = i.token"
+    " AND (expires_at IS NULL OR expires_at > now()) LIMIT 1) t"
 )
 
 _T_TOKEN_META = ", ".join("t." + c.strip() for c in _TOKEN_META.split(","))
@@ -322,15 +335,12 @@ class Store:
         )
 
     async def find_live_tokens(self, tenant: str, tokens: Sequence[str]) -> list[asyncpg.Record]:
-        """Live (not expired) tokens with their ciphertext, in one round trip."""
-        return await self._fetch(
-            f"SELECT t.* FROM unnest($2::text[]) AS i(token) CROSS JOIN LATERAL ("
-            f" SELECT {_TOKEN_META}, data_key_id, ciphertext FROM tokens"
-            " WHERE tenant = $1 AND token = i.token"
-            " AND (expires_at IS NULL OR expires_at > now()) LIMIT 1) t",
-            tenant,
-            list(tokens),
-        )
+        """Live (not expired) tokens with their ciphertext, in one round trip.
+
+        One row per live token, with the columns of REVEAL_COLUMNS in that order; `n` is the
+        token's 1-based position in `tokens` (a token sent twice answers twice).
+        """
+        return await self._fetch(_FIND_LIVE_TOKENS, tenant, list(tokens))
 
     async def find_live_token(self, tenant: str, token: str) -> asyncpg.Record | None:
         return await self._fetchrow(

@@ -278,8 +278,10 @@ async def test_batch_tokenize_answers_every_item_in_order(
                 by_pan[item.card.pan] = result.token.token
     assert len(set(by_pan.values())) == len(by_pan) == 2500
 
-    # BatchDetokenize gives every card back, and per-item errors for unknown tokens.
+    # BatchDetokenize gives every card back, and per-item errors for unknown tokens; a token
+    # sent twice in one chunk is answered twice.
     tokens = list(by_pan.items())
+    tokens.insert(7, tokens[1])
     det_items = [pb.BatchDetokenizeRequest.Item(reference=pan, token=tok) for pan, tok in tokens]
     det_items.insert(3, pb.BatchDetokenizeRequest.Item(reference="gone", token="4000000000000001"))
     det_items.insert(4, pb.BatchDetokenizeRequest.Item(reference="junk", token="nope"))
