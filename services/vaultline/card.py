@@ -21,6 +21,7 @@ __all__ = [
     "Expiry",
     "Pan",
     "detect_brand",
+    "luhn_ok",
     "luhn_valid",
     "mask_pans",
     "validate_cardholder_name",
@@ -81,8 +82,9 @@ _INVALID_NAME = (
 _DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
 
 
-def _luhn(digits: str) -> bool:
-    """Luhn check of a string already known to hold only ASCII digits."""
+def luhn_ok(digits: str) -> bool:
+    """Luhn check of a non-empty string already known to hold only ASCII digits (else use
+    `luhn_valid`); the per-item path of bulk calls, so it checks nothing else."""
     b = digits.encode("ascii")
     # Summing ASCII codes and removing 48 per digit once is faster than int() per digit.
     return (sum(b[-1::-2]) + sum(b[-2::-2].translate(_DOUBLED)) - 48 * len(b)) % 10 == 0
@@ -90,7 +92,7 @@ def _luhn(digits: str) -> bool:
 
 def luhn_valid(digits: str) -> bool:
     """True when `digits` is a non-empty string of ASCII digits that passes the Luhn check."""
-    return bool(digits) and digits.isascii() and digits.isdigit() and _luhn(digits)
+    return bool(digits) and digits.isascii() and digits.isdigit() and luhn_ok(digits)
 
 
 # ---- brands ----------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class Pan:
             PAN_MIN_DIGITS <= len(digits) <= PAN_MAX_DIGITS
             and digits.isascii()
             and digits.isdigit()
-            and _luhn(digits)
+            and luhn_ok(digits)
         ):
             raise CardError(*_INVALID_PAN)
         brand = detect_brand(digits)
@@ -426,7 +428,7 @@ def _masked_span(length: int) -> tuple[int, int]:
 def _mask_run(match: re.Match[str]) -> str:
     run = match.group()
     if len(run) <= PAN_MAX_DIGITS and run.isdigit():  # the common case: one unbroken number
-        if not _luhn(run):
+        if not luhn_ok(run):
             return run
         start, end = _masked_span(len(run))
         return run[:start] + "*" * (end - start) + run[end:]
@@ -444,7 +446,7 @@ def _mask_run(match: re.Match[str]) -> str:
             size = end - offset
             if size > PAN_MAX_DIGITS:
                 break
-            if size >= PAN_MIN_DIGITS and _luhn(digits[offset:end]):
+            if size >= PAN_MIN_DIGITS and luhn_ok(digits[offset:end]):
                 lo, hi = _masked_span(size)
                 hidden[offset + lo : offset + hi] = b"\x01" * (hi - lo)
         offset += groups[i]

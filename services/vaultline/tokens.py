@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
-from vaultline.card import PAN_MAX_DIGITS, PAN_MIN_DIGITS, Pan, luhn_valid
+from vaultline.card import PAN_MAX_DIGITS, PAN_MIN_DIGITS, Pan, luhn_ok, luhn_valid
 
 __all__ = ["TokenError", "TokenFormat", "new_token", "new_tokens", "parse_token"]
 
@@ -133,12 +133,13 @@ def parse_token(raw: str) -> tuple[str, TokenFormat | None]:
         if len(token) == _OPAQUE_LEN and _OPAQUE_SHAPE.fullmatch(token):
             return token, TokenFormat.OPAQUE
         raise TokenError()
-    token = token.replace(" ", "").replace("-", "")
+    if " " in token or "-" in token:
+        token = token.replace(" ", "").replace("-", "")
     if (
         PAN_MIN_DIGITS <= len(token) <= PAN_MAX_DIGITS
         and token.isascii()
         and token.isdigit()
-        and not luhn_valid(token)
+        and not luhn_ok(token)
     ):
         return token, None
     raise TokenError()
