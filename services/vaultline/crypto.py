@@ -26,6 +26,8 @@ __all__ = [
     "OpenFailed",
     "SealingKey",
     "associated_data",
+    "associated_data_for",
+    "associated_data_prefix",
 ]
 
 KEY_BYTES = 32
@@ -61,10 +63,24 @@ def associated_data(version: int, tenant: str, token: str, key_id: int) -> bytes
     Every variable field is length-prefixed, so no two argument tuples encode alike and a
     ciphertext moved to another row, tenant or key id fails to open.
     """
+    return associated_data_for(associated_data_prefix(version, tenant), token, key_id)
+
+
+def associated_data_prefix(version: int, tenant: str) -> bytes:
+    """The leading part of `associated_data`, the same for every row of one tenant: bulk
+    paths compute it once per chunk and finish each row's with `associated_data_for`."""
     t = tenant.encode("utf-8")
+    try:
+        return _U8_U16.pack(version, len(t)) + t
+    except struct.error:
+        raise CryptoError("associated data field out of range") from None
+
+
+def associated_data_for(prefix: bytes, token: str, key_id: int) -> bytes:
+    """`associated_data` of one row, from its tenant's `associated_data_prefix`."""
     k = token.encode("utf-8")
     try:
-        return _U8_U16.pack(version, len(t)) + t + _U16.pack(len(k)) + k + _U64.pack(key_id)
+        return prefix + _U16.pack(len(k)) + k + _U64.pack(key_id)
     except struct.error:
         raise CryptoError("associated data field out of range") from None
 

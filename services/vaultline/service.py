@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .card import Card, CardBrand, CardError, Expiry, Pan, mask_pans, validate_cardholder_name
-from .crypto import CIPHERTEXT_VERSION, OpenFailed, associated_data
+from .crypto import (
+    CIPHERTEXT_VERSION,
+    OpenFailed,
+    associated_data_for,
+    associated_data_prefix,
+)
 from .errors import (
     FieldViolation,
     InvalidInput,
@@ -102,6 +107,7 @@ class Revealed(NamedTuple):
 _BRANDS = {b.value: b for b in CardBrand}
 _FORMATS = {f.value: f for f in TokenFormat}
 _KEY_ID = REVEAL_COLUMNS.index("data_key_id")
+_new_tuple = tuple.__new__  # a NamedTuple from a full tuple, without the generated __new__
 
 
 def _record(tenant: str, row: Any) -> TokenRecord:
@@ -497,6 +503,7 @@ class TokenService:
         key_ids: list[int] = []
         ciphertexts: list[bytes] = []
         step = self._keyring.max_seal_count
+        aad_prefix = associated_data_prefix(CIPHERTEXT_VERSION, tenant)
         for start in range(0, len(cards), step):
             part = range(start, min(start + step, len(cards)))
             key = await self._keyring.sealing_key_for(tenant, len(part))
@@ -505,7 +512,7 @@ class TokenService:
                 ciphertexts.append(
                     seal(
                         cards[i].to_plaintext(),
-                        associated_data(CIPHERTEXT_VERSION, tenant, tokens[i], key_id),
+                        associated_data_for(aad_prefix, tokens[i], key_id),
                     )
                 )
             key_ids.extend([key_id] * len(part))
@@ -567,21 +574,21 @@ class TokenService:
         rows = await self._store.find_live_tokens(tenant, tokens)
         keys = await self._keyring.sealing_keys({row[_KEY_ID] for row in rows})
         out: list[Revealed | VaultlineError | None] = [None] * len(tokens)
-        # Unpacked positionally (store.REVEAL_COLUMNS): this loop runs once per revealed card.
+        aad_prefix = associated_data_prefix(CIPHERTEXT_VERSION, tenant)
+        # Unpacked positionally (store.REVEAL_COLUMNS), and the two tuples built without their
+        # Python-level __new__: this loop runs once per revealed card.
         for n, brand, bin_, last4, month, year, fmt, created, expires, key_id, blob in rows:
             token = tokens[n - 1]
             key = keys.get(key_id)
             try:
                 if key is None:
                     raise OpenFailed()
-                plaintext = key.open(
-                    blob, associated_data(CIPHERTEXT_VERSION, tenant, token, key_id)
-                )
-                out[n - 1] = Revealed(
+                plaintext = key.open(blob, associated_data_for(aad_prefix, token, key_id))
+                out[n - 1] = _new_tuple(Revealed, (
                     Card.from_plaintext(plaintext),
-                    TokenRecord(token, tenant, _BRANDS[brand], bin_, last4, month, year,
-                                _FORMATS[fmt], created, expires),
-                )
+                    _new_tuple(TokenRecord, (token, tenant, _BRANDS[brand], bin_, last4, month,
+                                             year, _FORMATS[fmt], created, expires)),
+                ))
             except (OpenFailed, ValueError):
                 log.error("stored card data failed its integrity check (data key %d)", key_id)
                 out[n - 1] = DataCorrupted()

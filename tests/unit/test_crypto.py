@@ -19,6 +19,8 @@ from vaultline.crypto import (
     OpenFailed,
     SealingKey,
     associated_data,
+    associated_data_for,
+    associated_data_prefix,
 )
 
 KEY_A = bytes(range(32))
@@ -165,3 +167,11 @@ def test_fingerprints_equal_per_key_and_differ_across_keys() -> None:
     assert a1.fingerprint(pan) != b.fingerprint(pan)
     fingerprints = {a1.fingerprint(p) for p in ALL_TEST_PANS}
     assert len(fingerprints) == len(ALL_TEST_PANS)
+
+
+def test_associated_data_in_two_parts_is_the_same_bytes() -> None:
+    for tenant, token, key_id in [("default", "4111110000001234", 7), ("t-é", "tok_" + "A" * 22, 0),
+                                  ("", "", 2**63)]:
+        prefix = associated_data_prefix(CIPHERTEXT_VERSION, tenant)
+        assert associated_data_for(prefix, token, key_id) == associated_data(
+            CIPHERTEXT_VERSION, tenant, token, key_id)
