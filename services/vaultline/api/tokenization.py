@@ -72,7 +72,8 @@ def fill_card(msg: pb.Card, revealed: Revealed) -> None:
     msg.pan = card.pan.reveal()
     msg.expiry_month = card.expiry.month
     msg.expiry_year = card.expiry.year
-    msg.cardholder_name = card.cardholder_name
+    if card.cardholder_name:  # most stored cards have none: skip the no-op assignment
+        msg.cardholder_name = card.cardholder_name
 
 
 def tokenize_results(
@@ -97,9 +98,10 @@ def detokenize_results(
     add = response.results.add
     for item, outcome in zip(items, outcomes, strict=True):
         result = add(reference=item.reference)
-        if isinstance(outcome, Revealed):
-            fill_card(result.card.card, outcome)
-            fill_token(result.card.token, outcome.record)
+        if type(outcome) is Revealed:
+            revealed = result.card  # one sub-message wrapper, not two
+            fill_card(revealed.card, outcome)
+            fill_token(revealed.token, outcome.record)
         else:
             result.error.CopyFrom(to_rpc_status(outcome))
     return response
