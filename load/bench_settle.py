@@ -7,7 +7,7 @@ and `settle run` (as settlement), each with its peak RSS (/proc VmHWM). For cont
 bare BatchDetokenize of the same tokens from this process (the tokenizer's ceiling for `run`).
 With --verify the output is decrypted with gpg and checked record by record (trailer totals).
 
-Usage: python load/bench_settle.py [--rows 1000000] [--chunk 5000] [--verify]
+Usage: python load/bench_settle.py [--rows 1000000] [--chunk N (default: settle run's)] [--verify]
 Record the printed figures in load/README.md. A measurement, never a test assertion.
 """
 
@@ -33,6 +33,7 @@ from bench import bench_batch_detokenize, credentials, start_stack, unique_pans 
 
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb  # noqa: E402
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc  # noqa: E402
+from vaultline.settlement import DEFAULT_CHUNK  # noqa: E402
 from vaultline.settlement.fileformat import parse_file  # noqa: E402
 
 
@@ -115,7 +116,7 @@ async def reveal_baseline(address: str, creds: grpc.ChannelCredentials, tokens: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--chunk", type=int, default=5000)
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
     parser.add_argument("--verify", action="store_true", help="decrypt and check every record")
     parser.add_argument("--no-baseline", action="store_true", help="skip bare BatchDetokenize")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -487,10 +487,10 @@ class Store:
         input_sha256: str,
         input_name: str,
         totals_json: str,
-        rows: Any,  # an iterable of (line, reference, token, amount, currency, auth code)
+        rows: Iterable[tuple[int, str, str, int, str, str]],
         *,
         row_count: int,
-        before_commit: Any = None,  # () -> None
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         """The batch and its rows (line, reference, token, amount, currency, auth code), in one
         transaction: a batch is never visible without all its rows.
