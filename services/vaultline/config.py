@@ -17,6 +17,9 @@ Variables (all `VAULTLINE_`-prefixed):
                       "off" disables)
   DEK_MAX_USES        encryptions before a card-data key retires (default 10,000,000)
   DEK_MAX_AGE_DAYS    age at which a card-data key retires (default 90)
+  COMMIT_DELAY_MS     how long coalesced Tokenize calls may wait for company after a chunk
+                      commits, used only while measurably faster (default 2; 0 never waits;
+                      at most 50)
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class TokenizerConfig:
     metrics_listen: str | None = "127.0.0.1:0"
     key_policy: KeyPolicy = KeyPolicy()
     db_pool_size: int = 10
+    commit_delay_ms: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TokenizerConfig:
@@ -79,6 +83,13 @@ class TokenizerConfig:
                 raise ConfigError(f"VAULTLINE_{name} must be positive")
             return value
 
+        raw_delay = get("COMMIT_DELAY_MS", "2")
+        try:
+            commit_delay_ms = float(raw_delay)
+        except ValueError:
+            raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be a number") from None
+        if not 0 <= commit_delay_ms <= 50:
+            raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be between 0 and 50")
         credentials = vault_credentials_from_env(env)
         database_url = get("DATABASE_URL")
         if not database_url.startswith(("postgresql://", "postgres://")):
@@ -116,6 +127,7 @@ class TokenizerConfig:
                 max_uses=positive_int("DEK_MAX_USES", "10000000"),
                 max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
             ),
+            commit_delay_ms=commit_delay_ms,
         )
 
 

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .api.admin import AuditServicer, KeyServicer
 from .api.gate import Gate
 from .api.tokenization import TokenizationServicer
+from .commit_delay import CommitDelay
 from .config import TokenizerConfig
 from .errors import DependencyUnavailable
 from .gen.admin.v1 import admin_service_pb2 as admin_svc_pb
@@ -72,7 +73,11 @@ class TokenizerServer:
         )
         self.keyring = Keyring(self.store, self._vault, config.key_policy)
         audit = AuditWriter(self.store)
-        self.service = TokenService(self.store, self.keyring, audit=audit)
+        self.service = TokenService(
+            self.store, self.keyring, audit=audit,
+            commit_delay=CommitDelay(config.commit_delay_ms / 1000)
+            if config.commit_delay_ms > 0 else None,
+        )
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
