@@ -69,14 +69,14 @@ class CommitDelay:
 
     def _start_probes(self, now: float) -> None:
         self._rates = []
-        self._enter(0, now, self._probe)
+        self._enter(0, now, self._probe, _PROBES[0])
 
-    def _enter(self, phase: int, now: float, length: float) -> None:
+    def _enter(self, phase: int, now: float, length: float, waiting: bool) -> None:
         self._phase = phase
         self._phase_start = now
         self._phase_end = now + length
         self._completed = 0
-        self.waiting = _PROBES[phase] if phase >= 0 else self.waiting
+        self.waiting = waiting
 
     def _next_phase(self, now: float) -> None:
         if self._phase < 0:  # the hold is over: measure again
@@ -85,7 +85,7 @@ class CommitDelay:
         assert self._phase_start is not None
         self._rates.append(self._completed / max(now - self._phase_start, 1e-9))
         if self._phase + 1 < len(_PROBES):
-            self._enter(self._phase + 1, now, self._probe)
+            self._enter(self._phase + 1, now, self._probe, _PROBES[self._phase + 1])
             return
         without = sum(r for r, w in zip(self._rates, _PROBES, strict=True) if not w)
         with_wait = sum(r for r, w in zip(self._rates, _PROBES, strict=True) if w)
@@ -94,5 +94,5 @@ class CommitDelay:
             self._hold = min(self._hold * 2, self._max_hold)
         else:
             self._hold = self._base_hold
-        self.waiting = self.waiting_held = decided
-        self._enter(-1, now, self._hold)
+        self.waiting_held = decided
+        self._enter(-1, now, self._hold, decided)

@@ -75,8 +75,7 @@ class TokenizerServer:
         audit = AuditWriter(self.store)
         self.service = TokenService(
             self.store, self.keyring, audit=audit,
-            commit_delay=CommitDelay(config.commit_delay_ms / 1000)
-            if config.commit_delay_ms > 0 else None,
+            commit_delay=CommitDelay(config.commit_delay_ms / 1000),  # 0: never waits
         )
         server = grpc.aio.server(
             options=[
