@@ -138,6 +138,34 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
 
 
+def commit_delay_state(metrics_address: str) -> dict[str, float]:
+    """The tokenizer's group-commit wait as its /metrics exports it (vaultline.commit_delay)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    state: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vaultline_commit_delay_"):
+                choice = sample.labels.get("choice")
+                state[sample.name + (f":{choice}" if choice else "")] = sample.value
+    return state
+
+
+def describe_commit_delay(before: dict[str, float], after: dict[str, float]) -> str:
+    if not after:
+        return "commit delay: not exported"
+    key = "vaultline_commit_delay_decisions_total:"
+    waits = after.get(key + "wait", 0) - before.get(key + "wait", 0)
+    nos = after.get(key + "no_wait", 0) - before.get(key + "no_wait", 0)
+    gain = after.get("vaultline_commit_delay_last_gain_ratio", 0.0)
+    return (f"commit delay during Tokenize: {waits + nos:.0f} probe sequences, {waits:.0f} chose"
+            f" to wait; last measured gain {gain:+.0%}")
+
+
 def credentials(stack: dict, who: str) -> grpc.ChannelCredentials:  # type: ignore[type-arg]
     client = stack["clients"][who]
     return load_client_credentials(stack["ca"], client["cert"], client["key"])
@@ -323,10 +351,13 @@ async def run(args: argparse.Namespace) -> None:
                 await stub.Tokenize(pb.TokenizeRequest(  # warm the keys
                     card=pb.Card(pan="4111111111111111", expiry_month=12, expiry_year=2030)))
                 cpu0 = cpu_seconds(stack_proc.pid)
+                delay0 = commit_delay_state(stack["metrics_address"])
                 tok_rate, tok_lat = await bench_tokenize(stub, unary_pans, args.seconds,
                                                          args.concurrency)
                 tok_cpu = (cpu_seconds(stack_proc.pid) - cpu0) / (
                     tok_rate * args.seconds + tok_rate * WARMUP_S)
+                delay_note = describe_commit_delay(
+                    delay0, commit_delay_state(stack["metrics_address"]))
                 bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
                 bd_rate = await bench_batch_detokenize(reveal, tokens, args.chunk)
         finally:
@@ -353,6 +384,7 @@ async def run(args: argparse.Namespace) -> None:
           f"{pct(tok_lat, 50):>9.2f}{pct(tok_lat, 99):>9.2f}"
           f"{tok_rate / echo_rate:>13.0%} of echo")
     print(f"{'':<66}{tok_rate / null_rate:>13.0%} of no-work")
+    print(delay_note)
     print(f"{'BatchTokenize (new PANs/s)':<34}{bt_rate:>14,.0f}{'':>18}"
           f"{bt_rate / copy_rate:>13.0%} of COPY")
     print(f"{'BatchDetokenize (tokens/s)':<34}{bd_rate:>14,.0f}{'':>18}"

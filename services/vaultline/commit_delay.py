@@ -9,20 +9,23 @@ database), the same wait only adds latency: −10–20% at 8–16 calls in fligh
 service can read cheaply (queue length, chunk duration, loop utilisation) tells the two
 apart reliably, so this measures the one thing that matters: which way more calls complete.
 
-`CommitDelay` alternates short probe phases without and with the wait (off, on, on, off:
-a drift in the machine's speed cancels out), then holds the winner for a while and probes
-again. The wait wins only if it completed at least `margin` more calls per second; on a tie
-(a service below saturation completes what arrives either way) no wait is kept, because it
-would only add latency. Probing costs what the losing choice costs while it is tried, so
-the hold doubles (up to `max_hold`) while the answer stays the same. Pure: the caller
-passes the clock readings.
+`CommitDelay` alternates short probe phases without and with the wait (off, on, on, off,
+twice: a drift in the machine's speed cancels out), then holds the winner for a while and
+probes again. The wait wins only if the median rate of its phases beats the median without it
+by at least `margin`; a median, because one phase in a loaded process can lose a tenth of its
+rate to a pause (a garbage collection, a checkpoint, a neighbour on the host) that has nothing
+to do with the wait. On a tie (a service below saturation completes what arrives either way)
+no wait is kept, because it would only add latency. Probing costs what the losing choice costs
+while it is tried, so the hold doubles (up to `max_hold`) while the answer stays the same.
+Pure: the caller passes the clock readings.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Final
 
-_PROBES: Final = (False, True, True, False)  # wait in each probe phase
+_PROBES: Final = (False, True, True, False) * 2  # wait in each probe phase
 
 
 class CommitDelay:
@@ -47,6 +50,9 @@ class CommitDelay:
         self._margin = margin
         self.waiting = False  # the current phase's choice
         self.waiting_held: bool | None = None  # the last decision (None: none yet)
+        # Read by the metrics at scrape time (`vaultline.observability`): what was decided.
+        self.decisions = {True: 0, False: 0}  # probe sequences that ended waiting / not
+        self.last_gain = 0.0  # the last probes' calls/s with the wait over without, minus 1
         self._phase = -1  # index into _PROBES; -1: holding a decision
         self._phase_start: float | None = None
         self._phase_end = 0.0
@@ -87,9 +93,12 @@ class CommitDelay:
         if self._phase + 1 < len(_PROBES):
             self._enter(self._phase + 1, now, self._probe, _PROBES[self._phase + 1])
             return
-        without = sum(r for r, w in zip(self._rates, _PROBES, strict=True) if not w)
-        with_wait = sum(r for r, w in zip(self._rates, _PROBES, strict=True) if w)
+        phases = list(zip(self._rates, _PROBES, strict=True))
+        without = statistics.median(rate for rate, waited in phases if not waited)
+        with_wait = statistics.median(rate for rate, waited in phases if waited)
         decided = with_wait > without * (1 + self._margin)
+        self.decisions[decided] += 1
+        self.last_gain = with_wait / without - 1 if without > 0 else 0.0
         if decided == self.waiting_held:
             self._hold = min(self._hold * 2, self._max_hold)
         else:

@@ -28,7 +28,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .api.context import current_call
@@ -294,6 +294,47 @@ class _DekCacheCollector(Collector):
         return [family]
 
 
+class _DelayState(Protocol):
+    waiting: bool
+    decisions: dict[bool, int]
+    last_gain: float
+
+
+class _CommitDelayCollector(Collector):
+    """The group commit's adaptive wait (`vaultline.commit_delay`), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.delay: _DelayState | None = None
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "vaultline_commit_delay_waiting",
+                "1 while the unary group commit waits for company after each chunk, else 0."),
+            CounterMetricFamily(
+                "vaultline_commit_delay_decisions",
+                "Probe sequences of the group commit's wait, by what they chose.",
+                labels=("choice",)),
+            GaugeMetricFamily(
+                "vaultline_commit_delay_last_gain_ratio",
+                "Last probes: calls/s completed with the wait over without it, minus 1."),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        waiting, decisions, gain = families = self._families()
+        delay = self.delay
+        if delay is not None:
+            waiting.add_metric((), 1.0 if delay.waiting else 0.0)
+            decisions.add_metric(("wait",), delay.decisions[True])
+            decisions.add_metric(("no_wait",), delay.decisions[False])
+            gain.add_metric((), delay.last_gain)
+        return families
+
+
 class Metrics:
     """The tokenizer's metrics, in their own registry (a fresh one per instance by default)."""
 
@@ -336,6 +377,8 @@ class Metrics:
         )
         self.dek_cache = _DekCacheCollector()
         reg.register(self.dek_cache)
+        self.commit_delay = _CommitDelayCollector()
+        reg.register(self.commit_delay)
         if process_metrics:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
@@ -365,6 +408,10 @@ class Metrics:
     def observe_keyring(self, keyring: _CacheCounts) -> None:
         """Export `keyring.cache_hits` / `cache_misses` as `vaultline_dek_cache_total`."""
         self.dek_cache.keyring = keyring
+
+    def observe_commit_delay(self, delay: _DelayState) -> None:
+        """Export a `CommitDelay`'s current choice, decisions and last measured gain."""
+        self.commit_delay.delay = delay
 
 
 def _identity_label(identity: str | None) -> str:

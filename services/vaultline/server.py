@@ -73,9 +73,9 @@ class TokenizerServer:
         )
         self.keyring = Keyring(self.store, self._vault, config.key_policy)
         audit = AuditWriter(self.store)
+        commit_delay = CommitDelay(config.commit_delay_ms / 1000)  # 0: never waits
         self.service = TokenService(
-            self.store, self.keyring, audit=audit,
-            commit_delay=CommitDelay(config.commit_delay_ms / 1000),  # 0: never waits
+            self.store, self.keyring, audit=audit, commit_delay=commit_delay
         )
         server = grpc.aio.server(
             options=[
@@ -85,6 +85,7 @@ class TokenizerServer:
             ],
         )
         self.metrics.observe_keyring(self.keyring)
+        self.metrics.observe_commit_delay(commit_delay)
         gate = Gate(guard, audit, self.metrics)
         pb_grpc.add_TokenizationServiceServicer_to_server(
             TokenizationServicer(self.service, gate), server

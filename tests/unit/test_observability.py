@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.testcards import ALL_TEST_PANS
 from vaultline.api.context import CallContext, current_call
 from vaultline.card import luhn_valid, mask_pans
+from vaultline.commit_delay import CommitDelay
 from vaultline.observability import (
     REDACTED_LABEL,
     JsonFormatter,
@@ -365,6 +366,30 @@ def test_metrics_exposition_over_http() -> None:
         stop_metrics_server(server)
     with pytest.raises(urllib.error.URLError):
         scrape(port)
+
+
+def test_commit_delay_choice_and_decisions_are_exported() -> None:
+    metrics = Metrics(process_metrics=False)
+    reg = metrics.registry
+    assert reg.get_sample_value("vaultline_commit_delay_waiting") is None  # none observed
+    delay = CommitDelay(0.002, probe=0.25, hold=2.0)
+    metrics.observe_commit_delay(delay)
+    assert reg.get_sample_value("vaultline_commit_delay_waiting") == 0.0
+    assert reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": "wait"}) == 0
+
+    # A saturated service: 6 calls per 2 ms chunk with the wait, 5 without, for 2.2 s
+    # (one probe sequence of 8 x 0.25 s, then the decision is held).
+    now = 100.0
+    while now < 102.2:
+        delay.after_chunk(6 if delay.waiting else 5, now)
+        now += 0.002
+    assert reg.get_sample_value("vaultline_commit_delay_waiting") == 1.0
+    assert reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": "wait"}) == 1
+    assert (
+        reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": "no_wait"}) == 0
+    )
+    gain = reg.get_sample_value("vaultline_commit_delay_last_gain_ratio")
+    assert gain == pytest.approx(0.2, abs=0.02)
 
 
 def test_metrics_instances_do_not_share_a_registry() -> None:
