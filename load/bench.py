@@ -159,11 +159,12 @@ def describe_commit_delay(before: dict[str, float], after: dict[str, float]) -> 
     if not after:
         return "commit delay: not exported"
     key = "vaultline_commit_delay_decisions_total:"
-    waits = after.get(key + "wait", 0) - before.get(key + "wait", 0)
-    nos = after.get(key + "no_wait", 0) - before.get(key + "no_wait", 0)
-    gain = after.get("vaultline_commit_delay_last_gain_ratio", 0.0)
-    return (f"commit delay during Tokenize: {waits + nos:.0f} probe sequences, {waits:.0f} chose"
-            f" to wait; last measured gain {gain:+.0%}")
+    moves = {c: after.get(key + c, 0) - before.get(key + c, 0)
+             for c in ("longer", "shorter", "kept")}
+    return (f"commit delay during Tokenize: {sum(moves.values()):.0f} probes"
+            f" ({moves['longer']:.0f} longer, {moves['shorter']:.0f} shorter,"
+            f" {moves['kept']:.0f} kept); waiting"
+            f" {after.get('vaultline_commit_delay_seconds', 0) * 1000:.0f} ms at the end")
 
 
 def credentials(stack: dict, who: str) -> grpc.ChannelCredentials:  # type: ignore[type-arg]

@@ -295,8 +295,8 @@ class _DekCacheCollector(Collector):
 
 
 class _DelayState(Protocol):
-    waiting: bool
-    decisions: dict[bool, int]
+    wait: float
+    decisions: dict[str, int]
     last_gain: float
 
 
@@ -310,27 +310,29 @@ class _CommitDelayCollector(Collector):
     def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
-                "vaultline_commit_delay_waiting",
-                "1 while the unary group commit waits for company after each chunk, else 0."),
+                "vaultline_commit_delay_seconds",
+                "How long the unary group commit now waits for company after each chunk."),
             CounterMetricFamily(
                 "vaultline_commit_delay_decisions",
-                "Probe sequences of the group commit's wait, by what they chose.",
+                "Probes of the group commit's wait, by what they chose: a longer wait, a"
+                " shorter one, or keeping it.",
                 labels=("choice",)),
             GaugeMetricFamily(
                 "vaultline_commit_delay_last_gain_ratio",
-                "Last probes: calls/s completed with the wait over without it, minus 1."),
+                "Last probe: calls/s completed at the neighbouring wait over the current one,"
+                " minus 1."),
         )
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        waiting, decisions, gain = families = self._families()
+        wait, decisions, gain = families = self._families()
         delay = self.delay
         if delay is not None:
-            waiting.add_metric((), 1.0 if delay.waiting else 0.0)
-            decisions.add_metric(("wait",), delay.decisions[True])
-            decisions.add_metric(("no_wait",), delay.decisions[False])
+            wait.add_metric((), delay.wait)
+            for choice, count in delay.decisions.items():
+                decisions.add_metric((choice,), count)
             gain.add_metric((), delay.last_gain)
         return families
 

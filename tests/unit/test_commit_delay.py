@@ -10,104 +10,135 @@ from vaultline.commit_delay import CommitDelay
 from vaultline.service import Coalescer
 
 STEP = 0.002  # one chunk every 2 ms, as under load
+MS = 0.001
 
 
-def drive(tuner: CommitDelay, rate_waiting: float, rate_not: float, seconds: float,
+def drive(tuner: CommitDelay, rates: dict[float, float], seconds: float,
           start: float = 100.0) -> list[tuple[float, float]]:
-    """A service that completes `rate_*` calls per second depending on the tuner's choice;
-    (time, wait returned) after each chunk."""
+    """A service that completes `rates[wait]` calls per second at each wait the tuner picks;
+    (time, wait returned) after each chunk. Keep rates multiples of 500: whole calls per chunk."""
     out = []
     now = start
     while now < start + seconds:
-        rate = rate_waiting if tuner.waiting else rate_not
-        out.append((now, tuner.after_chunk(round(rate * STEP), now)))
+        out.append((now, tuner.after_chunk(round(rates[tuner.wait] * STEP), now)))
         now += STEP
     return out
 
 
-def test_waits_where_waiting_completes_more_calls() -> None:
-    tuner = CommitDelay(0.002, probe=0.25, hold=2.0)
-    waits = drive(tuner, rate_waiting=3000, rate_not=2500, seconds=4.0)
-    held = [w for t, w in waits if 102.05 <= t < 103.95]  # after the eight probes
-    assert held and all(w == 0.002 for w in held)
+def waits_between(out: list[tuple[float, float]], begin: float, end: float) -> set[float]:
+    return {w for t, w in out if begin <= t < end}
+
+
+# Shapes measured on the benchmark machine (see the module docstring), as calls/s by wait.
+MANY_CALLERS = {0.0: 2500, 2 * MS: 3000, 4 * MS: 3500}  # 64 in flight: the longest wait pays
+SOME_CALLERS = {0.0: 2500, 2 * MS: 3000, 4 * MS: 2500}  # 32: the middle one
+FEW_CALLERS = {0.0: 2000, 2 * MS: 1500, 4 * MS: 1000}  # 8-16: any wait loses
+TIED = {0.0: 2000, 2 * MS: 2000, 4 * MS: 2000}  # below saturation
+
+
+def test_the_levels_are_none_half_and_the_delay() -> None:
+    assert CommitDelay(4 * MS).levels == (0.0, 2 * MS, 4 * MS)
+
+
+def test_climbs_to_the_longest_wait_where_each_step_completes_more_calls() -> None:
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=2.0)
+    out = drive(tuner, MANY_CALLERS, seconds=8.0)
+    # Two probes climb (100-102, 102-104), the third keeps 4 ms against 2 ms (104-106).
+    assert tuner.decisions == {"longer": 2, "shorter": 0, "kept": 1}
+    assert waits_between(out, 106.05, 107.95) == {4 * MS}
+    assert tuner.level == 2
+
+
+def test_stops_at_the_middle_when_the_longest_wait_loses() -> None:
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=2.0)
+    out = drive(tuner, SOME_CALLERS, seconds=12.0)
+    assert tuner.level == 1
+    assert waits_between(out, 104.05, 105.95) == {2 * MS}  # held after 4 ms lost
+    # The next probe tries the other side (none), which loses too: held again, longer.
+    assert tuner.decisions == {"longer": 1, "shorter": 0, "kept": 2}
+    assert waits_between(out, 108.05, 111.95) == {2 * MS}
+    assert tuner.last_gain == pytest.approx(2500 / 3000 - 1, abs=0.02)
 
 
 def test_does_not_wait_where_waiting_completes_fewer() -> None:
-    tuner = CommitDelay(0.002, probe=0.25, hold=2.0)
-    # 2 calls per 2 ms chunk with the wait, 3 without (whole calls: `drive` rounds).
-    waits = drive(tuner, rate_waiting=1000, rate_not=1500, seconds=4.0)
-    held = [w for t, w in waits if 102.05 <= t < 103.95]
-    assert held and all(w == 0.0 for w in held)
-    assert tuner.decisions == {True: 0, False: 1}
-    assert tuner.last_gain == pytest.approx(2 / 3 - 1, abs=0.02)
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=2.0)
+    out = drive(tuner, FEW_CALLERS, seconds=4.0)
+    assert waits_between(out, 102.05, 103.95) == {0.0}
+    assert tuner.decisions == {"longer": 0, "shorter": 0, "kept": 1}
+    assert tuner.last_gain == pytest.approx(1500 / 2000 - 1, abs=0.02)
 
 
 def test_a_tie_keeps_no_wait() -> None:
-    # Below saturation every call that arrives completes either way: waiting is pure latency.
-    tuner = CommitDelay(0.002, probe=0.25, hold=2.0, margin=0.03)
-    waits = drive(tuner, rate_waiting=2010, rate_not=2000, seconds=4.0)
-    assert all(w == 0.0 for t, w in waits if 102.05 <= t < 103.95)
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=2.0, margin=0.03)
+    out = drive(tuner, TIED, seconds=10.0)
+    assert tuner.level == 0
+    assert waits_between(out, 102.05, 103.95) == {0.0}
+
+
+def test_comes_back_down_when_the_callers_go() -> None:
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=2.0)
+    drive(tuner, MANY_CALLERS, seconds=6.0)
+    assert tuner.level == 2
+    # Now a few callers: 4 ms loses, 2 ms ties with none. A tie goes to the shorter wait.
+    out = drive(tuner, {0.0: 2500, 2 * MS: 2500, 4 * MS: 2000}, seconds=10.0, start=106.0)
+    assert tuner.level == 0
+    assert tuner.decisions["shorter"] == 2
+    assert out[-1][1] == 0.0
 
 
 def test_one_phase_hit_by_a_pause_does_not_decide() -> None:
-    # A garbage collection or a neighbour on the host halves one phase's rate: the median
-    # of each group's four phases ignores it, where a sum would have lost the 20% gain.
-    tuner = CommitDelay(0.002, probe=0.25, hold=2.0)
-    out = []
+    # A garbage collection or a neighbour on the host stalls most of one phase: the median
+    # of each side's four phases ignores it, where their sums would have lost the 20% gain.
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=2.0)
     now = 100.0
-    while now < 104.0:
-        rate = 3000 if tuner.waiting else 2500
-        if 100.30 <= now < 100.5:  # inside the first phase with the wait
-            rate = 1000
-        out.append((now, tuner.after_chunk(round(rate * STEP), now)))
+    while now < 102.1:
+        rate = 0 if 100.27 <= now < 100.5 else SOME_CALLERS[tuner.wait]
+        tuner.after_chunk(round(rate * STEP), now)
         now += STEP
-    assert tuner.decisions == {True: 1, False: 0}
-    assert all(w == 0.002 for t, w in out if 102.05 <= t < 103.95)
+    assert tuner.decisions["longer"] == 1 and tuner.level == 1
 
 
-def test_probes_off_on_on_off_twice_then_measures_again_after_the_hold() -> None:
-    tuner = CommitDelay(0.002, probe=0.25, hold=1.0)
-    waits = dict(drive(tuner, rate_waiting=3000, rate_not=2500, seconds=6.0))
+def test_a_probe_alternates_level_and_neighbour_twice_then_holds() -> None:
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=1.0)
+    waits = dict(drive(tuner, FEW_CALLERS, seconds=6.0))
 
     def at(t: float) -> float:
         return waits[min(waits, key=lambda x: abs(x - t))]
 
-    pattern = [0.0, 0.002, 0.002, 0.0] * 2
+    pattern = [0.0, 2 * MS, 2 * MS, 0.0] * 2
     assert [at(100.1 + 0.25 * i) for i in range(8)] == pattern
-    assert at(102.5) == 0.002  # held
-    # The hold ends at ~103.0: the next probes start without the wait, then with it.
+    assert at(102.5) == 0.0  # held
+    # The hold ends at ~103.0: at no wait there is only one neighbour to try again.
     assert [at(103.1 + 0.25 * i) for i in range(8)] == pattern
 
 
-def test_the_hold_doubles_while_the_answer_stays_and_resets_when_it_changes() -> None:
-    tuner = CommitDelay(0.002, probe=0.25, hold=1.0, max_hold=3.0)
-    waits = drive(tuner, rate_waiting=3000, rate_not=2500, seconds=20.0)
-    # While the wait is held, each probe sequence shows as three spells without it (phases
-    # 1, 4-5 and 8); the first sequence starts without it, so only two of its spells count.
-    off_starts = [
-        t for (t, w), (_, before) in zip(waits[1:], waits[:-1], strict=True) if not w and before
-    ]
-    sequences = off_starts[2::3]  # the starts of sequences 2, 3, ...
-    # A sequence is 2 s of probing; the holds after them: 1 s, then 2 s, then 3 s (the cap).
-    assert sequences[0] == pytest.approx(103.0, abs=0.05)
-    gaps = [round(b - a, 1) for a, b in zip(sequences[:-1], sequences[1:], strict=True)]
-    assert gaps[:3] == [4.0, 5.0, 5.0]
-    assert tuner.waiting_held is True
-    flipped = drive(tuner, rate_waiting=1000, rate_not=2500, seconds=10.0, start=120.0)
-    assert flipped[-1][1] == 0.0 and tuner.waiting_held is False
+def test_the_hold_doubles_while_the_level_stays() -> None:
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=1.0, max_hold=3.0)
+    out = drive(tuner, FEW_CALLERS, seconds=24.0)
+    # Each probe shows as two spells at 2 ms (phases 2-3 and 6-7); the first starts 0.25 s
+    # after the probe does.
+    spells = [t for (t, w), (_, before) in zip(out[1:], out[:-1], strict=True)
+              if w and not before]
+    starts = spells[::2]
+    assert starts[0] == pytest.approx(100.25, abs=0.05)
+    # A probe is 2 s; the holds after them: 1 s, then 2 s, then 3 s (the cap).
+    gaps = [round(b - a, 1) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert gaps[:4] == [3.0, 4.0, 5.0, 5.0]
 
 
 def test_an_idle_spell_discards_the_measurement() -> None:
-    tuner = CommitDelay(0.002, probe=0.25, hold=10.0)
-    drive(tuner, rate_waiting=3000, rate_not=2500, seconds=2.5)
-    assert tuner.waiting
-    # Traffic comes back after a pause longer than a probe: measure afresh, starting without.
-    assert tuner.after_chunk(1, 200.0) == 0.0
+    tuner = CommitDelay(4 * MS, probe=0.25, hold=10.0)
+    drive(tuner, MANY_CALLERS, seconds=6.0)
+    assert tuner.level == 2
+    # Traffic comes back after a pause longer than a probe: measure afresh, from the level
+    # held (4 ms), against the only neighbour it has (2 ms).
+    assert tuner.after_chunk(1, 200.0) == 4 * MS
+    assert tuner.after_chunk(1, 200.3) == 2 * MS
 
 
 def test_no_delay_never_waits() -> None:
     tuner = CommitDelay(0.0)
-    assert {w for _, w in drive(tuner, 3000, 1000, seconds=2.0)} == {0.0}
+    assert waits_between(drive(tuner, {0.0: 3000}, seconds=2.0), 0, 1e9) == {0.0}
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -24,8 +24,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def test_commit_delay_defaults_to_two_milliseconds(tmp_path: Path) -> None:
-    assert TokenizerConfig.from_env(_env(tmp_path)).commit_delay_ms == 2.0
+def test_commit_delay_defaults_to_four_milliseconds(tmp_path: Path) -> None:
+    assert TokenizerConfig.from_env(_env(tmp_path)).commit_delay_ms == 4.0
 
 
 @pytest.mark.parametrize("value, expected", [("0", 0.0), ("0.5", 0.5), ("50", 50.0)])

@@ -371,25 +371,26 @@ def test_metrics_exposition_over_http() -> None:
 def test_commit_delay_choice_and_decisions_are_exported() -> None:
     metrics = Metrics(process_metrics=False)
     reg = metrics.registry
-    assert reg.get_sample_value("vaultline_commit_delay_waiting") is None  # none observed
-    delay = CommitDelay(0.002, probe=0.25, hold=2.0)
-    metrics.observe_commit_delay(delay)
-    assert reg.get_sample_value("vaultline_commit_delay_waiting") == 0.0
-    assert reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": "wait"}) == 0
 
-    # A saturated service: 6 calls per 2 ms chunk with the wait, 5 without, for 2.2 s
-    # (one probe sequence of 8 x 0.25 s, then the decision is held).
+    def decisions(choice: str) -> float | None:
+        return reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": choice})
+
+    assert reg.get_sample_value("vaultline_commit_delay_seconds") is None  # none observed
+    delay = CommitDelay(0.004, probe=0.25, hold=2.0)
+    metrics.observe_commit_delay(delay)
+    assert reg.get_sample_value("vaultline_commit_delay_seconds") == 0.0
+    assert decisions("longer") == 0
+
+    # A saturated service: 6 calls per 2 ms chunk at a 2 ms wait, 5 without, 4 at 4 ms, for
+    # 4.2 s: one probe climbs to 2 ms, the next keeps it against 4 ms.
     now = 100.0
-    while now < 102.2:
-        delay.after_chunk(6 if delay.waiting else 5, now)
+    while now < 104.2:
+        delay.after_chunk({0.0: 5, 0.002: 6, 0.004: 4}[delay.wait], now)
         now += 0.002
-    assert reg.get_sample_value("vaultline_commit_delay_waiting") == 1.0
-    assert reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": "wait"}) == 1
-    assert (
-        reg.get_sample_value("vaultline_commit_delay_decisions_total", {"choice": "no_wait"}) == 0
-    )
+    assert reg.get_sample_value("vaultline_commit_delay_seconds") == 0.002
+    assert (decisions("longer"), decisions("shorter"), decisions("kept")) == (1, 0, 1)
     gain = reg.get_sample_value("vaultline_commit_delay_last_gain_ratio")
-    assert gain == pytest.approx(0.2, abs=0.02)
+    assert gain == pytest.approx(4 / 6 - 1, abs=0.02)
 
 
 def test_metrics_instances_do_not_share_a_registry() -> None:
