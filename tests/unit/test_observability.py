@@ -378,19 +378,19 @@ def test_commit_delay_choice_and_decisions_are_exported() -> None:
     assert reg.get_sample_value("vaultline_commit_delay_seconds") is None  # none observed
     delay = CommitDelay(0.004, probe=0.25, hold=2.0)
     metrics.observe_commit_delay(delay)
-    assert reg.get_sample_value("vaultline_commit_delay_seconds") == 0.0
+    assert reg.get_sample_value("vaultline_commit_delay_seconds") == 0.002  # the middle
     assert decisions("longer") == 0
 
-    # A saturated service: 6 calls per 2 ms chunk at a 2 ms wait, 5 without, 4 at 4 ms, for
-    # 4.2 s: one probe climbs to 2 ms, the next keeps it against 4 ms.
+    # A service that completes 5 calls per 2 ms chunk without a wait, 6 at 2 ms, 4 at 4 ms,
+    # for 6.2 s: one probe keeps 2 ms against 4 ms, the next (after 2 s) against none.
     now = 100.0
-    while now < 104.2:
+    while now < 106.2:
         delay.after_chunk({0.0: 5, 0.002: 6, 0.004: 4}[delay.wait], now)
         now += 0.002
     assert reg.get_sample_value("vaultline_commit_delay_seconds") == 0.002
-    assert (decisions("longer"), decisions("shorter"), decisions("kept")) == (1, 0, 1)
+    assert (decisions("longer"), decisions("shorter"), decisions("kept")) == (0, 0, 2)
     gain = reg.get_sample_value("vaultline_commit_delay_last_gain_ratio")
-    assert gain == pytest.approx(4 / 6 - 1, abs=0.02)
+    assert gain == pytest.approx(5 / 6 - 1, abs=0.02)
 
 
 def test_metrics_instances_do_not_share_a_registry() -> None:
