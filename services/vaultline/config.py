@@ -29,6 +29,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .keyring import KeyPolicy
 from .vault import AppRoleCredentials
@@ -68,28 +69,8 @@ class TokenizerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TokenizerConfig:
         def get(name: str, default: str | None = None) -> str:
-            value = env.get("VAULTLINE_" + name, default)
-            if value is None or value == "":
-                raise ConfigError(f"VAULTLINE_{name} is not set")
-            return value
+            return _get(env, name, default)
 
-        def positive_int(name: str, default: str) -> int:
-            raw = get(name, default)
-            try:
-                value = int(raw)
-            except ValueError:
-                raise ConfigError(f"VAULTLINE_{name} must be an integer") from None
-            if value <= 0:
-                raise ConfigError(f"VAULTLINE_{name} must be positive")
-            return value
-
-        raw_delay = get("COMMIT_DELAY_MS", "4")
-        try:
-            commit_delay_ms = float(raw_delay)
-        except ValueError:
-            raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be a number") from None
-        if not 0 <= commit_delay_ms <= 50:
-            raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be between 0 and 50")
         credentials = vault_credentials_from_env(env)
         database_url = get("DATABASE_URL")
         if not database_url.startswith(("postgresql://", "postgres://")):
@@ -123,12 +104,43 @@ class TokenizerConfig:
             policy_path=Path(get("POLICY_FILE", str(DEFAULT_POLICY))),
             keys_admin_credentials=keys_admin,
             metrics_listen=None if metrics == "off" else metrics,
-            key_policy=KeyPolicy(
-                max_uses=positive_int("DEK_MAX_USES", "10000000"),
-                max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
-            ),
-            commit_delay_ms=commit_delay_ms,
+            **tuning_from_env(env),
         )
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = env.get("VAULTLINE_" + name, default)
+    if value is None or value == "":
+        raise ConfigError(f"VAULTLINE_{name} is not set")
+    return value
+
+
+def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The tokenizer's tuning (data-key retirement, commit delay) as `TokenizerConfig`
+    keyword arguments: read by `from_env` and by the dev stack alike."""
+
+    def positive_int(name: str, default: str) -> int:
+        try:
+            value = int(_get(env, name, default))
+        except ValueError:
+            raise ConfigError(f"VAULTLINE_{name} must be an integer") from None
+        if value <= 0:
+            raise ConfigError(f"VAULTLINE_{name} must be positive")
+        return value
+
+    try:
+        commit_delay_ms = float(_get(env, "COMMIT_DELAY_MS", "4"))
+    except ValueError:
+        raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be a number") from None
+    if not 0 <= commit_delay_ms <= 50:  # also refuses nan
+        raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be between 0 and 50")
+    return {
+        "key_policy": KeyPolicy(
+            max_uses=positive_int("DEK_MAX_USES", "10000000"),
+            max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
+        ),
+        "commit_delay_ms": commit_delay_ms,
+    }
 
 
 def vault_credentials_from_env(env: Mapping[str, str] = os.environ) -> AppRoleCredentials:

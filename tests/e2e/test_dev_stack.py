@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +122,12 @@ def test_cli_help_and_config_errors(home: Path) -> None:
     serve = subprocess.run([*VAULTLINE, "serve"], capture_output=True, text=True, env=env,
                            timeout=60)
     assert serve.returncode == 2 and "VAULTLINE_" in serve.stderr
+    # The dev stack reads the tokenizer's tuning as `serve` does, and refuses a bad value
+    # before it starts anything.
+    bad = subprocess.run([*VAULTLINE, "--home", str(home), "dev", "up"], capture_output=True,
+                         text=True, env={**env, "VAULTLINE_COMMIT_DELAY_MS": "fast"}, timeout=60)
+    assert bad.returncode == 2 and "VAULTLINE_COMMIT_DELAY_MS" in bad.stderr
+    assert not (home / "openbao").exists() and not (home / "postgres").exists()
 
 
 def test_external_openbao_and_postgres(home: Path, openbao, migrated) -> None:  # type: ignore[no-untyped-def]
@@ -132,9 +139,14 @@ def test_external_openbao_and_postgres(home: Path, openbao, migrated) -> None:  
         "VAULTLINE_VAULT_SECRET_ID": openbao.tokenizer.secret_id,
         "VAULTLINE_DATABASE_URL": migrated.app_dsn,
         "VAULTLINE_DATABASE_OWNER_URL": migrated.owner_dsn,
+        "VAULTLINE_COMMIT_DELAY_MS": "6",
     })
     info = stack.up()
     try:
+        # The tuning variables reach the tokenizer: it starts at half the longest wait.
+        with urllib.request.urlopen(f"http://{info['metrics_address']}/metrics") as response:
+            metrics = response.read().decode()
+        assert "\nvaultline_commit_delay_seconds 0.003\n" in metrics
         assert info["vault_addr"] == openbao.addr
         assert info["database_url"] == migrated.app_dsn
         assert not (home / "openbao").exists() and not (home / "postgres").exists()

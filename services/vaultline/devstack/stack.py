@@ -22,6 +22,7 @@ from ..config import (
     ConfigError,
     TlsFiles,
     TokenizerConfig,
+    tuning_from_env,
     vault_credentials_from_env,
 )
 from ..security.pki import init_dev_pki
@@ -59,6 +60,8 @@ class DevStack:
         self.dev_dir.mkdir(mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.stack_file.unlink()  # a stale file from a killed run must not mislead tools
+        # VAULTLINE_DEK_MAX_*, _COMMIT_DELAY_MS as `serve` reads them; refused before any start.
+        tuning = tuning_from_env()
         try:
             # mTLS in the dev stack too: a dev CA and one certificate per client identity.
             pki = await asyncio.to_thread(init_dev_pki, self.home / "pki")
@@ -76,6 +79,7 @@ class DevStack:
                         AppRoleCredentials.from_file(admin_file) if admin_file else None
                     ),
                     grpc_listen=f"127.0.0.1:{self.grpc_port}",
+                    **tuning,
                 )
             )
             grpc_address = await self.tokenizer.start()
