@@ -96,9 +96,11 @@ class CommitDelay:
             self._next_phase(now)
         return self.wait
 
+    def _can_step(self) -> bool:
+        return 0 <= self.level + self._step < len(self.levels)
+
     def _start_probe(self, now: float) -> None:
-        top = len(self.levels) - 1
-        if not 0 <= self.level + self._step <= top:
+        if not self._can_step():
             self._step = -self._step
         self._neighbour = self.level + self._step
         self._rates = []
@@ -133,7 +135,7 @@ class CommitDelay:
             self.decisions["longer" if self._step > 0 else "shorter"] += 1
             self.level = self._neighbour
             self._hold = self._base_hold
-            if 0 <= self.level + self._step < len(self.levels):
+            if self._can_step():
                 self._start_probe(now)  # keep going the same way at once
                 return
             # At the end of the range: hold there, rather than probe straight back.
