@@ -36,7 +36,7 @@ from .errors import (
     VaultlineError,
 )
 from .keyring import Keyring
-from .security.audit import AuditEvent, AuditSink
+from .security.audit import AuditColumns, AuditEvent, AuditSink, audit_columns
 from .store import REVEAL_COLUMNS, NewTokens, Store
 from .tokens import TokenError, TokenFormat, new_tokens, parse_token
 
@@ -203,10 +203,14 @@ def parse_card(raw: CardInput, today: dt.date) -> Card:
 # ---- audit records of single calls --------------------------------------------------------
 
 
-# Builds the audit record of a call from the token it got (the token is known only after its
-# chunk is committed: a returning card gets the token it already has). The service never
-# builds records itself: the caller hands it one builder per call.
-AuditRecordFor = Callable[["TokenRecord"], AuditEvent]
+# Builds the audit record of a call from the token it gets (a new card's token is drawn in
+# its chunk; a returning card gets the token it already has). The service never builds
+# records itself: the caller hands it one builder per call.
+AuditRecordFor = Callable[[str], AuditEvent]
+
+# Builds a chunk's audit records from the token each of its cards would get if all are new:
+# the records then go in with the tokens, in one statement (`Store.insert_tokens`).
+_RecordsFor = Callable[[list[str]], AuditColumns | None]
 
 
 class _SingleCall(NamedTuple):
@@ -356,7 +360,7 @@ class TokenService:
         result = await self._tokenize_once(tenant, request_id, group, parsed)
         if audit_record is not None:
             assert self._audit is not None
-            await self._audit.record([audit_record(result.record)])
+            await self._audit.record([audit_record(result.record.token)])
         return result
 
     async def _tokenize_once(
@@ -414,7 +418,7 @@ class TokenService:
                 results[i] = exc
         if parsed:
             group = (tenant, token_format, ttl)
-            outcomes = await self._tokenize_group(group, [c for _, c in parsed])
+            outcomes, _ = await self._tokenize_group(group, [c for _, c in parsed])
             for (i, _), outcome in zip(parsed, outcomes, strict=True):
                 results[i] = outcome
         return results  # type: ignore[return-value]
@@ -422,16 +426,29 @@ class TokenService:
     async def _tokenize_calls(
         self, group: TokenizeGroup, calls: list[_SingleCall]
     ) -> list[Tokenized | VaultlineError]:
-        """A chunk of coalesced single calls: their tokens, then their audit records.
+        """A chunk of coalesced single calls: their tokens and their audit records.
 
-        The records are appended in the chunk's task, so a caller that went away after its
-        token was committed still has its record; if they cannot be written, every caller of
-        the chunk gets the failure (a retry then finds the same token, `created` false)."""
-        results = await self._tokenize_group(group, [call.card for call in calls])
+        When every card is new (the common case), the records are appended in the statement
+        that inserts the tokens: one round trip and one commit, and neither without the
+        other. Otherwise they are appended once the returning cards' tokens are known. Either
+        way in the chunk's task, so a caller that went away meanwhile still has its record;
+        if they cannot be written, every caller of the chunk gets the failure (a retry then
+        finds the same token, `created` false)."""
+        builders = [call.audit_record for call in calls]
+
+        def records_for(tokens: list[str]) -> AuditColumns | None:
+            events = [build(t) for build, t in zip(builders, tokens, strict=True) if build]
+            return audit_columns(events) if events else None
+
+        results, audited = await self._tokenize_group(
+            group, [call.card for call in calls], records_for
+        )
+        if audited:  # every card was new: the records went in with the tokens
+            return results
         records = [
-            call.audit_record(result.record)
-            for call, result in zip(calls, results, strict=True)
-            if call.audit_record is not None and type(result) is Tokenized
+            build(result.record.token)
+            for build, result in zip(builders, results, strict=True)
+            if build is not None and type(result) is Tokenized
         ]
         if records:
             assert self._audit is not None
@@ -439,8 +456,10 @@ class TokenService:
         return results
 
     async def _tokenize_group(
-        self, group: TokenizeGroup, cards: list[Card]
-    ) -> list[Tokenized | VaultlineError]:
+        self, group: TokenizeGroup, cards: list[Card], records_for: _RecordsFor | None = None
+    ) -> tuple[list[Tokenized | VaultlineError], bool]:
+        """Each card's token (or error), and whether `records_for`'s records were appended
+        with them (the first insert took every card)."""
         tenant, token_format, ttl = group
         fingerprint_key = await self._keyring.fingerprint_key(tenant)
         pending: dict[bytes, _Pending] = {}
@@ -460,11 +479,23 @@ class TokenService:
             for i in rest:
                 results[i] = Tokenized(record, False)
 
-        for _ in range(TOKEN_ATTEMPTS):
+        def audit_for(entries: list[_Pending], tokens: list[str]) -> AuditColumns | None:
+            assert records_for is not None
+            per_card = [""] * len(cards)
+            for entry, token in zip(entries, tokens, strict=True):
+                for i in entry.indices:
+                    per_card[i] = token
+            return records_for(per_card)
+
+        audited = False
+        for attempt in range(TOKEN_ATTEMPTS):
             if not pending:
                 break
             entries = list(pending.values())
-            inserted, existing = await self._insert(tenant, token_format, expires_at, entries)
+            inserted, existing, audited = await self._insert(
+                tenant, token_format, expires_at, entries,
+                audit_for if attempt == 0 and records_for is not None else None,
+            )
             for row in inserted:
                 resolve(pending.pop(bytes(row["fingerprint"])), _record(tenant, row), True)
             now = self._clock()
@@ -490,7 +521,7 @@ class TokenService:
         for entry in pending.values():
             for i in entry.indices:
                 results[i] = TokenSpaceExhausted()
-        return results  # type: ignore[return-value]
+        return results, audited  # type: ignore[return-value]
 
     async def _insert(
         self,
@@ -498,9 +529,11 @@ class TokenService:
         token_format: TokenFormat,
         expires_at: dt.datetime | None,
         entries: list[_Pending],
-    ) -> tuple[list[Any], list[Any]]:
+        audit_for: Callable[[list[_Pending], list[str]], AuditColumns | None] | None = None,
+    ) -> tuple[list[Any], list[Any], bool]:
         cards = [e.card for e in entries]
         tokens = new_tokens([c.pan for c in cards], token_format, self._randbytes)
+        audit = audit_for(entries, tokens) if audit_for is not None else None
         key_ids, ciphertexts = await self._seal(tenant, tokens, cards)
         rows = NewTokens(
             fingerprints=[e.fingerprint for e in entries],
@@ -513,7 +546,7 @@ class TokenService:
             data_key_ids=key_ids,
             ciphertexts=ciphertexts,
         )
-        return await self._store.insert_tokens(tenant, int(token_format), expires_at, rows)
+        return await self._store.insert_tokens(tenant, int(token_format), expires_at, rows, audit)
 
     async def _seal(
         self, tenant: str, tokens: Sequence[str], cards: Sequence[Card]

@@ -14,11 +14,14 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
 from .errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from .security.audit import AuditColumns
 
 # Errors that mean "the database is not there right now" (restart, network, overload), as
 # opposed to a bug in a query. Everything else propagates and ends up as INTERNAL.
@@ -105,7 +108,7 @@ _T_TOKEN_META = ", ".join("t." + c.strip() for c in _TOKEN_META.split(","))
 # so it returns exactly the rows that were already there. Lookups by an array of keys are
 # written as LATERAL ... LIMIT 1: one unique-index probe per key, whatever the statistics say
 # (a freshly loaded, not yet analyzed table otherwise gets a plan that scans the tenant).
-_INSERT_TOKENS = f"""
+_INSERT_TOKENS_CTES = f"""
     WITH input AS (
         SELECT * FROM unnest($4::bytea[], $5::text[], $6::int2[], $7::text[], $8::text[],
                              $9::int2[], $10::int2[], $11::int8[], $12::bytea[])
@@ -119,15 +122,34 @@ _INSERT_TOKENS = f"""
         FROM input
         ON CONFLICT DO NOTHING
         RETURNING {_TOKEN_META}
-    )
-    SELECT true AS inserted, {_TOKEN_META} FROM ins
-    UNION ALL
-    SELECT false, t.*
+    )"""
+_EXISTING_TOKENS = f"""
     FROM input i CROSS JOIN LATERAL (
         SELECT {_TOKEN_META} FROM tokens
         WHERE tenant = $1 AND format = $2 AND fingerprint = i.fingerprint LIMIT 1
     ) t
 """
+_INSERT_TOKENS = f"""{_INSERT_TOKENS_CTES}
+    SELECT true AS inserted, {_TOKEN_META} FROM ins
+    UNION ALL
+    SELECT false, t.* {_EXISTING_TOKENS}"""
+
+# The same, and the chunk's audit records appended by audit_append() (0002_audit.sql) in the
+# same statement and transaction: one round trip and one commit per chunk instead of two.
+# Only when every row went in (the records name the new tokens); otherwise audit_append is
+# never called (a one-time filter) and the caller appends the records once it knows which
+# tokens the returning cards have. `audited` is the number of records appended (0 when
+# audit_append was not called), on each inserted row.
+_INSERT_TOKENS_AUDITED = f"""{_INSERT_TOKENS_CTES}, audited AS (
+        SELECT count(*) AS n
+        FROM audit_append($13::timestamptz[], $14::text[], $15::text[], $16::text[],
+                          $17::text[], $18::text[], $19::text[], $20::text[], $21::text[],
+                          $22::text[], $23::bytea[], $24::text[])
+        WHERE (SELECT count(*) FROM ins) = cardinality($4::bytea[])
+    )
+    SELECT true AS inserted, {_TOKEN_META}, (SELECT n FROM audited) AS audited FROM ins
+    UNION ALL
+    SELECT false, t.*, NULL {_EXISTING_TOKENS}"""
 
 
 async def _no_session_reset(conn: asyncpg.Connection) -> None:
@@ -268,19 +290,22 @@ class Store:
     # ---- tokens ----------------------------------------------------------------------
 
     async def insert_tokens(
-        self, tenant: str, fmt: int, expires_at: dt.datetime | None, rows: NewTokens
-    ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+        self,
+        tenant: str,
+        fmt: int,
+        expires_at: dt.datetime | None,
+        rows: NewTokens,
+        audit: AuditColumns | None = None,
+    ) -> tuple[list[asyncpg.Record], list[asyncpg.Record], bool]:
         """Insert a chunk of new cards in one round trip.
 
-        Returns (inserted, existing): the rows that went in, and the live or expired rows
-        already holding one of the fingerprints. A fingerprint in neither list lost a race
-        with a concurrent insert, or its candidate token collided: the caller retries it.
+        Returns (inserted, existing, audited): the rows that went in, the live or expired
+        rows already holding one of the fingerprints, and whether `audit` was appended to the
+        audit chain in the same transaction, which happens when every row went in. A
+        fingerprint in neither list lost a race with a concurrent insert, or its candidate
+        token collided: the caller retries it.
         """
-        records = await self._fetch(
-            _INSERT_TOKENS,
-            tenant,
-            fmt,
-            expires_at,
+        arrays = (
             rows.fingerprints,
             rows.tokens,
             rows.brands,
@@ -291,9 +316,18 @@ class Store:
             rows.data_key_ids,
             rows.ciphertexts,
         )
+        if audit is None:
+            records = await self._fetch(_INSERT_TOKENS, tenant, fmt, expires_at, *arrays)
+        else:
+            *texts, token_lists = audit.columns  # audit_append takes the lists last
+            records = await self._fetch(
+                _INSERT_TOKENS_AUDITED, tenant, fmt, expires_at, *arrays,
+                audit.ats, *texts, audit.hashes, token_lists,
+            )
         inserted = [r for r in records if r["inserted"]]
         existing = [r for r in records if not r["inserted"]]
-        return inserted, existing
+        audited = audit is not None and bool(inserted) and inserted[0]["audited"] > 0
+        return inserted, existing, audited
 
     async def delete_expired_tokens(
         self, tenant: str, fmt: int, fingerprints: Sequence[bytes]

@@ -34,11 +34,12 @@ from vaultline.security.audit import (
     AuditReceipt,
     AuditWriter,
     VerifyReport,
+    audit_columns,
     chain_hash,
     content_hash,
     verify_chain,
 )
-from vaultline.store import Store, migrate
+from vaultline.store import NewTokens, Store, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -542,3 +543,91 @@ async def test_cli_prefers_the_environment_and_the_top_level_home(
     with pytest.raises(audit_cli.ConfigError):
         await _run(args, capsys)
 
+
+
+# ---- a chunk's records appended with its tokens (Store.insert_tokens) ----------------------
+# In a scratch database: the rows carry a made-up wrapped data key, which a KEK rotation
+# test scanning the shared database could not rewrap.
+
+
+@pytest_asyncio.fixture
+async def scratch_store(scratch: Scratch) -> AsyncIterator[CountingStore]:
+    store = await CountingStore.connect(scratch.app_dsn, min_size=1, max_size=2)
+    yield store  # type: ignore[misc]
+    await store.close()
+
+
+async def _new_token_rows(store: Store, tenant: str, n: int) -> NewTokens:
+    key = await store.find_active_data_key(tenant, "pan") or await store.insert_data_key(
+        tenant, "pan", "vault:v1:dGVzdA==", 1, 1000, dt.timedelta(days=1))
+    assert key is not None
+    return NewTokens(
+        fingerprints=[uuid.uuid4().bytes * 2 for _ in range(n)],
+        tokens=[f"tok_{uuid.uuid4().hex}" for _ in range(n)],
+        brands=[1] * n, bins=["411111"] * n, last4s=["1111"] * n,
+        expiry_months=[12] * n, expiry_years=[2030] * n,
+        data_key_ids=[key.id] * n, ciphertexts=[b"\x00" * 40] * n,
+    )
+
+
+def _token_events(tenant: str, tokens: list[str]) -> list[AuditEvent]:
+    now = dt.datetime.now(dt.UTC)
+    return [AuditEvent(identity="spiffe://vaultline/crm/crm-1", role="crm", tenant=tenant,
+                       method="Tokenize", outcome="OK", request_id=f"chunk-{tenant}-{i}",
+                       peer="ipv4:127.0.0.1:50123", token=token, at=now)
+            for i, token in enumerate(tokens)]
+
+
+async def _audited_tokens(dsn: str, tenant: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT token FROM audit_log WHERE tenant = $1 ORDER BY seq",
+                                tenant)
+    finally:
+        await conn.close()
+    return [r["token"] for r in rows]
+
+
+async def test_a_chunk_of_new_tokens_appends_its_records_in_the_same_statement(
+    scratch_store: CountingStore, scratch: Scratch, tenant: str
+) -> None:
+    rows = await _new_token_rows(scratch_store, tenant, 5)
+    inserted, existing, audited = await scratch_store.insert_tokens(
+        tenant, 1, None, rows, audit_columns(_token_events(tenant, rows.tokens)))
+    assert audited and len(inserted) == 5 and existing == []
+    assert scratch_store.appends == 0  # no separate append round trip
+    assert await _audited_tokens(scratch.superuser_dsn, tenant) == rows.tokens
+    head = await scratch_store.audit_head()
+    assert head is not None
+    assert (await _verify_range(scratch_store, head[0] - 4, head[0])).ok
+
+
+async def test_a_chunk_with_a_returning_card_leaves_its_records_to_the_caller(
+    scratch_store: CountingStore, scratch: Scratch, tenant: str
+) -> None:
+    first = await _new_token_rows(scratch_store, tenant, 1)
+    await scratch_store.insert_tokens(tenant, 1, None, first)
+    rows = await _new_token_rows(scratch_store, tenant, 3)
+    rows.fingerprints[1] = first.fingerprints[0]  # this card already has a token
+    inserted, existing, audited = await scratch_store.insert_tokens(
+        tenant, 1, None, rows, audit_columns(_token_events(tenant, rows.tokens)))
+    # The records would name a token the returning card does not have: none are appended.
+    assert not audited
+    assert [r["token"] for r in existing] == first.tokens
+    assert len(inserted) == 2
+    assert await _audited_tokens(scratch.superuser_dsn, tenant) == []
+
+
+async def test_tokens_are_not_kept_when_their_records_cannot_be_appended(
+    scratch_store: CountingStore, scratch: Scratch, tenant: str
+) -> None:
+    rows = await _new_token_rows(scratch_store, tenant, 3)
+    broken = audit_columns(_token_events(tenant, rows.tokens))
+    broken.hashes.pop()  # audit_append refuses arrays of different lengths
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        await scratch_store.insert_tokens(tenant, 1, None, rows, broken)
+    conn = await asyncpg.connect(scratch.superuser_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM tokens WHERE tenant = $1", tenant) == 0
+    finally:
+        await conn.close()

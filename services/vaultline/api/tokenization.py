@@ -159,7 +159,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
             request_id=request.request_id,
             ttl=ttl_in(request.HasField("ttl"), request.ttl),
             # Written with the other records of its coalesced chunk, before the answer.
-            audit_record=lambda record: event(call, "OK", tenant=tenant, token=record.token),
+            audit_record=lambda token: event(call, "OK", tenant=tenant, token=token),
         )
         response = pb.TokenizeResponse(created=result.created)
         fill_token(response.token, result.record)

@@ -299,8 +299,9 @@ def verify_chain(
 
 
 class AuditSink(Protocol):
-    """Where records go, durably, before `record` returns: `AuditWriter` (the gate, and the
-    service's coalesced Tokenize chunks, both write through it)."""
+    """Where records go, durably, before `record` returns: `AuditWriter` (the gate writes
+    through it; so do the service's coalesced Tokenize chunks, unless their records went in
+    with the chunk's tokens, see `Store.insert_tokens`)."""
 
     async def record(self, events: Sequence[AuditEvent]) -> None: ...
 
@@ -314,6 +315,25 @@ _COLUMNS: Final = (
 
 def _column(event: AuditEvent, name: str) -> str:
     return TOKEN_SEPARATOR.join(event.tokens) if name == "tokens" else getattr(event, name)
+
+
+class AuditColumns(NamedTuple):
+    """Records as audit_append() takes them: timestamps, the `_COLUMNS` text columns (the
+    joined token lists last), and each record's content hash."""
+
+    ats: list[dt.datetime]
+    columns: tuple[list[str], ...]
+    hashes: list[bytes]
+
+
+def audit_columns(events: Sequence[AuditEvent]) -> AuditColumns:
+    """Hash and transpose records for one append (`AuditWriter`, or a statement that appends
+    them with its own writes, `Store.insert_tokens`)."""
+    return AuditColumns(
+        [e.at for e in events],
+        tuple([_column(e, name) for e in events] for name in _COLUMNS),
+        [content_hash(event) for event in events],
+    )
 
 
 class _Pending(NamedTuple):
@@ -369,11 +389,9 @@ class AuditWriter:
         """`record`, also saying where each record landed in the chain."""
         if not events:
             return []
-        events = list(events)
         # Hash here, in the caller's task: spreads the CPU and keeps the drain loop short.
-        hashes = [content_hash(event) for event in events]
-        columns = tuple([_column(e, name) for e in events] for name in _COLUMNS)
-        return await self._enqueue([e.at for e in events], columns, hashes, receipts)
+        ats, columns, hashes = audit_columns(events)
+        return await self._enqueue(ats, columns, hashes, receipts)
 
     async def _enqueue(
         self,
