@@ -2,13 +2,14 @@
 
 Starts a fresh stack (OpenBao + PostgreSQL + tokenizer, as `make run` does) in a temporary
 directory, plus a bare grpc.aio echo server on the same mTLS, each in its own process; then
-measures from this process, as the stack's crm (and, to reveal, settlement) identities:
+measures from this process, as the stack's crm (and, to reveal, settlement) identities,
+in this order (every unary run before the bulk load, which leaves the machine slower):
 
   echo      bare grpc.aio unary calls/s with a Tokenize-sized payload (the gRPC ceiling)
   null      the generated TokenizationService with a Tokenize that does no work, called with
             the real Tokenize messages (the gRPC + protobuf floor under any servicer)
-  copy      PostgreSQL COPY rows/s into a table shaped like `tokens` (the database ceiling)
   tokenize  unary Tokenize calls/s, p50/p99 latency, and the ratio to echo
+  copy      PostgreSQL COPY rows/s into a table shaped like `tokens` (the database ceiling)
   batch-tok BatchTokenize new PANs/s (chunks of --chunk), and the ratio to COPY
   batch-det BatchDetokenize tokens/s, and the ratio to COPY
 
@@ -360,7 +361,7 @@ async def run(args: argparse.Namespace) -> None:
                     delay0, commit_delay_state(stack["metrics_address"]))
                 # After the unary runs: a bulk load leaves the machine slower for a while
                 # (Tokenize measured right after a 200k-row COPY: 62-65% of echo; with the
-                # COPY after it, 78-91%), and COPY is only the batch runs' baseline.
+                # COPY after it, 85-91%), and COPY is only the batch runs' baseline.
                 copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
                 bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
                 bd_rate = await bench_batch_detokenize(reveal, tokens, args.chunk)
