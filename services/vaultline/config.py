@@ -25,6 +25,7 @@ Variables (all `VAULTLINE_`-prefixed):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,9 +69,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TokenizerConfig:
-        def get(name: str, default: str | None = None) -> str:
-            return _get(env, name, default)
-
+        get = functools.partial(_get, env)
         credentials = vault_credentials_from_env(env)
         database_url = get("DATABASE_URL")
         if not database_url.startswith(("postgresql://", "postgres://")):

@@ -211,6 +211,7 @@ AuditRecordFor = Callable[[str], AuditEvent]
 # Builds a chunk's audit records from the token each of its cards would get if all are new:
 # the records then go in with the tokens, in one statement (`Store.insert_tokens`).
 _RecordsFor = Callable[[list[str]], AuditColumns | None]
+_AuditFor = Callable[[list["_Pending"], list[str]], AuditColumns | None]  # by distinct card
 
 
 class _SingleCall(NamedTuple):
@@ -479,23 +480,25 @@ class TokenService:
             for i in rest:
                 results[i] = Tokenized(record, False)
 
-        def audit_for(entries: list[_Pending], tokens: list[str]) -> AuditColumns | None:
-            assert records_for is not None
-            per_card = [""] * len(cards)
-            for entry, token in zip(entries, tokens, strict=True):
-                for i in entry.indices:
-                    per_card[i] = token
-            return records_for(per_card)
+        # The first insert carries the records, built from each card's candidate token.
+        audit_for: _AuditFor | None = None
+        if records_for is not None:
+            def audit_for(entries: list[_Pending], tokens: list[str]) -> AuditColumns | None:
+                per_card = [""] * len(cards)
+                for entry, token in zip(entries, tokens, strict=True):
+                    for i in entry.indices:
+                        per_card[i] = token
+                return records_for(per_card)
 
         audited = False
-        for attempt in range(TOKEN_ATTEMPTS):
+        for _ in range(TOKEN_ATTEMPTS):
             if not pending:
                 break
             entries = list(pending.values())
             inserted, existing, audited = await self._insert(
-                tenant, token_format, expires_at, entries,
-                audit_for if attempt == 0 and records_for is not None else None,
+                tenant, token_format, expires_at, entries, audit_for
             )
+            audit_for = None  # a retry's chunk appends its records afterwards (_tokenize_calls)
             for row in inserted:
                 resolve(pending.pop(bytes(row["fingerprint"])), _record(tenant, row), True)
             now = self._clock()
@@ -529,7 +532,7 @@ class TokenService:
         token_format: TokenFormat,
         expires_at: dt.datetime | None,
         entries: list[_Pending],
-        audit_for: Callable[[list[_Pending], list[str]], AuditColumns | None] | None = None,
+        audit_for: _AuditFor | None = None,
     ) -> tuple[list[Any], list[Any], bool]:
         cards = [e.card for e in entries]
         tokens = new_tokens([c.pan for c in cards], token_format, self._randbytes)
