@@ -148,7 +148,7 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(ROOT / "services")}
             env = {k: v for k, v in env.items()
                    if not k.startswith("VAULTLINE_") or k == "VAULTLINE_GPG"}
-            cli = [sys.executable, "-m", "vaultline.settlement.cli", "--home", str(home),
+            cli = [sys.executable, "-m", "vaultline.cli", "--home", str(home),
                    "settle"]
             c_s, c_rss, out = timed([*cli, "create", "--input", str(captures)], env)
             # stderr (progress lines) is merged into `out`: find the batch id in its own line.

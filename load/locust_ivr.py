@@ -6,8 +6,9 @@ latency is reported per step; a finished capture fires a `capture` event so locu
 shows completed captures (divide by run minutes for captures/min).
 
     make run                                   # in another terminal
-    .venv/bin/locust -f load/locust_ivr.py --headless -u 50 -r 10 -t 2m \
-        --host "$(jq -r .ivr_base_url .vaultline/dev/stack.json)"
+    .venv/bin/locust -f load/locust_ivr.py --headless -u 50 -r 10 -t 2m
+
+The webhook service's address comes from the stack's `stack.json` (no `--host` needed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CARDS = ["4111111111111111", "5555555555554444", "4012888888881881", "6011111111
 
 
 class Caller(HttpUser):
+    host = BASE  # the running stack's webhook service; `--host` would override it
     wait_time = between(0.1, 0.5)
 
     def _post(self, url: str, params: dict[str, str], name: str) -> str:

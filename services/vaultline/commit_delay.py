@@ -4,13 +4,8 @@ After a chunk commits, waiting a few milliseconds before sending the next one le
 join it. When the process is CPU-bound (many callers, the event loop never idle) that makes
 every chunk, database round trip and burst of gRPC writes serve more calls, and the service
 completes more calls per second. When it is not, the same wait only adds latency. How long
-pays depends on how many calls are in flight. Paired windows on the 2-core benchmark machine,
-unary Tokenize:
-
-    calls in flight     2 ms vs none     4 ms vs 2 ms
-    64                  +17 to +27%      +12%
-    32                  +17%             -14%
-    16                  -11 to +5%       -28%
+pays depends on how many calls are in flight (the paired-window measurements are in
+load/README.md, "Group commit waits for company only where it measurably pays").
 
 No signal the service can read cheaply (queue length, chunk duration, loop utilisation) tells
 these cases apart, so this measures the one thing that matters: which wait completes more
@@ -33,9 +28,8 @@ tries the other neighbour, after a hold that doubles (up to `max_hold`) while th
 stays: probing costs what the losing wait costs while it is tried. A service idle for longer
 than a phase starts measuring afresh, from the level it held.
 
-Phases last `probe` seconds. At a quarter of a second, consecutive phases at the same wait
-were seen to differ by a quarter in rate at 32 calls in flight, enough to walk the level
-back and forth; half a second averages each phase over twice as many chunks.
+Phases last `probe` seconds: half a second, because quarter-second phases at the same wait
+differed enough in rate to walk the level back and forth (load/README.md).
 
 Pure: the caller passes the clock readings.
 """

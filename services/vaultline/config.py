@@ -1,4 +1,10 @@
-"""Tokenizer configuration: one frozen value, read from the environment and checked up front.
+"""Configuration: every VAULTLINE_* variable and every `stack.json` lookup, in one place.
+
+`TokenizerConfig` is the tokenizer's settings as one frozen value, read from the environment
+and checked up front. The command-line tools find their servers and credentials through
+`env_or_stack` (a variable, else the running dev stack's `stack.json`).
+
+Tokenizer variables
 
 Variables (all `VAULTLINE_`-prefixed):
   DATABASE_URL        postgresql://user:password@host:port/db of the service's least-privilege role
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,14 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from .keyring import KeyPolicy
+from .resources import ACCESS_POLICY
 from .vault import AppRoleCredentials
 
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable, never a secret."""
-
-
-DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "infra" / "access" / "policy.toml"
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class TokenizerConfig:
     vault_addr: str
     vault_credentials: AppRoleCredentials = field(repr=False)
     tls: TlsFiles
-    policy_path: Path = DEFAULT_POLICY
+    policy_path: Path = ACCESS_POLICY
     keys_admin_credentials: AppRoleCredentials | None = field(default=None, repr=False)
     vault_key_name: str = "vaultline-kek"
     grpc_listen: str = "127.0.0.1:50051"
@@ -100,7 +105,7 @@ class TokenizerConfig:
             vault_key_name=get("VAULT_KEY_NAME", "vaultline-kek"),
             grpc_listen=listen,
             tls=tls,
-            policy_path=Path(get("POLICY_FILE", str(DEFAULT_POLICY))),
+            policy_path=policy_path_from_env(env),
             keys_admin_credentials=keys_admin,
             metrics_listen=None if metrics == "off" else metrics,
             **tuning_from_env(env),
@@ -112,6 +117,11 @@ def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     if value is None or value == "":
         raise ConfigError(f"VAULTLINE_{name} is not set")
     return value
+
+
+def policy_path_from_env(env: Mapping[str, str] = os.environ) -> Path:
+    """VAULTLINE_POLICY_FILE, else the access policy this package ships."""
+    return Path(env.get("VAULTLINE_POLICY_FILE") or ACCESS_POLICY)
 
 
 def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -158,3 +168,51 @@ def vault_credentials_from_env(env: Mapping[str, str] = os.environ) -> AppRoleCr
             "VAULTLINE_VAULT_SECRET_ID (the tokenizer's AppRole)"
         )
     return AppRoleCredentials(role_id, secret_id)
+
+
+# ---- the running dev stack ---------------------------------------------------------------
+
+
+def stack_file(home: str | Path) -> Path:
+    """Where a running `vaultline dev up` describes itself (addresses, credential paths)."""
+    return Path(home) / "dev" / "stack.json"
+
+
+def read_stack(home: str | Path) -> dict[str, Any] | None:
+    """The running dev stack's `stack.json`, or None when no stack runs under `home`."""
+    try:
+        value = json.loads(stack_file(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def stack_value(home: str | Path, key: str) -> str | None:
+    """A string from the running dev stack's `stack.json` (dotted keys reach into objects),
+    or None when there is no running stack or no such value."""
+    value: Any = read_stack(home)
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def env_or_stack(
+    variable: str, home: str | Path, key: str, env: Mapping[str, str] = os.environ
+) -> str:
+    """`variable` from the environment, else `key` of the running dev stack."""
+    value = env.get(variable) or stack_value(home, key)
+    if not value:
+        raise ConfigError(f"{variable} is not set and no dev stack is running")
+    return value
+
+
+def read_secret_file(path: Path) -> bytes:
+    """A secret kept in a file (auth token, HMAC key): its bytes, surrounding whitespace
+    stripped. The message names the file, never its content."""
+    try:
+        data = path.read_bytes().strip()
+    except OSError:
+        raise ConfigError(f"{path} cannot be read") from None
+    if not data:
+        raise ConfigError(f"{path} is empty")
+    return data

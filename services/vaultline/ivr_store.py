@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from .store import create_pool
 from .store import translated_errors as _translated
 
 __all__ = ["IvrStore", "SessionExists", "SessionRow"]
@@ -76,9 +77,8 @@ class IvrStore:
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> IvrStore:
-        async with _translated():
-            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-        return cls(pool)
+        return cls(await create_pool(
+            dsn, min_size=min_size, max_size=max_size, application_name="vaultline-ivr"))
 
     async def close(self) -> None:
         await self._pool.close()

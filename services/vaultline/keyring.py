@@ -19,8 +19,8 @@ from typing import Protocol
 
 from .crypto import FingerprintKey, SealingKey
 from .errors import KeyServiceUnavailable
-from .store import DataKeyRow, Store
-from .vault import VaultError, VaultUnavailable, wrapped_version
+from .store import DataKeyRow
+from .vault import run_transit, wrapped_version
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,28 @@ class DataKeySource(Protocol):
 
     def generate_data_key(self) -> tuple[bytes, str]: ...
     def decrypt_data_keys(self, wrapped: Sequence[str]) -> list[bytes]: ...
+
+
+class DataKeyStore(Protocol):
+    """What the keyring needs from PostgreSQL (implemented by `store.Store`)."""
+
+    async def find_active_data_key(self, tenant: str, purpose: str) -> DataKeyRow | None: ...
+    async def insert_data_key(
+        self, tenant: str, purpose: str, wrapped_key: str, kek_version: int, max_uses: int,
+        max_age: dt.timedelta,
+    ) -> DataKeyRow | None: ...
+    async def reserve_data_key_uses(self, key_id: int, count: int) -> bool: ...
+    async def retire_data_key(self, key_id: int) -> None: ...
+    async def find_data_keys(self, ids: Sequence[int]) -> list[DataKeyRow]: ...
+
+
+class WrappedKeyStore(Protocol):
+    """What a rewrap needs from PostgreSQL (implemented by `store.Store`)."""
+
+    async def list_data_keys(self, after_id: int, limit: int) -> list[DataKeyRow]: ...
+    async def update_wrapped_key(
+        self, key_id: int, old_wrapped: str, new_wrapped: str, kek_version: int
+    ) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +85,9 @@ class _Lease:
 
 
 class Keyring:
-    def __init__(self, store: Store, vault: DataKeySource, policy: KeyPolicy = KeyPolicy()):
+    def __init__(
+        self, store: DataKeyStore, vault: DataKeySource, policy: KeyPolicy = KeyPolicy()
+    ) -> None:
         self._store = store
         self._vault = vault
         self._policy = policy
@@ -88,19 +112,8 @@ class Keyring:
     def _lock(self, tenant: str, purpose: str) -> asyncio.Lock:
         return self._locks.setdefault((tenant, purpose), asyncio.Lock())
 
-    async def _call_vault(self, fn, *args):  # type: ignore[no-untyped-def]
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except VaultUnavailable as exc:
-            raise KeyServiceUnavailable() from exc
-        except VaultError as exc:
-            # Permission or protocol trouble with OpenBao is an outage for our callers;
-            # the log says which, without key material.
-            log.error("key service refused a data-key operation: %s", type(exc).__name__)
-            raise KeyServiceUnavailable() from exc
-
     async def _create_or_find(self, tenant: str, purpose: str) -> tuple[DataKeyRow, bytes]:
-        plaintext, wrapped = await self._call_vault(self._vault.generate_data_key)
+        plaintext, wrapped = await run_transit(self._vault.generate_data_key)
         row = await self._store.insert_data_key(
             tenant,
             purpose,
@@ -120,7 +133,7 @@ class Keyring:
 
     async def _unwrap(self, rows: Sequence[DataKeyRow]) -> list[bytes]:
         self.cache_misses += len(rows)
-        return await self._call_vault(self._vault.decrypt_data_keys, [r.wrapped_key for r in rows])
+        return await run_transit(self._vault.decrypt_data_keys, [r.wrapped_key for r in rows])
 
     async def fingerprint_key(self, tenant: str) -> FingerprintKey:
         key = self._fingerprint.get(tenant)
@@ -205,7 +218,7 @@ class RewrapReport:
 
 
 async def rewrap_all(
-    store: Store,
+    store: WrappedKeyStore,
     admin: KekAdmin,
     latest_version: int,
     *,
@@ -224,10 +237,7 @@ async def rewrap_all(
         scanned += len(rows)
         old = [r for r in rows if wrapped_version(r.wrapped_key) < latest_version]
         if old:
-            try:
-                new = await asyncio.to_thread(admin.rewrap_data_keys, [r.wrapped_key for r in old])
-            except VaultError as exc:
-                raise KeyServiceUnavailable() from exc
+            new = await run_transit(admin.rewrap_data_keys, [r.wrapped_key for r in old])
             for row, wrapped in zip(old, new, strict=True):
                 if await store.update_wrapped_key(
                     row.id, row.wrapped_key, wrapped, wrapped_version(wrapped)

@@ -98,7 +98,7 @@ class TokenizerServer:
         )
         admin_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.store, admin, gate), server)
         admin_grpc.add_AuditServiceServicer_to_server(
-            AuditServicer(self.store, config.database_url, gate), server
+            AuditServicer(self.store, gate), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

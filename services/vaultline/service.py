@@ -1,23 +1,23 @@
 """Domain operations of the vault: tokenize, look up, detokenize, delete — single and in bulk.
 
-Composes the pure cores (card, tokens, crypto) with the keyring and the store. Speaks domain
-types only; `api/` translates to and from protobuf. Bulk operations cost one database round
-trip per chunk; concurrent single-card calls are coalesced into such chunks, so the unary path
-rides on the bulk one — audit records included: a caller may hand `tokenize` the audit record
-to write for its result, and a chunk's records are appended together, once its tokens are
-committed and before any of its callers is answered.
+Composes the pure cores (card, tokens, crypto) with the keyring and the store (through
+`TokenStore`, the queries it uses). Speaks domain types only; `api/` translates to and from
+protobuf. Bulk operations cost one database round trip per chunk; concurrent single-card calls
+are coalesced into such chunks (`GroupCommit`), so the unary path rides on the bulk one — audit
+records included: a caller hands `tokenize` a `PendingAudit` (its record, but for the token),
+and a chunk's records are appended together, with or right after its tokens and before any of
+its callers is answered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 from .card import Card, CardBrand, CardError, Expiry, Pan, mask_pans, validate_cardholder_name
 from .commit_delay import CommitDelay
@@ -28,6 +28,7 @@ from .crypto import (
     associated_data_prefix,
 )
 from .errors import (
+    DatabaseUnavailable,
     FieldViolation,
     InvalidInput,
     RequestIdReused,
@@ -35,9 +36,10 @@ from .errors import (
     TokenSpaceExhausted,
     VaultlineError,
 )
+from .group_commit import GroupCommit
 from .keyring import Keyring
-from .security.audit import AuditColumns, AuditEvent, AuditSink, audit_columns
-from .store import REVEAL_COLUMNS, NewTokens, Store
+from .security.audit import AuditSink, PendingAudit, audit_columns
+from .store import REVEAL_COLUMNS, AuditColumns, NewTokens
 from .tokens import TokenError, TokenFormat, new_tokens, parse_token
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,8 @@ class CardInput:
     __str__ = __repr__
 
 
-# Result types are NamedTuples, not frozen dataclasses: equally immutable, and built for every
-# card of every batch (a frozen dataclass's __init__ costs ~1.6 µs for ten fields, a
-# NamedTuple's ~0.3 µs — measured, and on the BatchDetokenize path that is ~5% of the budget).
+# Result types are NamedTuples, not frozen dataclasses: equally immutable, and several times
+# cheaper to build, which counts on the BatchDetokenize path (load/README.md).
 
 
 class TokenRecord(NamedTuple):
@@ -94,7 +95,9 @@ class TokenRecord(NamedTuple):
     expire_time: dt.datetime | None
 
 
-class Tokenized(NamedTuple):
+class IssuedToken(NamedTuple):
+    """The token a card has, and whether this call created it."""
+
     record: TokenRecord
     created: bool
 
@@ -200,96 +203,9 @@ def parse_card(raw: CardInput, today: dt.date) -> Card:
     return Card(pan, expiry, name)
 
 
-# ---- audit records of single calls --------------------------------------------------------
-
-
-# Builds the audit record of a call from the token it gets (a new card's token is drawn in
-# its chunk; a returning card gets the token it already has). The service never builds
-# records itself: the caller hands it one builder per call.
-AuditRecordFor = Callable[[str], AuditEvent]
-
-# Builds a chunk's audit records from the token each of its cards would get if all are new:
-# the records then go in with the tokens, in one statement (`Store.insert_tokens`).
-_RecordsFor = Callable[[list[str]], AuditColumns | None]
-_AuditFor = Callable[[list["_Pending"], list[str]], AuditColumns | None]  # by distinct card
-
-
 class _SingleCall(NamedTuple):
     card: Card
-    audit_record: AuditRecordFor | None
-
-
-# ---- coalescing concurrent single calls into chunks --------------------------------------
-
-K = TypeVar("K", bound=Hashable)
-I = TypeVar("I")  # noqa: E741
-R = TypeVar("R")
-
-
-class Coalescer(Generic[K, I, R]):
-    """Runs concurrent single-item calls of one group as chunks (group commit).
-
-    One chunk per group is in flight at a time; calls that arrive meanwhile wait and leave
-    together as the next chunk. An idle service answers at once (a chunk leaves after one loop
-    turn); a busy one makes one database round trip per chunk instead of one per call, and its
-    chunks grow with the load. Measured against the previous two chunks in flight with a
-    fixed 4 ms gathering window (paired windows, unary Tokenize): the same rate at 64 calls in
-    flight, 24% more at 16 and 50% more at 8, where the window was idle.
-
-    With `delay`, a chunk that finds callers already queued after it commits may wait a
-    little for more, when and only when `CommitDelay` has measured that waiting completes
-    more calls (a CPU-bound service); a chunk never waits when nobody is queued.
-    """
-
-    def __init__(
-        self,
-        run_chunk: Callable[[K, list[I]], Awaitable[list[R]]],
-        *,
-        max_chunk: int = 512,
-        delay: CommitDelay | None = None,
-    ) -> None:
-        self._run_chunk = run_chunk
-        self._max_chunk = max_chunk
-        self._delay = delay
-        self._queues: dict[K, list[tuple[I, asyncio.Future[R]]]] = {}
-        self._tasks: dict[K, asyncio.Task[None]] = {}  # the group's drainer, while it runs
-
-    async def submit(self, key: K, item: I) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append((item, future))
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.create_task(self._drain(key))
-        return await future
-
-    async def _drain(self, key: K) -> None:
-        try:
-            # One loop turn first: calls that arrived in the same turn join this chunk.
-            await asyncio.sleep(0)
-            loop = asyncio.get_running_loop()
-            while queue := self._queues.get(key):
-                batch = queue[: self._max_chunk]
-                del queue[: self._max_chunk]
-                live = [(item, f) for item, f in batch if not f.cancelled()]
-                if not live:
-                    continue
-                try:
-                    results = await self._run_chunk(key, [item for item, _ in live])
-                except Exception as exc:  # every waiter gets the chunk's failure
-                    for _, f in live:
-                        if not f.done():
-                            f.set_exception(exc)
-                    continue
-                for (_, f), result in zip(live, results, strict=True):
-                    if not f.done():
-                        f.set_result(result)
-                if self._delay is not None:
-                    wait = self._delay.after_chunk(len(live), loop.time())
-                    if wait and self._queues.get(key):  # never waits for nobody
-                        await asyncio.sleep(wait)
-        finally:
-            del self._tasks[key]
-            if not self._queues.get(key):
-                self._queues.pop(key, None)
+    audit: PendingAudit | None
 
 
 # ---- the service ---------------------------------------------------------------------------
@@ -306,13 +222,49 @@ class _Pending:
     indices: list[int]
 
 
+def _first_insert_audit(
+    audits: Sequence[PendingAudit | None], entries: list[_Pending], tokens: list[str]
+) -> AuditColumns | None:
+    """A chunk's records as they stand if every card is new (each gets its candidate token):
+    they then go in with the tokens, in one statement (`Store.insert_tokens`)."""
+    per_card = [""] * len(audits)
+    for entry, token in zip(entries, tokens, strict=True):
+        for i in entry.indices:
+            per_card[i] = token
+    events = [a.with_token(t) for a, t in zip(audits, per_card, strict=True) if a is not None]
+    return audit_columns(events) if events else None
+
+
 TokenizeGroup = tuple[str, TokenFormat, dt.timedelta | None]
+
+
+class TokenStore(Protocol):
+    """The queries the service runs (`store.Store` implements them)."""
+
+    async def insert_tokens(
+        self, tenant: str, fmt: int, expires_at: dt.datetime | None, rows: NewTokens,
+        audit: AuditColumns | None = None,
+    ) -> tuple[list[Any], list[Any], bool]: ...
+    async def delete_expired_tokens(
+        self, tenant: str, fmt: int, fingerprints: Sequence[bytes]
+    ) -> int: ...
+    async def update_token_cards(
+        self, tenant: str, data_key_ids: Sequence[int], tokens: Sequence[str],
+        expiry_months: Sequence[int], expiry_years: Sequence[int], ciphertexts: Sequence[bytes],
+    ) -> list[Any]: ...
+    async def find_live_tokens(self, tenant: str, tokens: Sequence[str]) -> list[Any]: ...
+    async def find_live_token(self, tenant: str, token: str) -> Any | None: ...
+    async def delete_token(self, tenant: str, token: str) -> bool: ...
+    async def find_tokenize_request(self, tenant: str, request_id: str) -> Any | None: ...
+    async def insert_tokenize_request(
+        self, tenant: str, request_id: str, fingerprint: bytes, token: str, created: bool
+    ) -> bool: ...
 
 
 class TokenService:
     def __init__(
         self,
-        store: Store,
+        store: TokenStore,
         keyring: Keyring,
         *,
         audit: AuditSink | None = None,
@@ -327,9 +279,15 @@ class TokenService:
         self._audit = audit
         self._clock = clock
         self._randbytes = randbytes
-        self._coalescer: Coalescer[
-            TokenizeGroup, _SingleCall, Tokenized | VaultlineError
-        ] = Coalescer(self._tokenize_calls, delay=commit_delay)
+        # One chunk per group in flight; calls arriving meanwhile leave together as the next.
+        self._coalescer: GroupCommit[
+            TokenizeGroup, _SingleCall, IssuedToken | VaultlineError
+        ] = GroupCommit(
+            self._tokenize_calls,
+            after_batch=None if commit_delay is None else commit_delay.after_chunk,
+            skip_cancelled=True,
+            closed_error=DatabaseUnavailable,
+        )
 
     # -- tokenize ------------------------------------------------------------------------
 
@@ -341,11 +299,11 @@ class TokenService:
         *,
         request_id: str = "",
         ttl: dt.timedelta | None = None,
-        audit_record: AuditRecordFor | None = None,
-    ) -> Tokenized:
-        """Tokenize one card. With `audit_record`, the call's audit record (built from the
-        token it gets) is durable before this returns; if it cannot be written, this raises."""
-        if audit_record is not None and self._audit is None:
+        audit: PendingAudit | None = None,
+    ) -> IssuedToken:
+        """Tokenize one card. With `audit`, the call's audit record (naming the token it gets)
+        is durable before this returns; if it cannot be written, this raises."""
+        if audit is not None and self._audit is None:
             raise TypeError("TokenService was built without an audit recorder")
         tenant = validate_tenant(tenant)
         token_format = validate_format(fmt)
@@ -355,18 +313,17 @@ class TokenService:
         if not request_id:
             # The common path: the chunk appends this call's audit record with its neighbours'.
             return self._unwrap(
-                await self._coalescer.submit(group, _SingleCall(parsed, audit_record))
+                await self._coalescer.submit(group, _SingleCall(parsed, audit))
             )
         request_id = validate_request_id(request_id)
         result = await self._tokenize_once(tenant, request_id, group, parsed)
-        if audit_record is not None:
-            assert self._audit is not None
-            await self._audit.record([audit_record(result.record.token)])
+        if audit is not None and self._audit is not None:
+            await self._audit.record([audit.with_token(result.record.token)])
         return result
 
     async def _tokenize_once(
         self, tenant: str, request_id: str, group: TokenizeGroup, card: Card
-    ) -> Tokenized:
+    ) -> IssuedToken:
         """A retried `request_id` answers with its first result (or REQUEST_ID_REUSED)."""
         fingerprint = (await self._keyring.fingerprint_key(tenant)).fingerprint(card.pan.reveal())
         earlier = await self._replay(tenant, request_id, fingerprint)
@@ -381,16 +338,16 @@ class TokenService:
         earlier = await self._replay(tenant, request_id, fingerprint)
         return earlier if earlier is not None else result
 
-    async def _replay(self, tenant: str, request_id: str, fingerprint: bytes) -> Tokenized | None:
+    async def _replay(self, tenant: str, request_id: str, fingerprint: bytes) -> IssuedToken | None:
         row = await self._store.find_tokenize_request(tenant, request_id)
         if row is None:
             return None
         if bytes(row["fingerprint"]) != fingerprint:
             raise RequestIdReused()
-        return Tokenized(await self.get_token(tenant, row["token"]), row["created"])
+        return IssuedToken(await self.get_token(tenant, row["token"]), row["created"])
 
     @staticmethod
-    def _unwrap(result: Tokenized | VaultlineError) -> Tokenized:
+    def _unwrap(result: IssuedToken | VaultlineError) -> IssuedToken:
         if isinstance(result, VaultlineError):
             raise result
         return result
@@ -401,7 +358,7 @@ class TokenService:
         fmt: int,
         ttl: dt.timedelta | None,
         cards: Sequence[CardInput],
-    ) -> list[Tokenized | VaultlineError]:
+    ) -> list[IssuedToken | VaultlineError]:
         """Tokenize a chunk; each item answers with its result or its own error, in order.
 
         Raises (for the whole chunk) only on a bad tenant/format/TTL or an outage.
@@ -410,7 +367,7 @@ class TokenService:
         token_format = validate_format(fmt)
         ttl = validate_ttl(ttl)
         today = self._clock().date()
-        results: list[Tokenized | VaultlineError | None] = [None] * len(cards)
+        results: list[IssuedToken | VaultlineError | None] = [None] * len(cards)
         parsed: list[tuple[int, Card]] = []
         for i, raw in enumerate(cards):
             try:
@@ -426,7 +383,7 @@ class TokenService:
 
     async def _tokenize_calls(
         self, group: TokenizeGroup, calls: list[_SingleCall]
-    ) -> list[Tokenized | VaultlineError]:
+    ) -> list[IssuedToken | VaultlineError]:
         """A chunk of coalesced single calls: their tokens and their audit records.
 
         When every card is new (the common case), the records are appended in the statement
@@ -435,32 +392,27 @@ class TokenService:
         way in the chunk's task, so a caller that went away meanwhile still has its record;
         if they cannot be written, every caller of the chunk gets the failure (a retry then
         finds the same token, `created` false)."""
-        builders = [call.audit_record for call in calls]
-
-        def records_for(tokens: list[str]) -> AuditColumns | None:
-            events = [build(t) for build, t in zip(builders, tokens, strict=True) if build]
-            return audit_columns(events) if events else None
-
-        results, audited = await self._tokenize_group(
-            group, [call.card for call in calls], records_for
-        )
+        audits = [call.audit for call in calls]
+        results, audited = await self._tokenize_group(group, [call.card for call in calls], audits)
         if audited:  # every card was new: the records went in with the tokens
             return results
         records = [
-            build(result.record.token)
-            for build, result in zip(builders, results, strict=True)
-            if build is not None and type(result) is Tokenized
+            audit.with_token(result.record.token)
+            for audit, result in zip(audits, results, strict=True)
+            if audit is not None and type(result) is IssuedToken
         ]
-        if records:
-            assert self._audit is not None
+        if records and self._audit is not None:
             await self._audit.record(records)
         return results
 
     async def _tokenize_group(
-        self, group: TokenizeGroup, cards: list[Card], records_for: _RecordsFor | None = None
-    ) -> tuple[list[Tokenized | VaultlineError], bool]:
-        """Each card's token (or error), and whether `records_for`'s records were appended
-        with them (the first insert took every card)."""
+        self,
+        group: TokenizeGroup,
+        cards: list[Card],
+        audits: Sequence[PendingAudit | None] | None = None,
+    ) -> tuple[list[IssuedToken | VaultlineError], bool]:
+        """Each card's token (or error), and whether the records of `audits` (one per card)
+        were appended with them (the first insert took every card)."""
         tenant, token_format, ttl = group
         fingerprint_key = await self._keyring.fingerprint_key(tenant)
         pending: dict[bytes, _Pending] = {}
@@ -471,24 +423,14 @@ class TokenService:
                 pending[fp] = _Pending(card, fp, [i])
             else:
                 entry.indices.append(i)
-        results: list[Tokenized | VaultlineError | None] = [None] * len(cards)
+        results: list[IssuedToken | VaultlineError | None] = [None] * len(cards)
         expires_at = self._clock() + ttl if ttl else None
 
         def resolve(entry: _Pending, record: TokenRecord, created: bool) -> None:
             first, *rest = entry.indices
-            results[first] = Tokenized(record, created)
+            results[first] = IssuedToken(record, created)
             for i in rest:
-                results[i] = Tokenized(record, False)
-
-        # The first insert carries the records, built from each card's candidate token.
-        audit_for: _AuditFor | None = None
-        if records_for is not None:
-            def audit_for(entries: list[_Pending], tokens: list[str]) -> AuditColumns | None:
-                per_card = [""] * len(cards)
-                for entry, token in zip(entries, tokens, strict=True):
-                    for i in entry.indices:
-                        per_card[i] = token
-                return records_for(per_card)
+                results[i] = IssuedToken(record, False)
 
         audited = False
         for _ in range(TOKEN_ATTEMPTS):
@@ -496,9 +438,9 @@ class TokenService:
                 break
             entries = list(pending.values())
             inserted, existing, audited = await self._insert(
-                tenant, token_format, expires_at, entries, audit_for
+                tenant, token_format, expires_at, entries, audits
             )
-            audit_for = None  # a retry's chunk appends its records afterwards (_tokenize_calls)
+            audits = None  # a retry's chunk appends its records afterwards (_tokenize_calls)
             for row in inserted:
                 resolve(pending.pop(bytes(row["fingerprint"])), _record(tenant, row), True)
             now = self._clock()
@@ -532,11 +474,13 @@ class TokenService:
         token_format: TokenFormat,
         expires_at: dt.datetime | None,
         entries: list[_Pending],
-        audit_for: _AuditFor | None = None,
+        audits: Sequence[PendingAudit | None] | None = None,
     ) -> tuple[list[Any], list[Any], bool]:
+        """Insert candidate tokens; with `audits` (the chunk's first insert), their records
+        go in with them when every card is new."""
         cards = [e.card for e in entries]
         tokens = new_tokens([c.pan for c in cards], token_format, self._randbytes)
-        audit = audit_for(entries, tokens) if audit_for is not None else None
+        audit = None if audits is None else _first_insert_audit(audits, entries, tokens)
         key_ids, ciphertexts = await self._seal(tenant, tokens, cards)
         rows = NewTokens(
             fingerprints=[e.fingerprint for e in entries],

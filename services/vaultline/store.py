@@ -1,7 +1,10 @@
-"""The only module with SQL: PostgreSQL access through asyncpg, one method per query.
+"""The vault's SQL: PostgreSQL access through asyncpg, one method per query, and migrations.
 
-Methods are single-statement primitives named after what they do; the domain
-(`service.py`, `keyring.py`) composes them. Bulk paths take arrays and run one round trip per
+The IVR's session queries live beside it in `ivr_store.py` (a separate service and pool,
+sharing `create_pool` and `translated_errors`); no other module holds SQL. Methods are
+single-statement primitives named after what they do; the domain (`service.py`,
+`keyring.py`, `security.audit`, `settlement.job`) composes them, through narrow protocols
+where it can. Bulk paths take arrays and run one round trip per
 chunk. Connection-level failures become `DatabaseUnavailable` through one table
 (`_UNAVAILABLE`); nothing here ever sees a PAN in clear.
 """
@@ -14,14 +17,12 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 
 from .errors import DatabaseUnavailable
-
-if TYPE_CHECKING:
-    from .security.audit import AuditColumns
+from .resources import MIGRATIONS_DIR
 
 # Errors that mean "the database is not there right now" (restart, network, overload), as
 # opposed to a bug in a query. Everything else propagates and ends up as INTERNAL.
@@ -77,6 +78,45 @@ class NewTokens:
     expiry_years: list[int]
     data_key_ids: list[int]
     ciphertexts: list[bytes]
+
+
+# The text columns of audit_append() (0002_audit.sql, 0005_audit_reveal_lists.sql) in the order
+# `AuditColumns.columns` holds them; "tokens" is each record's reveal list, space-joined.
+AUDIT_TEXT_COLUMNS: Final = (
+    "identity", "role", "tenant", "method", "token", "purpose", "outcome", "request_id", "peer",
+    "tokens",
+)
+
+
+class AuditColumns(NamedTuple):
+    """Audit records as audit_append() takes them, a list per column: the timestamps, the
+    `AUDIT_TEXT_COLUMNS` in order, and each record's content hash (built by
+    `security.audit.audit_columns`)."""
+
+    ats: list[dt.datetime]
+    columns: tuple[list[str], ...]
+    hashes: list[bytes]
+
+    @property
+    def size(self) -> int:
+        return len(self.hashes)
+
+    @classmethod
+    def concat(cls, parts: Sequence[AuditColumns]) -> AuditColumns:
+        """Several callers' records as one append, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            [at for part in parts for at in part.ats],
+            tuple([v for part in parts for v in part.columns[i]]
+                  for i in range(len(AUDIT_TEXT_COLUMNS))),
+            [h for part in parts for h in part.hashes],
+        )
+
+    def arguments(self) -> tuple[list[Any], ...]:
+        """The arrays in audit_append()'s parameter order (its reveal lists come last)."""
+        *texts, token_lists = self.columns
+        return (self.ats, *texts, self.hashes, token_lists)
 
 
 _DATA_KEY_COLUMNS = (
@@ -155,10 +195,27 @@ _INSERT_TOKENS_AUDITED = f"""{_INSERT_TOKENS_CTES}, audited AS (
 async def _no_session_reset(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release RESET ALL round trip.
 
-    Nothing here changes session state (no SET, LISTEN or advisory locks; every statement is
-    its own transaction), so the default reset would only double the round trips per query.
+    Nothing in `Store` or `IvrStore` changes session state (no SET, LISTEN or advisory locks),
+    so the default reset would only double the round trips per query.
     asyncpg still rolls back a connection released inside a transaction.
     """
+
+
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, application_name: str
+) -> asyncpg.Pool:
+    """A pool with the settings every Vaultline service uses (`Store`, `IvrStore`)."""
+    async with _translated():
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=30,
+            # A dead server must fail fast so callers get UNAVAILABLE, not a hang.
+            timeout=5,
+            server_settings={"application_name": application_name},
+            reset=_no_session_reset,
+        )
 
 
 class Store:
@@ -167,18 +224,8 @@ class Store:
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
-        async with _translated():
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                command_timeout=30,
-                # A dead server must fail fast so callers get UNAVAILABLE, not a hang.
-                timeout=5,
-                server_settings={"application_name": "vaultline"},
-                reset=_no_session_reset,
-            )
-        return cls(pool)
+        return cls(await create_pool(
+            dsn, min_size=min_size, max_size=max_size, application_name="vaultline"))
 
     async def close(self) -> None:
         await self._pool.close()
@@ -319,10 +366,8 @@ class Store:
         if audit is None:
             records = await self._fetch(_INSERT_TOKENS, tenant, fmt, expires_at, *arrays)
         else:
-            *texts, token_lists = audit.columns  # audit_append takes the lists last
             records = await self._fetch(
-                _INSERT_TOKENS_AUDITED, tenant, fmt, expires_at, *arrays,
-                audit.ats, *texts, audit.hashes, token_lists,
+                _INSERT_TOKENS_AUDITED, tenant, fmt, expires_at, *arrays, *audit.arguments()
             )
         inserted = [r for r in records if r["inserted"]]
         existing = [r for r in records if not r["inserted"]]
@@ -432,21 +477,7 @@ class Store:
     # records and moves the head under a lock; the service role may not write the tables.
 
     async def append_audit(
-        self,
-        ats: Sequence[dt.datetime],
-        identities: Sequence[str],
-        roles: Sequence[str],
-        tenants: Sequence[str],
-        methods: Sequence[str],
-        tokens: Sequence[str],
-        purposes: Sequence[str],
-        outcomes: Sequence[str],
-        request_ids: Sequence[str],
-        peers: Sequence[str],
-        token_lists: Sequence[str],
-        content_hashes: Sequence[bytes],
-        *,
-        receipts: bool = True,
+        self, records: AuditColumns, *, receipts: bool = True
     ) -> list[tuple[int, bytes]]:
         """Chain and commit a batch of records in one round trip; (seq, hash) of each, or
         nothing when `receipts` is false (one row back instead of one per record)."""
@@ -455,18 +486,7 @@ class Store:
             + " FROM audit_append($1::timestamptz[], $2::text[], $3::text[],"
             " $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
             " $10::text[], $11::bytea[], $12::text[])",
-            list(ats),
-            list(identities),
-            list(roles),
-            list(tenants),
-            list(methods),
-            list(tokens),
-            list(purposes),
-            list(outcomes),
-            list(request_ids),
-            list(peers),
-            list(content_hashes),
-            list(token_lists),  # $12: the function's argument order, not this method's
+            *records.arguments(),
         )
         return [(r[0], r[1]) for r in rows] if receipts else []
 
@@ -620,7 +640,6 @@ class Store:
 
 # ---- migrations ----------------------------------------------------------------------
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "infra" / "postgres"
 
 
 def _read_migrations(directory: Path) -> list[tuple[str, str]]:

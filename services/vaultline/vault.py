@@ -10,7 +10,9 @@ Errors::
      +-- VaultInvalidResponse   any other 4xx, a malformed payload, a failed batch item
                                 (``.index`` names the item, nothing else about it)
 
-One table, ``_ERRORS``, turns HTTP statuses and transport exceptions into these.
+One table, ``_ERRORS``, turns HTTP statuses and transport exceptions into these; for the
+domain, ``run_transit`` turns every one of them into ``errors.KeyServiceUnavailable`` (as
+``store.translated_errors`` does for PostgreSQL).
 
 The client is synchronous (hvac/requests) and thread-safe; async callers use
 ``asyncio.to_thread``. It authenticates lazily with AppRole and re-authenticates once when a
@@ -19,6 +21,7 @@ request is refused with 401/403 (expired or revoked token) or the token is about
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -37,6 +40,8 @@ import hvac.adapters  # type: ignore[import-untyped]
 import hvac.exceptions  # type: ignore[import-untyped]
 import requests
 
+from .errors import KeyServiceUnavailable
+
 __all__ = [
     "AppRoleCredentials",
     "KeyStatus",
@@ -45,6 +50,7 @@ __all__ = [
     "VaultInvalidResponse",
     "VaultPermissionDenied",
     "VaultUnavailable",
+    "run_transit",
     "wrapped_version",
 ]
 
@@ -131,6 +137,22 @@ _REASONS: Final[Mapping[type[VaultError], str]] = {
 }
 
 
+_T = TypeVar("_T")
+
+
+async def run_transit(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking client call in a thread, for async callers (the keyring, the admin
+    servicers). Whatever went wrong with OpenBao is an outage to their callers:
+    `KeyServiceUnavailable`; a refusal (permission, protocol) is also logged, by kind only."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except VaultUnavailable as exc:
+        raise KeyServiceUnavailable() from exc
+    except VaultError as exc:
+        _log.error("the key service refused %s: %s", exc.operation, type(exc).__name__)
+        raise KeyServiceUnavailable() from exc
+
+
 def _translate(operation: str, exc: BaseException) -> VaultError:
     status: int | None = None
     cls: type[VaultError] | None = None
@@ -203,8 +225,6 @@ def wrapped_version(wrapped: str) -> int:
         raise ValueError("not a transit ciphertext of the form vault:v<N>:<base64>")
     return int(match.group(1))
 
-
-_T = TypeVar("_T")
 
 
 class TransitClient:

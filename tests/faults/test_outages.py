@@ -115,3 +115,33 @@ async def test_postgres_stopped_mid_run(
     got = await running.stub.Detokenize(pb.DetokenizeRequest(
         tenant=tenant, token=first.token.token, purpose="fault test"))
     assert got.card.pan == VISA
+
+
+@pytest.mark.parametrize("store", ["vault", "ivr"])
+async def test_a_silent_database_fails_fast_for_the_vault_and_the_ivr(store: str) -> None:
+    """A server that accepts connections and never answers (a hung PostgreSQL, a black-holed
+    network path): both services' pools give up after their 5 s connect timeout with
+    DatabaseUnavailable, rather than asyncpg's 60 s default that would hold a Twilio webhook."""
+    from vaultline.errors import DatabaseUnavailable
+    from vaultline.ivr_store import IvrStore
+    from vaultline.store import Store
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # keep it open, say nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dsn = f"postgresql://nobody:x@127.0.0.1:{port}/vaultline"
+    connect = Store.connect if store == "vault" else IvrStore.connect
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            # Well below asyncpg's 60 s default: only the configured timeout ends this.
+            await asyncio.wait_for(connect(dsn, min_size=1, max_size=1), timeout=30)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert accepted, "the pool did try to connect"

@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 
 from tests.fixtures.infra import PostgresHandle
+from vaultline.cli import audit as audit_cli
 from vaultline.errors import DatabaseUnavailable
-from vaultline.security import audit_cli
 from vaultline.security.audit import (
     FIELDS,
     GENESIS_HASH,

@@ -99,7 +99,7 @@ LOG: list[str] = []  # every command's output, for the leak scan
 
 
 def settle_argv(home: Path, *args: str) -> list[str]:
-    return [PYTHON, "-m", "vaultline.settlement.cli", "--home", str(home), "settle", *args]
+    return [PYTHON, "-m", "vaultline.cli", "--home", str(home), "settle", *args]
 
 
 def settle_env() -> dict[str, str]:

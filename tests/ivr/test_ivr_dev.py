@@ -12,7 +12,7 @@ import pytest
 
 from tests.fixtures.infra import PostgresHandle
 from vaultline.cli import build_parser
-from vaultline.ivr.dev import stack_info, start_dev_ivr
+from vaultline.devstack.ivr import stack_info, start_dev_ivr
 
 pytestmark = pytest.mark.integration
 FLOWS = Path(__file__).resolve().parents[2] / "ivr_flows"

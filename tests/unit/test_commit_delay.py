@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from vaultline.commit_delay import CommitDelay
-from vaultline.service import Coalescer
 
 STEP = 0.002  # one chunk every 2 ms, as under load
 MS = 0.001
@@ -159,37 +156,3 @@ def test_no_delay_never_waits() -> None:
 def test_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         CommitDelay(**kwargs)
-
-
-class _AlwaysWait(CommitDelay):
-    def after_chunk(self, completed: int, now: float) -> float:
-        return 0.05
-
-
-async def test_the_coalescer_gathers_during_the_wait_and_answers_everyone() -> None:
-    chunks: list[list[str]] = []
-
-    async def run_chunk(key: str, items: list[str]) -> list[str]:
-        chunks.append(items)
-        await asyncio.sleep(0.02)
-        return [item.upper() for item in items]
-
-    coalescer: Coalescer[str, str, str] = Coalescer(run_chunk, delay=_AlwaysWait())
-    first = asyncio.ensure_future(coalescer.submit("g", "a"))
-    await asyncio.sleep(0.01)  # chunk ["a"] is in flight
-    second = asyncio.ensure_future(coalescer.submit("g", "b"))
-    await asyncio.sleep(0.03)  # ["a"] is done; "b" waits for company
-    third = asyncio.ensure_future(coalescer.submit("g", "c"))
-    assert await asyncio.gather(first, second, third) == ["A", "B", "C"]
-    assert chunks == [["a"], ["b", "c"]]
-
-
-async def test_the_coalescer_never_waits_with_nobody_queued() -> None:
-    async def run_chunk(key: str, items: list[str]) -> list[str]:
-        return items
-
-    coalescer: Coalescer[str, str, str] = Coalescer(run_chunk, delay=_AlwaysWait())
-    assert await coalescer.submit("g", "a") == "a"
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert not coalescer._tasks, "the drainer exits at once instead of waiting 50 ms"

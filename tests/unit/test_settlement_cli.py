@@ -1,4 +1,4 @@
-"""Unit tests for vaultline.settlement.cli: the parser, `--help` and the progress display."""
+"""Unit tests for vaultline.cli.settle: the parser, `--help` and the progress display."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from vaultline.cli import settle as cli
+from vaultline.cli.settle import _ProgressPrinter, add_settle_commands
 from vaultline.config import ConfigError
-from vaultline.settlement import DEFAULT_CHUNK, MAX_CHUNK, cli
+from vaultline.settlement import DEFAULT_CHUNK, MAX_CHUNK
 from vaultline.settlement.batch import check_captures
-from vaultline.settlement.cli import _ProgressPrinter, add_settle_commands
 
 
 def parser() -> argparse.ArgumentParser:

@@ -6,27 +6,19 @@ FAILED_PRECONDITION rather than borrowing its own, least-privilege credentials.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from ..errors import InvalidPageToken, KeyAdminNotConfigured, KeyServiceUnavailable
+from ..errors import InvalidPageToken, KeyAdminNotConfigured
 from ..gen.admin.v1 import admin_pb2 as pb
 from ..gen.admin.v1 import admin_service_pb2_grpc as pb_grpc
 from ..keyring import KekAdmin, rewrap_all
-from ..security.audit_cli import verify_database
+from ..security.audit import verify_store
 from ..store import Store
-from ..vault import VaultError, VaultUnavailable
+from ..vault import run_transit
 from .calls import unary
 from .gate import Gate
 
 MAX_PAGE = 1000
-
-
-async def _vault(fn: Any, *args: Any) -> Any:
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except (VaultUnavailable, VaultError) as exc:
-        raise KeyServiceUnavailable() from exc
 
 
 class KeyServicer(pb_grpc.KeyServiceServicer):
@@ -45,7 +37,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         self, request: pb.GetKeyStatusRequest, context: Any
     ) -> pb.GetKeyStatusResponse:
         admin = self._require_admin()
-        status = await _vault(admin.key_status)
+        status = await run_transit(admin.key_status)
         response = pb.GetKeyStatusResponse(
             kek_name=status.name,
             latest_version=status.latest_version,
@@ -60,20 +52,19 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
     @unary
     async def RotateKek(self, request: pb.RotateKekRequest, context: Any) -> pb.RotateKekResponse:
         admin = self._require_admin()
-        await _vault(admin.rotate_key)
-        latest = (await _vault(admin.key_status)).latest_version
+        await run_transit(admin.rotate_key)
+        latest = (await run_transit(admin.key_status)).latest_version
         report = await rewrap_all(self._store, admin, latest)
         if request.raise_min_decryption_version:
-            await _vault(admin.set_min_decryption_version, latest)
+            await run_transit(admin.set_min_decryption_version, latest)
         return pb.RotateKekResponse(
             latest_version=latest, scanned=report.scanned, rewrapped=report.rewrapped
         )
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    def __init__(self, store: Store, database_url: str, gate: Gate) -> None:
+    def __init__(self, store: Store, gate: Gate) -> None:
         self._store = store
-        self._database_url = database_url
         self._gate = gate
 
     @unary
@@ -107,7 +98,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     async def VerifyAuditChain(
         self, request: pb.VerifyAuditChainRequest, context: Any
     ) -> pb.VerifyAuditChainResponse:
-        report, _ = await verify_database(self._database_url)
+        report, _ = await verify_store(self._store)
         return pb.VerifyAuditChainResponse(
             intact=report.ok,
             checked=report.checked,

@@ -1,8 +1,9 @@
 """Who is calling and about what: the per-call context every layer below the edge can read.
 
-The servicer wrapper (`api.tokenization.unary` / `streaming`) opens it before a method runs:
-one place per call, no per-call handler rebuilding as a generic interceptor would need.
-`api.gate.Gate.admit` then adds the mTLS identity, role and policy grant.
+The servicer wrappers (`api.calls.unary`, `unary_audited_by_method`, `streaming`) open it
+before a method runs: one place per call, no per-call handler rebuilding as a generic
+interceptor would need. `api.gate.Gate.admit` then adds the mTLS identity, role and policy
+grant. Logging (`observability`) reads it to stamp each line with the request id.
 """
 
 from __future__ import annotations

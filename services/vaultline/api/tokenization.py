@@ -11,14 +11,15 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from ..errors import VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
-from ..service import CardInput, Revealed, Tokenized, TokenRecord, TokenService
+from ..security.audit import PendingAudit
+from ..service import CardInput, IssuedToken, Revealed, TokenRecord, TokenService
 from .calls import streaming, unary, unary_audited_by_method
 from .context import current_call
 from .errors import to_rpc_status
@@ -27,8 +28,6 @@ from .gate import Gate
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 3
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 # ---- conversions ---------------------------------------------------------------------------
@@ -77,13 +76,13 @@ def fill_card(msg: pb.Card, revealed: Revealed) -> None:
 
 
 def tokenize_results(
-    items: Any, outcomes: list[Tokenized | VaultlineError]
+    items: Any, outcomes: list[IssuedToken | VaultlineError]
 ) -> pb.BatchTokenizeResponse:
     response = pb.BatchTokenizeResponse()
     add = response.results.add
     for item, outcome in zip(items, outcomes, strict=True):
         result = add(reference=item.reference)
-        if isinstance(outcome, Tokenized):
+        if isinstance(outcome, IssuedToken):
             fill_token(result.token, outcome.record)
             result.created = outcome.created
         else:
@@ -151,7 +150,6 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         call = current_call.get()
         assert call is not None
         tenant = request.tenant or "default"
-        event = self._gate.event
         result = await self._service.tokenize(
             request.tenant,
             card_in(request.card),
@@ -159,7 +157,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
             request_id=request.request_id,
             ttl=ttl_in(request.HasField("ttl"), request.ttl),
             # Written with the other records of its coalesced chunk, before the answer.
-            audit_record=lambda token: event(call, "OK", tenant=tenant, token=token),
+            audit=PendingAudit(self._gate.event(call, "OK", tenant=tenant)),
         )
         response = pb.TokenizeResponse(created=result.created)
         fill_token(response.token, result.record)

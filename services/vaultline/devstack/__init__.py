@@ -2,7 +2,8 @@
 
 - ``vaultline.devstack.openbao``: ``OpenBaoServer`` (one Raft node), ``configure_openbao``
 - ``vaultline.devstack.postgres``: ``PostgresServer`` (pgserver's binaries), ``bootstrap_database``
-- ``vaultline.devstack.stack``: both together plus the services (``vaultline dev up``)
+- ``vaultline.devstack.ivr``: the IVR webhook service wired to the Twilio simulator
+- ``vaultline.devstack.stack``: all of it together plus the tokenizer (``vaultline dev up``)
 
 Everything here is dev-only. Credentials land in a dev directory as 0600 JSON files that say so
 in a ``WARNING`` field; production keeps unseal keys split between custodians and credentials
@@ -141,20 +142,3 @@ def tail(path: Path | None, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def stack_file(home: str | Path) -> Path:
-    """Where a running `vaultline dev up` describes itself."""
-    return Path(home) / "dev" / "stack.json"
-
-
-def stack_value(home: str | Path, key: str) -> str | None:
-    """A string from the running dev stack's `stack.json` (dotted keys reach into objects),
-    or None when there is no running stack or no such value."""
-    try:
-        value: Any = json.loads(stack_file(home).read_text())
-    except (OSError, ValueError):
-        return None
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value if isinstance(value, str) else None

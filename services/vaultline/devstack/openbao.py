@@ -35,6 +35,7 @@ from vaultline.devstack import (
     tail,
     write_secret_json,
 )
+from vaultline.resources import OPENBAO_DIR
 from vaultline.vault import AppRoleCredentials
 
 __all__ = [
@@ -76,8 +77,8 @@ _INIT_WARNING: Final = (
 
 
 def default_infra_dir() -> Path:
-    """infra/openbao in the source tree this package runs from."""
-    return Path(__file__).resolve().parents[3] / "infra" / "openbao"
+    """infra/openbao as this package ships it (`vaultline.resources`)."""
+    return OPENBAO_DIR
 
 
 def find_bao() -> Path:

@@ -18,10 +18,11 @@ from typing import Any
 import grpc
 
 from ..config import (
-    DEFAULT_POLICY,
     ConfigError,
     TlsFiles,
     TokenizerConfig,
+    policy_path_from_env,
+    stack_file,
     tuning_from_env,
     vault_credentials_from_env,
 )
@@ -32,8 +33,6 @@ from ..vault import AppRoleCredentials
 from . import write_json
 from .openbao import OpenBaoServer
 from .postgres import PostgresServer
-
-IVR_FLOWS = Path(__file__).resolve().parents[3] / "ivr_flows"
 
 
 class DevStack:
@@ -50,7 +49,7 @@ class DevStack:
 
     @property
     def stack_file(self) -> Path:
-        return self.dev_dir / "stack.json"
+        return stack_file(self.home)
 
     async def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -74,7 +73,7 @@ class DevStack:
                     vault_addr=vault_addr,
                     vault_credentials=tokenizer_creds,
                     tls=TlsFiles(pki.ca_cert, pki.server_cert, pki.server_key),
-                    policy_path=Path(os.environ.get("VAULTLINE_POLICY_FILE", DEFAULT_POLICY)),
+                    policy_path=policy_path_from_env(),
                     keys_admin_credentials=(
                         AppRoleCredentials.from_file(admin_file) if admin_file else None
                     ),
@@ -107,14 +106,14 @@ class DevStack:
 
     async def _start_ivr(self, grpc_address: str, pki: Any, app_dsn: str) -> dict[str, Any]:
         """The payment IVR webhook service and the Twilio simulator's REST side it calls."""
-        from ..ivr.dev import stack_info, start_dev_ivr
         from ..security.tls import load_client_credentials
+        from .ivr import stack_info, start_dev_ivr
 
         ivr_client = pki.clients["ivr"]
         self._ivr_channel = grpc.aio.secure_channel(grpc_address, load_client_credentials(
             pki.ca_cert, ivr_client["cert"], ivr_client["key"]))
         self.ivr = await start_dev_ivr(dev_dir=self.dev_dir, database_url=app_dsn,
-                                       channel=self._ivr_channel, flows_dir=IVR_FLOWS)
+                                       channel=self._ivr_channel)
         return dict(stack_info(self.ivr, self.dev_dir))
 
     def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None]:

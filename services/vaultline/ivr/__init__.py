@@ -9,7 +9,8 @@
     tokenizer.py    TokenizationService.Tokenize over a caller-built grpc.aio.Channel
     crm.py          signed CRM callbacks with retries and a unique event id
     app.py          the aiohttp webhook service (signature checks, sessions, effects)
-    cli.py          `vaultline ivr serve`, `vaultline sim call`
 
-The SQL for sessions lives in `vaultline.ivr_store` (see its docstring for why not here).
+The SQL for sessions lives in `vaultline.ivr_store` (see its docstring for why not here); the
+commands `vaultline ivr serve` and `vaultline sim call` in `vaultline.cli.ivr`, the dev stack's
+wiring to the Twilio simulator in `vaultline.devstack.ivr`.
 """

@@ -35,6 +35,7 @@ from twilio.request_validator import RequestValidator
 
 from ..errors import DatabaseUnavailable
 from ..ivr_store import IvrStore, SessionExists, SessionRow
+from ..resources import IVR_FLOWS_DIR
 from . import interpreter as ivr
 from .crm import CrmNotifier, capture_event
 from .flows import Flow, load_flows
@@ -63,7 +64,7 @@ class IvrConfig:
     database_url: str = field(repr=False)
     session_secret: bytes = field(repr=False)
     crm_secret: bytes = field(repr=False)
-    flows_dir: Path = Path("ivr_flows")
+    flows_dir: Path = IVR_FLOWS_DIR
     twilio_api_base_url: str = "https://api.twilio.com"
     crm_callback_urls: Mapping[str, str] = field(default_factory=dict)  # per-flow override
     session_ttl: dt.timedelta = dt.timedelta(minutes=15)

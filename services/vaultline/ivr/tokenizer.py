@@ -1,7 +1,7 @@
 """The IVR's tokenizer client: `TokenizationService/Tokenize` over a channel the caller builds.
 
-Taking a ready `grpc.aio.Channel` keeps transport security out of here: insecure on loopback
-in the dev stack today, mTLS with the `ivr` client certificate when access control lands.
+Taking a ready `grpc.aio.Channel` keeps transport security out of here: the caller builds it
+with mTLS and the `ivr` client certificate (`vaultline ivr serve`, the dev stack).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 - ``fileformat``: the pure processor-file format (VLSF v1) with check values and totals
 - ``openpgp``: the only module that runs ``gpg`` (streaming encryption)
 - ``job``: the run — BatchDetokenize over mTLS, temp file + fsync + rename, rejects, summary
-- ``cli``: ``vaultline settle create|approve|run|status|list``
+
+Its commands, ``vaultline settle create|approve|run|status|list``, are ``vaultline.cli.settle``.
 """
 
 from typing import Final

@@ -12,26 +12,20 @@ import asyncio
 import datetime as dt
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigError
-from ..devstack import stack_value
-from .audit import FIELDS, ChainVerifier, VerifyReport
+from ..config import ConfigError, env_or_stack
+from ..security.audit import FIELDS, PAGE_SIZE, VerifyReport, verify_store
+from ..store import Store
 
-PAGE_SIZE = 5000
-
-# ---- configuration ---------------------------------------------------------------------------
+__all__ = ["add_audit_commands", "recent_records", "run_tail", "run_verify", "verify_database"]
 
 
 def database_url(home: str | Path) -> str:
-    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or stack_value(home, "database_url")
-    if not dsn:
-        raise ConfigError("VAULTLINE_DATABASE_URL is not set and no dev stack is running")
-    return dsn
+    return env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url")
 
 
 # ---- verify ---------------------------------------------------------------------------------
@@ -43,34 +37,10 @@ async def verify_database(
     page_size: int = PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[VerifyReport, tuple[int, bytes] | None]:
-    """Stream audit_log from seq 1 in pages and verify it against the head.
-
-    The head is read first: records appended while this runs lie beyond it and are left for
-    the next run. Memory stays at one page whatever the table size. Returns the report and
-    the head it was checked against."""
-    from ..store import Store
-
+    """`verify_store` over a connection of its own to `dsn`."""
     store = await Store.connect(dsn, min_size=1, max_size=1)
     try:
-        head = await store.audit_head()
-        verifier = ChainVerifier()
-        if head is None:
-            # Only a superuser can remove the head row; without it a cut tail cannot show.
-            problem = "the audit head is missing (audit_head was emptied)"
-            return VerifyReport(ok=False, checked=0, first_broken_seq=None, problem=problem), None
-        head_seq = head[0]
-        after = 0
-        while after < head_seq:
-            rows = await store.list_audit(after, min(page_size, head_seq - after))
-            if not rows:
-                break
-            for row in rows:
-                if not verifier.feed(row):
-                    return verifier.finish(head), head
-            after = rows[-1]["seq"]
-            if progress is not None:
-                progress(verifier.checked, head_seq)
-        return verifier.finish(head), head
+        return await verify_store(store, page_size=page_size, progress=progress)
     finally:
         await store.close()
 
@@ -127,8 +97,6 @@ def cmd_audit_verify(args: argparse.Namespace, home_default: str | Path = ".vaul
 
 async def recent_records(dsn: str, limit: int) -> list[dict[str, Any]]:
     """The last `limit` records as plain dicts (hashes as hex), oldest first."""
-    from ..store import Store
-
     store = await Store.connect(dsn, min_size=1, max_size=1)
     try:
         rows = await store.recent_audit(limit)

@@ -21,19 +21,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from vaultline.config import ConfigError
-from vaultline.devstack import stack_value
-from vaultline.runtime import tune_gc
-from vaultline.security.identity import Identity, IdentityError, identity_from_pem
-from vaultline.settlement import DEFAULT_CHUNK, MAX_CHUNK
+from ..config import ConfigError, env_or_stack, stack_value
+from ..runtime import tune_gc
+from ..security.identity import Identity, IdentityError, identity_from_pem
+from ..settlement import DEFAULT_CHUNK, MAX_CHUNK
 
 __all__ = ["add_settle_commands"]
-
-
-def _need(value: str | None, what: str) -> str:
-    if not value:
-        raise ConfigError(f"{what} is not set and no dev stack is running")
-    return value
 
 
 def _identity_files(home: str, who: str) -> tuple[Path, Path]:
@@ -54,11 +47,10 @@ def _identity(home: str, who: str) -> Identity:
 
 @asynccontextmanager
 async def _store_and_audit(home: str) -> AsyncIterator[tuple[Any, Any]]:
-    from vaultline.security.audit import AuditWriter
-    from vaultline.store import Store
+    from ..security.audit import AuditWriter
+    from ..store import Store
 
-    dsn = _need(os.environ.get("VAULTLINE_DATABASE_URL") or stack_value(home, "database_url"),
-                "VAULTLINE_DATABASE_URL")
+    dsn = env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url")
     store = await Store.connect(dsn, min_size=1, max_size=2)
     try:
         yield store, AuditWriter(store)
@@ -102,8 +94,8 @@ def _file_source(path: Path, task: str) -> Callable[[], Iterator[bytes]]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .batch import InputChanged, check_captures
-    from .job import create_batch
+    from ..settlement.batch import InputChanged, check_captures
+    from ..settlement.job import create_batch
 
     who = _identity(args.home, args.as_)
     path = Path(args.input)
@@ -138,7 +130,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from .job import approve_batch
+    from ..settlement.job import approve_batch
 
     who = _identity(args.home, args.as_)
 
@@ -218,19 +210,16 @@ class _ProgressPrinter:
 def cmd_run(args: argparse.Namespace) -> int:
     import grpc
 
-    from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
-    from vaultline.security.tls import load_client_credentials
-
-    from .job import RunOptions, run_batch
+    from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+    from ..security.tls import load_client_credentials
+    from ..settlement.job import RunOptions, run_batch
 
     if not 1 <= args.chunk <= MAX_CHUNK:
         raise ConfigError(f"--chunk must be between 1 and {MAX_CHUNK}, not {args.chunk}")
     who = _identity(args.home, args.as_)
     cert, key = _identity_files(args.home, args.as_)
-    ca = _need(os.environ.get("VAULTLINE_CA_FILE") or stack_value(args.home, "ca"),
-               "VAULTLINE_CA_FILE")
-    address = _need(os.environ.get("VAULTLINE_GRPC_ADDRESS")
-                    or stack_value(args.home, "grpc_address"), "VAULTLINE_GRPC_ADDRESS")
+    ca = env_or_stack("VAULTLINE_CA_FILE", args.home, "ca")
+    address = env_or_stack("VAULTLINE_GRPC_ADDRESS", args.home, "grpc_address")
     options = RunOptions(
         recipient=Path(args.recipient),
         output_dir=Path(args.output),
@@ -404,29 +393,3 @@ def add_settle_commands(sub: Any) -> None:
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=cmd_list)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vaultline.settlement.cli …`: the same commands before `vaultline` wires them."""
-    from vaultline.cli import DEFAULT_HOME, _setup_logging
-    from vaultline.errors import VaultlineError
-
-    parser = argparse.ArgumentParser(prog="vaultline")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--home", default=str(DEFAULT_HOME), help="state directory")
-    add_settle_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"vaultline: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except VaultlineError as exc:
-        print(f"vaultline: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,48 +1,29 @@
-"""`vaultline` command line: the dev stack, the tokenizer server, migrations, key management.
-
-Every subcommand has `--help`. Exit codes: 0 ok, 1 operation failed, 2 usage or configuration
-error. Messages never contain key material or card data.
-"""
+"""`vaultline serve|dev up|db migrate|keys …|pki init`: the tokenizer and the stack it runs on."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
-import os
-import signal
-import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import config as config_module
-from .config import ConfigError, TokenizerConfig
-from .devstack import stack_value
-from .runtime import tune_gc
+from .. import config as config_module
+from ..config import ConfigError, TokenizerConfig, env_or_stack
+from ..runtime import tune_gc
+from .common import run_until_signalled
 
-DEFAULT_HOME = Path(os.environ.get("VAULTLINE_HOME", ".vaultline"))
+if TYPE_CHECKING:
+    from ..vault import TransitClient
 
-
-def _setup_logging(verbose: bool) -> None:
-    from .observability import setup_logging
-
-    setup_logging(logging.DEBUG if verbose else logging.INFO)
-
-
-async def _run_until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+__all__ = ["add_tokenizer_commands"]
 
 
 # ---- serve ---------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import TokenizerServer
+    from ..server import TokenizerServer
 
     config = TokenizerConfig.from_env()
     tune_gc()
@@ -52,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await server.start()
         print(f"tokenizer serving gRPC on {server.address}", flush=True)
         try:
-            await _run_until_signalled()
+            await run_until_signalled()
         finally:
             await server.stop()
 
@@ -64,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_up(args: argparse.Namespace) -> int:
-    from .devstack.stack import DevStack
+    from ..devstack.stack import DevStack
 
     stack = DevStack(Path(args.home).resolve(), grpc_port=args.grpc_port)
     tune_gc()
@@ -73,7 +54,7 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         await stack.start()
         print(stack.describe(), flush=True)
         try:
-            await _run_until_signalled()
+            await run_until_signalled()
             print("\nstopping…", flush=True)
         finally:
             await stack.stop()
@@ -87,11 +68,9 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
-    from .store import migrate
+    from ..store import migrate
 
-    dsn = os.environ.get("VAULTLINE_DATABASE_OWNER_URL") or stack_value(args.home, "owner_dsn")
-    if not dsn:
-        raise ConfigError("VAULTLINE_DATABASE_OWNER_URL is not set and no dev stack is running")
+    dsn = env_or_stack("VAULTLINE_DATABASE_OWNER_URL", args.home, "owner_dsn")
     applied = asyncio.run(migrate(dsn))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
@@ -100,19 +79,13 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 # ---- keys ----------------------------------------------------------------------------------
 
 
-def _admin_client(home: str):  # type: ignore[no-untyped-def]
-    from .vault import AppRoleCredentials, TransitClient
+def _admin_client(home: str) -> TransitClient:
+    from ..vault import AppRoleCredentials, TransitClient
 
-    addr = os.environ.get("VAULTLINE_VAULT_ADDR") or stack_value(home, "vault_addr")
-    approle = os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE") or stack_value(
-        home, "credentials.keys_admin_approle"
+    addr = env_or_stack("VAULTLINE_VAULT_ADDR", home, "vault_addr")
+    approle = env_or_stack(
+        "VAULTLINE_KEYS_ADMIN_APPROLE_FILE", home, "credentials.keys_admin_approle"
     )
-    if not addr:
-        raise ConfigError("VAULTLINE_VAULT_ADDR is not set and no dev stack is running")
-    if not approle:
-        raise ConfigError(
-            "VAULTLINE_KEYS_ADMIN_APPROLE_FILE is not set and no dev stack is running"
-        )
     try:
         credentials = AppRoleCredentials.from_file(Path(approle))
     except (OSError, ValueError, KeyError):
@@ -121,14 +94,11 @@ def _admin_client(home: str):  # type: ignore[no-untyped-def]
 
 
 def _database_url(home: str) -> str:
-    dsn = os.environ.get("VAULTLINE_DATABASE_URL") or stack_value(home, "database_url")
-    if not dsn:
-        raise ConfigError("VAULTLINE_DATABASE_URL is not set and no dev stack is running")
-    return dsn
+    return env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url")
 
 
 def cmd_keys_status(args: argparse.Namespace) -> int:
-    from .store import Store
+    from ..store import Store
 
     admin = _admin_client(args.home)
 
@@ -175,8 +145,8 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from .keyring import rewrap_all
-    from .store import Store
+    from ..keyring import rewrap_all
+    from ..store import Store
 
     admin = _admin_client(args.home)
 
@@ -211,7 +181,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    from .security.pki import init_dev_pki
+    from ..security.pki import init_dev_pki
 
     pki = init_dev_pki(Path(args.home) / "pki", force=args.force)
     print(f"CA           {pki.ca_cert}")
@@ -221,22 +191,8 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- parser --------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vaultline",
-        description="Vaultline: card tokenization vault. Start with `vaultline dev up`.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument(
-        "--home",
-        default=str(DEFAULT_HOME),
-        help="state directory of the local stack (default: .vaultline, or $VAULTLINE_HOME)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_tokenizer_commands(sub: Any) -> None:
+    """Add `dev`, `serve`, `db`, `pki` and `keys` to the main parser's subcommands."""
     dev = sub.add_parser("dev", help="the local development stack")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")
     up = dev_sub.add_parser(
@@ -286,14 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     pki_init.add_argument("--force", action="store_true", help="regenerate everything")
     pki_init.set_defaults(func=cmd_pki_init)
 
-    from .ivr.cli import add_ivr_commands
-    from .security.audit_cli import add_audit_commands
-    from .settlement.cli import add_settle_commands
-
-    add_audit_commands(sub, str(DEFAULT_HOME))
-    add_ivr_commands(sub)
-    add_settle_commands(sub)
-
     keys = sub.add_parser("keys", help="key management (keys-admin AppRole)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
     status = keys_sub.add_parser(
@@ -321,30 +269,3 @@ def build_parser() -> argparse.ArgumentParser:
         "--rewrap-only", action="store_true", help="do not rotate; finish an interrupted rewrap"
     )
     rotate.set_defaults(func=cmd_keys_rotate)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"vaultline: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a CLI answers with one line, not a traceback
-        from .errors import VaultlineError
-
-        if isinstance(exc, VaultlineError):
-            print(f"vaultline: {exc.message}", file=sys.stderr)
-            return 1
-        logging.getLogger("vaultline").debug("failure", exc_info=True)
-        print(f"vaultline: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

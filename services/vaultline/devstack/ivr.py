@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 
-from ..devstack import free_port
+from ..ivr.app import IvrConfig, RunningIvr, start_ivr
+from ..ivr.flows import load_flows
+from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import TwilioSim
-from .app import IvrConfig, RunningIvr, start_ivr
-from .flows import load_flows
+from . import free_port
 
-__all__ = ["read_secret_file", "start_dev_ivr", "stack_info"]
+__all__ = ["start_dev_ivr", "stack_info"]
 
 
 def _secret_file(path: Path, make: bytes) -> bytes:
@@ -32,15 +33,8 @@ def _secret_file(path: Path, make: bytes) -> bytes:
     return path.read_bytes()
 
 
-def read_secret_file(path: Path) -> bytes:
-    data = path.read_bytes().strip()
-    if not data:
-        raise ValueError(f"{path} is empty")
-    return data
-
-
 async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.Channel,
-                        flows_dir: Path = Path("ivr_flows"), host: str = "127.0.0.1",
+                        flows_dir: Path = IVR_FLOWS_DIR, host: str = "127.0.0.1",
                         port: int = 0, sim_port: int = 0) -> RunningIvr:
     """Simulator REST side + webhook service on loopback; `stack_info()` for stack.json."""
     sim = TwilioSim()

@@ -10,7 +10,7 @@
   IVR_CRM_SECRET_FILE      the CRM callbacks' HMAC key
   TOKENIZER_ADDRESS        host:port of the tokenizer; with TOKENIZER_CA, TOKENIZER_CERT,
                            TOKENIZER_KEY (the `ivr` client certificate) for mTLS
-  IVR_FLOWS_DIR            default ./ivr_flows
+  IVR_FLOWS_DIR            default: the flows shipped with vaultline (ivr_flows/)
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..devstack import stack_file
+from ..config import ConfigError, read_secret_file, read_stack, stack_file
+from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import DEMO_CARD
+from .common import run_until_signalled
 
 __all__ = ["add_ivr_commands"]
 
 
 def _env(name: str, default: str | None = None) -> str:
-    from ..config import ConfigError
-
     value = os.environ.get("VAULTLINE_" + name, default)
     if not value:
         raise ConfigError(f"VAULTLINE_{name} is not set")
@@ -42,9 +42,7 @@ def _env(name: str, default: str | None = None) -> str:
 def cmd_ivr_serve(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..cli import _run_until_signalled
-    from .app import IvrConfig, start_ivr
-    from .dev import read_secret_file
+    from ..ivr.app import IvrConfig, start_ivr
 
     host, _, port = _env("IVR_LISTEN", "127.0.0.1:8080").rpartition(":")
     config = IvrConfig(
@@ -55,7 +53,7 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         database_url=_env("DATABASE_URL"),
         session_secret=read_secret_file(Path(_env("IVR_SESSION_SECRET_FILE"))),
         crm_secret=read_secret_file(Path(_env("IVR_CRM_SECRET_FILE"))),
-        flows_dir=Path(_env("IVR_FLOWS_DIR", "ivr_flows")),
+        flows_dir=Path(_env("IVR_FLOWS_DIR", str(IVR_FLOWS_DIR))),
     )
 
     async def main() -> None:
@@ -71,7 +69,7 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         print(f"ivr webhooks on {running.address} (public {config.public_base_url}); "
               f"flows: {', '.join(sorted(running.service.flows))}", flush=True)
         try:
-            await _run_until_signalled()
+            await run_until_signalled()
         finally:
             await running.stop()
             await channel.close()
@@ -81,13 +79,11 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
 
 
 def _stack(home: str) -> dict[str, Any]:
-    from ..config import ConfigError
-
-    path = stack_file(home)
-    try:
-        info: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise ConfigError(f"no running dev stack ({path} not found): run `make run`") from None
+    info = read_stack(home)
+    if info is None:
+        raise ConfigError(
+            f"no running dev stack ({stack_file(home)} not found): run `make run`"
+        )
     if "ivr_base_url" not in info or "twilio_api_base_url" not in info:
         raise ConfigError("the running dev stack has no IVR (ivr_base_url missing)")
     return info
