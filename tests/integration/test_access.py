@@ -287,8 +287,9 @@ async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
     finally:
         await conn.close()
     # One record per chunk, naming exactly the tokens revealed (not the unknown one), then the
-    # call's own record.
-    assert [(r["method"], r["outcome"], r["token"], list(r["tokens"])) for r in rows] == [
+    # call's own record. Chunks are pipelined, so their two records may commit in either order.
+    records = [(r["method"], r["outcome"], r["token"], list(r["tokens"])) for r in rows]
+    assert sorted(records[:2], key=lambda r: -len(r[3])) + records[2:] == [
         ("BatchDetokenize", "OK", "", tokens[:3]),
         ("BatchDetokenize", "OK", "", tokens[3:]),
         ("BatchDetokenize", "OK", "", []),
