@@ -33,8 +33,16 @@ test: $(VENV_STAMP) lint proto ## every check: lint, proto lint/breaking/codegen
 unit: $(VENV_STAMP) ## only the pure unit tests (seconds)
 	$(PY) -m pytest -q tests/unit
 
-lint: $(VENV_STAMP) ## ruff
+# The pure cores (no I/O) are held to mypy --strict; everything else to mypy's defaults.
+PURE_CORES := $(addprefix services/vaultline/,card.py tokens.py crypto.py errors.py \
+	group_commit.py commit_delay.py runtime.py resources.py ivr/interpreter.py ivr/flows.py \
+	ivr/twiml.py ivr/signing.py ivr/sealing.py settlement/fileformat.py settlement/batch.py \
+	security/identity.py)
+
+lint: $(VENV_STAMP) ## ruff, mypy (--strict for the pure cores)
 	$(VENV)/bin/ruff check services tests load
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict --follow-imports=silent $(PURE_CORES)
 
 bench: $(VENV_STAMP) ## throughput benchmark against a fresh stack (see load/README.md)
 	$(PY) load/bench.py

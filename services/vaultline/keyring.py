@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -186,7 +186,7 @@ class Keyring:
                 block = max(count, self._policy.reserve_block)
             raise KeyServiceUnavailable("could not obtain a data key; retry later")
 
-    async def sealing_keys(self, ids: Sequence[int]) -> dict[int, SealingKey]:
+    async def sealing_keys(self, ids: Iterable[int]) -> dict[int, SealingKey]:
         """Keys by id for opening ciphertexts; unwraps every missing one in one OpenBao call."""
         missing = [i for i in set(ids) if i not in self._sealing]
         if missing:

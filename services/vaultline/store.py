@@ -332,7 +332,7 @@ class Store:
             " count(*) FILTER (WHERE retired_at IS NOT NULL)"
             " FROM data_keys GROUP BY kek_version, purpose ORDER BY kek_version, purpose"
         )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
     # ---- tokens ----------------------------------------------------------------------
 

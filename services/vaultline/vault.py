@@ -35,9 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import hvac  # type: ignore[import-untyped]
-import hvac.adapters  # type: ignore[import-untyped]
-import hvac.exceptions  # type: ignore[import-untyped]
+import hvac
+import hvac.adapters
+import hvac.exceptions
 import requests
 
 from .errors import KeyServiceUnavailable
@@ -101,7 +101,7 @@ class _HTTPStatusError(Exception):
         self.body = body
 
 
-class _Adapter(hvac.adapters.JSONAdapter):  # type: ignore[misc]
+class _Adapter(hvac.adapters.JSONAdapter):
     def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
         body: Any = None
         try:

@@ -58,7 +58,7 @@ def code_for(exc: VaultlineError) -> grpc.StatusCode:
 
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 

@@ -97,12 +97,12 @@ def detokenize_results(
     add = response.results.add
     for item, outcome in zip(items, outcomes, strict=True):
         result = add(reference=item.reference)
-        if type(outcome) is Revealed:
+        if isinstance(outcome, VaultlineError):
+            result.error.CopyFrom(to_rpc_status(outcome))
+        else:
             revealed = result.card  # one sub-message wrapper, not two
             fill_card(revealed.card, outcome)
             fill_token(revealed.token, outcome.record)
-        else:
-            result.error.CopyFrom(to_rpc_status(outcome))
     return response
 
 

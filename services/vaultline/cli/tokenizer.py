@@ -109,17 +109,18 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
             counts = await store.count_data_keys_by_kek_version()
         finally:
             await store.close()
+        kek: dict[str, Any] = {
+            "name": status.name,
+            "type": status.type,
+            "latest_version": status.latest_version,
+            "min_decryption_version": status.min_decryption_version,
+            "min_encryption_version": status.min_encryption_version,
+            "exportable": status.exportable,
+            "deletion_allowed": status.deletion_allowed,
+            "versions": {str(k): v for k, v in sorted(status.versions.items())},
+        }
         report = {
-            "kek": {
-                "name": status.name,
-                "type": status.type,
-                "latest_version": status.latest_version,
-                "min_decryption_version": status.min_decryption_version,
-                "min_encryption_version": status.min_encryption_version,
-                "exportable": status.exportable,
-                "deletion_allowed": status.deletion_allowed,
-                "versions": {str(k): v for k, v in sorted(status.versions.items())},
-            },
+            "kek": kek,
             "data_keys": [
                 {"kek_version": v, "purpose": p, "active": a, "retired": r}
                 for v, p, a, r in counts
@@ -128,7 +129,6 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report, indent=2))
             return
-        kek = report["kek"]
         print(f"KEK {kek['name']} ({kek['type']}): latest version {kek['latest_version']},"
               f" decrypts from version {kek['min_decryption_version']},"
               f" exportable={kek['exportable']}, deletion_allowed={kek['deletion_allowed']}")

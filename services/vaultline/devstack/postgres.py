@@ -374,7 +374,7 @@ def bootstrap_database(superuser_dsn: str, dev_dir: Path) -> PostgresBootstrap:
     """Idempotently create roles ``vaultline_owner`` and ``vaultline_app`` (passwords kept in
     ``dev_dir/postgres-roles.json``) and database ``vaultline`` owned by the owner role, whose
     schema public only the owner may create in. Works on any server given a superuser DSN."""
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     parts = urllib.parse.urlsplit(superuser_dsn)
     host = parts.hostname or HOST

@@ -186,7 +186,9 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
     return Policy(roles, grants)
 
 
-def _table(doc: dict[str, Any], key: str, fail: Callable[[str, str], PolicyError]) -> dict:  # type: ignore[type-arg]
+def _table(
+    doc: dict[str, Any], key: str, fail: Callable[[str, str], PolicyError]
+) -> dict[str, Any]:
     value = doc.get(key, {})
     if not isinstance(value, dict):
         raise fail(key, "expected a table")
