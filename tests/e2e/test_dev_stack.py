@@ -26,6 +26,8 @@ from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_gr
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
+
 @pytest.fixture
 def home() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="vaultline-e2e-"))
@@ -160,3 +162,48 @@ def test_external_openbao_and_postgres(home: Path, openbao, migrated) -> None:  
         assert got.card.pan == "6011111111111117"
     finally:
         assert stack.interrupt() == 0, stack.output
+
+
+def _readme_command(marker: str) -> str:
+    """The README's shell command that contains `marker`, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    for block in text.split("```sh\n")[1:]:
+        command = block.split("```", 1)[0].replace("\\\n", " ")
+        if marker in command:
+            return command.strip()
+    raise AssertionError(f"no `{marker}` command in README.md")
+
+
+def test_a_second_dev_up_leaves_the_running_stack_alone_and_the_readme_calls_it(
+    home: Path,
+) -> None:
+    stack = Stack(home)
+    info = stack.up()
+    try:
+        stack_json = (home / "dev" / "stack.json").read_text()
+        second = _cli(home, "dev", "up", "--grpc-port", "0")
+        assert second.returncode == 1
+        assert "already running" in second.stderr and str(home) in second.stderr
+        # Nothing of the first stack was touched: its description, servers and data stay.
+        assert (home / "dev" / "stack.json").read_text() == stack_json
+        with stack_channel(info, "crm") as crm:
+            health = health_pb2_grpc.HealthStub(crm).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        # The README's `buf curl` example, as written but for this stack's home and port.
+        buf = REPO / ".tools" / "node_modules" / ".bin" / "buf"
+        if not buf.exists():
+            pytest.skip("buf is installed by `make test` (the proto target)")
+        command = (_readme_command("buf curl")
+                   .replace("cd .vaultline/pki", f"cd {home}/pki")
+                   .replace("../../.tools/node_modules/.bin/buf", str(buf))
+                   .replace("127.0.0.1:50051", info["grpc_address"]))
+        curl = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True,
+                              timeout=60)
+        assert curl.returncode == 0, curl.stderr
+        answer = json.loads(curl.stdout)
+        assert answer["token"]["last4"] == "1111" and answer["token"]["brand"] == "CARD_BRAND_VISA"
+        assert "4111111111111111" not in curl.stdout
+    finally:
+        assert stack.interrupt() == 0, stack.output
+    assert "already running" not in stack.output

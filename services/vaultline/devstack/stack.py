@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ..security.pki import init_dev_pki
 from ..server import TokenizerServer
 from ..store import migrate
 from ..vault import AppRoleCredentials
-from . import write_json
+from . import DevstackError, write_json
 from .openbao import OpenBaoServer
 from .postgres import PostgresServer
 
@@ -45,14 +46,37 @@ class DevStack:
         self.tokenizer: TokenizerServer | None = None
         self.ivr: Any = None
         self._ivr_channel: grpc.aio.Channel | None = None
+        self._lock_fd: int | None = None
         self.info: dict[str, Any] = {}
 
     @property
     def stack_file(self) -> Path:
         return stack_file(self.home)
 
+    @property
+    def lock_file(self) -> Path:
+        return self.home / "dev.lock"
+
+    def _take_home(self) -> None:
+        """One stack per home: a second `dev up` there finds the lock held, says so and
+        touches nothing (the first one's servers, data and stack.json stay as they are)."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DevstackError(
+                f"a dev stack is already running in {self.home} (pid {holder}); stop it "
+                "first (Ctrl-C where it runs), or pass another --home"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd  # held until stop(); the kernel releases it if we die
+
     async def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        self._take_home()
         # The PostgreSQL server account (when we run as root) must be able to reach its
         # data dir; nothing in home is listable by others.
         self.home.chmod(0o711)
@@ -143,6 +167,8 @@ class DevStack:
         return boot.app_dsn, boot.owner_dsn
 
     async def stop(self) -> None:
+        if self._lock_fd is None:
+            return  # never started, or another process holds this home
         with contextlib.suppress(FileNotFoundError):
             self.stack_file.unlink()
         if self.ivr is not None:
@@ -160,6 +186,8 @@ class DevStack:
         if self.openbao is not None:
             await asyncio.to_thread(self.openbao.stop)
             self.openbao = None
+        os.close(self._lock_fd)  # releases the home for the next `dev up`
+        self._lock_fd = None
 
     def describe(self) -> str:
         i = self.info
