@@ -4,6 +4,7 @@ the audit writer), and AuditWriter on it, against in-memory fakes: no PostgreSQL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -253,7 +254,9 @@ def test_a_pending_audit_names_its_token_once_known() -> None:
     pending = PendingAudit(_event(1))
     event = pending.with_token("tok_abc")
     assert event.token == "tok_abc" and pending.event.token == ""
-    assert event.request_id == "r1" and event.at == pending.event.at
+    assert event == dataclasses.replace(pending.event, token="tok_abc")  # every other field kept
+    template = _event(2, purpose="p", tokens=("a", "b"))
+    assert PendingAudit(template).with_token("t") == dataclasses.replace(template, token="t")
     columns = audit_columns([event])
     assert columns.size == 1 and columns.columns[AUDIT_TEXT_COLUMNS.index("token")] == ["tok_abc"]
     assert columns.hashes == [content_hash(event)]

@@ -10,7 +10,6 @@ Records never hold a PAN: callers put tokens in them.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
@@ -125,7 +124,10 @@ class PendingAudit:
     event: AuditEvent
 
     def with_token(self, token: str) -> AuditEvent:
-        return dataclasses.replace(self.event, token=token)
+        # Spelled out: dataclasses.replace costs three times as much, once per Tokenize call.
+        e = self.event
+        return AuditEvent(e.identity, e.role, e.tenant, e.method, e.outcome, e.request_id,
+                          e.peer, token, e.purpose, at=e.at, tokens=e.tokens)
 
 
 class AuditReceipt(NamedTuple):
