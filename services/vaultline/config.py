@@ -4,7 +4,26 @@
 and checked up front. The command-line tools find their servers and credentials through
 `env_or_stack` (a variable, else the running dev stack's `stack.json`).
 
-Tokenizer variables
+`TOKENIZER_VARIABLES` lists the tokenizer's variables (`vaultline serve --help` shows it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .keyring import KeyPolicy
+from .resources import ACCESS_POLICY
+from .vault import AppRoleCredentials
+
+TOKENIZER_VARIABLES = """\
+The tokenizer gRPC server (TokenizationService, KeyService, AuditService; mTLS only).
 
 Variables (all `VAULTLINE_`-prefixed):
   DATABASE_URL        postgresql://user:password@host:port/db of the service's least-privilege role
@@ -27,21 +46,6 @@ Variables (all `VAULTLINE_`-prefixed):
                       commits; none, half or all of it, whichever measurably completes the
                       most calls (default 4; 0 never waits; at most 50)
 """
-
-from __future__ import annotations
-
-import datetime as dt
-import functools
-import json
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from .keyring import KeyPolicy
-from .resources import ACCESS_POLICY
-from .vault import AppRoleCredentials
 
 
 class ConfigError(ValueError):

@@ -73,7 +73,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("vaultline").debug("failure", exc_info=True)
         print(f"vaultline: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

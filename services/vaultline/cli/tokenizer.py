@@ -213,7 +213,7 @@ def add_tokenizer_commands(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the tokenizer gRPC server (configured by VAULTLINE_* variables)",
-        description=config_module.__doc__,
+        description=config_module.TOKENIZER_VARIABLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.set_defaults(func=cmd_serve)
