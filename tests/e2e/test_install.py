@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +30,6 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
                           **kwargs)  # type: ignore[call-overload]
 
 
-@pytest.fixture
-def home() -> Iterator[Path]:
-    """A state directory PostgreSQL's own account can reach (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="vaultline-install-"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_non_editable_install_runs_the_stack_from_another_directory(

@@ -14,10 +14,7 @@ binary length bytes, so only the exact test PANs are searched there.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -60,12 +57,6 @@ def hits(blob: bytes, *, text: bool = True) -> list[str]:
     return sorted(set(found))
 
 
-@pytest.fixture
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vaultline-leak-"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
