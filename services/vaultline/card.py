@@ -11,6 +11,7 @@ import datetime
 import enum
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, NoReturn, final
 
@@ -21,6 +22,7 @@ __all__ = [
     "Expiry",
     "Pan",
     "detect_brand",
+    "has_digit_run",
     "luhn_ok",
     "luhn_valid",
     "mask_pans",
@@ -408,12 +410,41 @@ def _known_expiry(month: int, year: int) -> Expiry:
     return expiry
 
 
-# ---- masking free text -----------------------------------------------------------------------
+# ---- card numbers in free text -----------------------------------------------------------------
 
-# A maximal run of digits joined by at most single spaces or dashes, at least 12 digits long.
-# Each repetition consumes exactly one digit, so matching is linear (no backtracking blow-up).
-_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){11,}")
+# A card number however it is spelled: digits joined by up to three characters that are neither
+# letters nor digits ('4111 1111 1111 1111', '4111.1111.1111.1111', double spaces, dashes,
+# slashes...), after full-width and other compatibility digits become ASCII (`_ascii_digits`).
+# Each repetition consumes exactly one digit and the separators cannot be digits, so matching
+# is linear (no backtracking blow-up).
+_DIGIT_RUN = re.compile(r"[0-9](?:[\W_]{0,3}[0-9]){11,}")
 _DIGIT_GROUP = re.compile(r"[0-9]+")
+# A run longer than this is no card number, only somewhere to hide one: all of it is masked,
+# which also bounds the work per run whatever the input.
+_LONGEST_RUN = 64
+
+
+def _ascii_digits(text: str) -> str:
+    """`text` with compatibility forms folded (NFKC: full-width '４', superscript '²' become
+    '4', '2') and every other decimal digit (Arabic-Indic, Devanagari…) made ASCII. ASCII
+    text is returned as it is, at no cost."""
+    if text.isascii():
+        return text
+    folded = unicodedata.normalize("NFKC", text)
+    if folded.isascii():
+        return folded
+    return "".join(
+        str(unicodedata.decimal(ch)) if not ch.isascii() and ch.isdecimal() else ch
+        for ch in folded
+    )
+
+
+def has_digit_run(text: str) -> bool:
+    """Whether `text` holds 12 or more digits in one run, whatever the separators or digit
+    forms: the test for caller text that must never carry a card number (purposes, request
+    ids, references, names). Luhn is not asked: a mistyped card number is card data too.
+    Callers bound the length first; the scan is linear."""
+    return len(text) >= PAN_MIN_DIGITS and _DIGIT_RUN.search(_ascii_digits(text)) is not None
 
 
 def _masked_span(length: int) -> tuple[int, int]:
@@ -433,11 +464,14 @@ def _mask_run(match: re.Match[str]) -> str:
         start, end = _masked_span(len(run))
         return run[:start] + "*" * (end - start) + run[end:]
 
+    groups = [len(g) for g in _DIGIT_GROUP.findall(run)]
+    total = sum(groups)
+    if total > _LONGEST_RUN:
+        return _DIGIT_GROUP.sub(lambda g: "*" * len(g.group()), run)
     # Separated groups, e.g. '4111 1111 1111 1111' or a PAN followed by ' 100': every window of
     # whole consecutive groups that is 12-19 digits long and Luhn-valid is masked.
-    groups = [len(g) for g in _DIGIT_GROUP.findall(run)]
-    digits = run.replace(" ", "").replace("-", "")
-    hidden = bytearray(len(digits))
+    digits = "".join(_DIGIT_GROUP.findall(run))
+    hidden = bytearray(total)
     offset = 0
     for i in range(len(groups)):
         end = offset
@@ -455,16 +489,19 @@ def _mask_run(match: re.Match[str]) -> str:
     out = []
     k = 0
     for ch in run:
-        if ch == " " or ch == "-":
-            out.append(ch)
-        else:
+        if "0" <= ch <= "9":
             out.append("*" if hidden[k] else ch)
             k += 1
+        else:
+            out.append(ch)
     return "".join(out)
 
 
 def mask_pans(text: str) -> str:
-    """`text` with every Luhn-valid 12-19 digit number masked (first six and last four kept)."""
+    """`text` with every Luhn-valid 12-19 digit number masked (first six and last four kept),
+    however it is spelled (see `_DIGIT_RUN`); runs of more than 64 digits are masked whole.
+    Text with other digit forms comes back with them made ASCII. Linear in the text."""
     if len(text) < PAN_MIN_DIGITS:
         return text
+    text = _ascii_digits(text)
     return _DIGIT_RUN.sub(_mask_run, text)

@@ -45,6 +45,8 @@ Variables (all `VAULTLINE_`-prefixed):
   COMMIT_DELAY_MS     the longest coalesced Tokenize calls may wait for company after a chunk
                       commits; none, half or all of it, whichever measurably completes the
                       most calls (default 4; 0 never waits; at most 50)
+  MAX_UNARY_MESSAGE_BYTES   the largest unary request (default 1048576, 1 MiB)
+  MAX_STREAM_MESSAGE_BYTES  the largest message of a stream (default 4194304, 4 MiB)
 """
 
 
@@ -75,6 +77,8 @@ class TokenizerConfig:
     key_policy: KeyPolicy = KeyPolicy()
     db_pool_size: int = 10
     commit_delay_ms: float = 4.0
+    max_unary_message_bytes: int = 1 << 20
+    max_stream_message_bytes: int = 4 << 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TokenizerConfig:
@@ -129,8 +133,8 @@ def policy_path_from_env(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The tokenizer's tuning (data-key retirement, commit delay) as `TokenizerConfig`
-    keyword arguments: read by `from_env` and by the dev stack alike."""
+    """The tokenizer's tuning (data-key retirement, commit delay, message limits) as
+    `TokenizerConfig` keyword arguments: read by `from_env` and by the dev stack alike."""
 
     def positive_int(name: str, default: str) -> int:
         try:
@@ -153,6 +157,8 @@ def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
             max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
         ),
         "commit_delay_ms": commit_delay_ms,
+        "max_unary_message_bytes": positive_int("MAX_UNARY_MESSAGE_BYTES", str(1 << 20)),
+        "max_stream_message_bytes": positive_int("MAX_STREAM_MESSAGE_BYTES", str(4 << 20)),
     }
 
 

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = svc_pb.DESCRIPTOR.services_by_name["TokenizationService"].full_name
 ADMIN_SERVICES = tuple(s.full_name for s in admin_svc_pb.DESCRIPTOR.services_by_name.values())
 HEALTH_PERIOD_S = 5.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What we send is bounded by the chunk limit (20,000 items; a few MB even if every item is an
+# error); what we receive by the configured limits.
+MAX_SEND_BYTES = 16 << 20
 
 
 class TokenizerServer:
@@ -79,14 +81,18 @@ class TokenizerServer:
         )
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Every message, streamed or not; unary requests are held to the smaller
+                # max_unary_message_bytes by the call wrapper (api.calls).
+                ("grpc.max_receive_message_length", max(
+                    config.max_stream_message_bytes, config.max_unary_message_bytes)),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.so_reuseport", 1),
             ],
         )
         self.metrics.observe_keyring(self.keyring)
         self.metrics.observe_commit_delay(commit_delay)
-        gate = Gate(guard, audit, self.metrics)
+        gate = Gate(guard, audit, self.metrics,
+                    max_unary_bytes=config.max_unary_message_bytes)
         pb_grpc.add_TokenizationServiceServicer_to_server(
             TokenizationServicer(self.service, gate), server
         )

@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from .card import Card, CardBrand, CardError, Expiry, Pan, mask_pans, validate_cardholder_name
+from .card import (
+    Card,
+    CardBrand,
+    CardError,
+    Expiry,
+    Pan,
+    has_digit_run,
+    validate_cardholder_name,
+)
 from .commit_delay import CommitDelay
 from .crypto import (
     CIPHERTEXT_VERSION,
@@ -49,6 +57,8 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
 MAX_TTL = dt.timedelta(days=3660)
 MAX_PURPOSE = 200
+# Items in one BatchTokenize / BatchDetokenize chunk: a chunk's answer stays a few MB.
+MAX_CHUNK_ITEMS = 20_000
 # Fresh candidate tokens drawn for a card before giving up; only the short keep-BIN formats
 # can realistically run out.
 TOKEN_ATTEMPTS = 8
@@ -141,7 +151,7 @@ def validate_tenant(tenant: str) -> str:
         return DEFAULT_TENANT
     # A card number is all digits, so it would pass the pattern: refuse it explicitly, or a
     # PAN pasted into the tenant field would travel into audit records and logs as a name.
-    if not _TENANT.match(tenant) or mask_pans(tenant) != tenant:
+    if not _TENANT.match(tenant) or has_digit_run(tenant):
         raise _invalid(
             "INVALID_TENANT", "tenant", "must be 1-63 of a-z, 0-9, '_' or '-', starting alnum"
         )
@@ -155,18 +165,36 @@ def validate_request_id(request_id: str) -> str:
 
 
 def validate_purpose(purpose: str) -> str:
+    """The purpose, stripped; refused when empty, too long, unprintable or holding a run of
+    12 digits in any spelling. The length is checked first, so a huge purpose costs nothing."""
+    if len(purpose) > 4 * MAX_PURPOSE:  # even all blanks: no scanning of megabytes
+        raise _invalid(
+            "INVALID_PURPOSE", "purpose", "must be printable, at most 200 characters, no PAN"
+        )
     purpose = purpose.strip()
     if not purpose:
         raise _invalid("PURPOSE_REQUIRED", "purpose", "a purpose is required to detokenize")
     if (
         len(purpose) > MAX_PURPOSE
         or not purpose.isprintable()
-        or mask_pans(purpose) != purpose  # a card number pasted into the purpose
+        or has_digit_run(purpose)  # a card number pasted into the purpose, however spelled
     ):
         raise _invalid(
             "INVALID_PURPOSE", "purpose", "must be printable, at most 200 characters, no PAN"
         )
     return purpose
+
+
+def ttl_from_wire(seconds: int, nanos: int) -> dt.timedelta:
+    """A protobuf Duration as a TTL, refused (never an overflow) when out of range."""
+    if not (0 <= seconds <= MAX_TTL.total_seconds() and 0 <= nanos < 1_000_000_000):
+        raise _invalid("INVALID_TTL", "ttl", "must be positive and at most 10 years")
+    return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def validate_chunk(items: int) -> None:
+    if items > MAX_CHUNK_ITEMS:
+        raise _invalid("CHUNK_TOO_LARGE", "items", "at most 20,000 items per chunk")
 
 
 def validate_ttl(ttl: dt.timedelta | None) -> dt.timedelta | None:
@@ -361,8 +389,9 @@ class TokenService:
     ) -> list[IssuedToken | VaultlineError]:
         """Tokenize a chunk; each item answers with its result or its own error, in order.
 
-        Raises (for the whole chunk) only on a bad tenant/format/TTL or an outage.
+        Raises (for the whole chunk) only on a bad tenant/format/TTL/size or an outage.
         """
+        validate_chunk(len(cards))
         tenant = validate_tenant(tenant)
         token_format = validate_format(fmt)
         ttl = validate_ttl(ttl)
@@ -551,6 +580,7 @@ class TokenService:
         self, tenant: str, purpose: str, tokens: Sequence[str]
     ) -> list[Revealed | VaultlineError]:
         """Reveal a chunk; each item answers with its card or its own error, in order."""
+        validate_chunk(len(tokens))
         tenant = validate_tenant(tenant)
         validate_purpose(purpose)
         results: list[Revealed | VaultlineError | None] = [None] * len(tokens)

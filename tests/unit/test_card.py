@@ -18,6 +18,7 @@ from vaultline.card import (
     Expiry,
     Pan,
     detect_brand,
+    has_digit_run,
     luhn_valid,
     mask_pans,
     validate_cardholder_name,
@@ -393,6 +394,12 @@ def test_card_checks_its_fields() -> None:
         ("charge 4111111111111111 100 EUR", "charge 411111******1111 100 EUR"),
         ("ref 12 4242424242424242", "ref 12 424242******4242"),
         ("a 4111111111111111, b 5555555555554444", "a 411111******1111, b 555555******4444"),
+        # other spellings (issue 14): any separators of up to three characters, other digits
+        ("4111  1111  1111  1111", "4111  11**  ****  1111"),
+        ("4111.1111.1111.1111", "4111.11**.****.1111"),
+        ("4111 / 1111 / 1111 / 1111", "4111 / 11** / **** / 1111"),
+        ("４１１１１１１１１１１１１１１１", "411111******1111"),  # full-width
+        ("٤١١١١١١١١١١١١١١١", "411111******1111"),  # Arabic-Indic
     ],
 )
 def test_mask_pans(text: str, masked: str) -> None:
@@ -414,8 +421,9 @@ def test_mask_pans_hides_every_test_card(pan: str) -> None:
         "short 123",
         "4111111111111112",  # not Luhn-valid
         "41111111111",  # 11 digits
-        "4111  1111  1111  1111",  # double spaces split it into short numbers
-        "2026-05-15 12:00:00 request 123456",
+        "4111 a 1111 b 1111 c 1111",  # words split it into short numbers
+        "4111    1111    1111    1111",  # four spaces do too
+        "2026-05-15T12:00:00Z request 123456",
         "1" * 25,  # one long number is not a PAN
         "tok_AAAAAAAAAAAAAAAAAAAAAA",
     ],
@@ -441,6 +449,39 @@ def test_mask_pans_hides_any_luhn_valid_number(
     shown = "".join(ch for ch in masked if ch.isdigit() or ch == "*")
     assert pan not in shown
     assert shown.count("*") >= 6
+
+
+def test_a_date_and_time_may_be_masked_like_a_card_number() -> None:
+    # The price of catching every spelling: '2026-05-15 12:00' reads as 202605151200, which
+    # happens to pass Luhn. A masked timestamp in a log is harmless; a leaked PAN is not.
+    assert mask_pans("2026-05-15 12:00:00 request 123456") == "20**-**-** **:00:00 request 123456"
+
+
+def test_mask_pans_masks_a_very_long_run_whole_in_linear_time() -> None:
+    text = "purpose " + "1 " * 500_000
+    masked = mask_pans(text)
+    assert masked.count("*") == 500_000 and "1" not in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4111111111111111", "4111111111111112", "4111 1111 1111", "4111.1111.1111.1111",
+        "4111  1111  1111  1111", "4111:1111:1111:1111", "ref ４１１１１１１１１１１１",
+        "٤١١١١١١١١١١١", "1-2-3-4-5-6-7-8-9-0-1-2", "000000000000",
+    ],
+)
+def test_has_digit_run_finds_twelve_digits_however_spelled(text: str) -> None:
+    assert has_digit_run(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "12345678901", "invoice 2026-05 batch 7", "4111 a 1111 b 1111", "1234    56789012",
+     "tok_AAAAAAAAAAAAAAAAAAAAAA", "req_abcdefghij_b"],
+)
+def test_has_digit_run_leaves_shorter_numbers_alone(text: str) -> None:
+    assert not has_digit_run(text)
 
 
 def test_mask_pans_fast_path_returns_same_object() -> None:

@@ -257,3 +257,12 @@ def test_rows_are_not_kept_in_memory() -> None:
     # The reference index (12 bytes a slot) and one chunk in flight; keeping the rows as
     # objects would take well over 10 MB.
     assert peak < 4 << 20, peak
+
+
+@pytest.mark.parametrize("reference", [
+    "4111.1111.1111.1111", "4111/1111/1111/1111", "ref:4111-1111-1111-1112", "000000000000"])
+def test_a_reference_with_a_card_number_in_any_spelling_is_refused(reference: str) -> None:
+    # Issue 14, finding 4: only single spaces or dashes were recognised, and only Luhn-valid
+    # numbers; the reference would have been stored in clear.
+    parsed = parse_captures((HEADER + f"{reference},{TOK_A},100,EUR,\n").encode())
+    assert [(p.line, p.column) for p in parsed.problems] == [(2, "reference")]

@@ -76,9 +76,14 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             size = min(max(size, 1), MAX_PAGE)
         before = 2**62
         if request.page_token:
-            if not request.page_token.isdigit() or len(request.page_token) > 19:
+            token = request.page_token
+            # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a seq we
+            # could have issued: anything else is the caller's, not an INTERNAL error.
+            if not (token.isascii() and token.isdigit() and len(token) <= 19):
                 raise InvalidPageToken()
-            before = int(request.page_token)
+            before = int(token)
+            if before > 2**62:
+                raise InvalidPageToken()
         rows = await self._store.audit_page_before(before, size)
         response = pb.ListAuditRecordsResponse()
         for row in rows:

@@ -13,10 +13,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..card import mask_pans
-from ..errors import InvalidInput, VaultlineError
+from ..errors import FieldViolation, InvalidInput, VaultlineError
 from ..security.access import REVEALING_METHODS
-from ..service import validate_tenant
+from ..service import validate_purpose, validate_tenant
 from ..tokens import TokenError, parse_token
 from .context import CallContext, current_call, open_call
 from .errors import code_for, to_grpc_status, to_rpc_status
@@ -52,7 +51,14 @@ def _audited_token(raw: str) -> str:
 
 
 def _audited_purpose(raw: str) -> str:
-    return mask_pans(raw)[:200]
+    """The purpose as the audit trail may hold it: validated (stripped, at most 200
+    characters, no digit run), or a marker; the caller's raw text is never stored."""
+    if not raw:
+        return ""
+    try:
+        return validate_purpose(raw)
+    except InvalidInput:
+        return "<malformed>"
 
 
 def _audited_tenant(raw: str) -> str:
@@ -102,6 +108,9 @@ def _unary(fn: F, *, audits_success: bool) -> F:
         tenant = (request.tenant or "default") if scoped else ""
         try:
             call = gate.admit(call, context)
+            if request.ByteSize() > gate.max_unary_bytes:
+                raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
+                    "", "the request is larger than this server accepts"),))
             if scoped:
                 gate.check_tenant(call, tenant)
             if reveals:
@@ -112,7 +121,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                     getattr(response, "token", None), "token", "")
                 await gate.audit([gate.event(
                     call, "OK", tenant=tenant, token=token,
-                    purpose=getattr(request, "purpose", ""))])
+                    purpose=_audited_purpose(getattr(request, "purpose", "")))])
             if reveals:
                 gate.count_reveals(call, 1)
             return response
@@ -143,7 +152,9 @@ def streaming(fn: F) -> F:
             call = gate.admit(call, context)
             async for response in fn(self, _traced(requests, seen), context):
                 yield response
-            await gate.audit([gate.event(call, "OK", tenant=seen.tenant, purpose=seen.purpose)])
+            await gate.audit([gate.event(
+                call, "OK", tenant=_audited_tenant(seen.tenant),
+                purpose=_audited_purpose(seen.purpose))])
         except Exception as exc:  # noqa: BLE001 - the translation table decides
             code = _code_name(exc)
             await _audit_failure(gate, current_call.get() or call, code, seen.tenant, "",

@@ -29,10 +29,18 @@ class CallMetrics(Protocol):
 
 
 class Gate:
-    def __init__(self, guard: Guard, audit: AuditSink, metrics: CallMetrics | None = None):
+    def __init__(
+        self,
+        guard: Guard,
+        audit: AuditSink,
+        metrics: CallMetrics | None = None,
+        *,
+        max_unary_bytes: int = 1 << 20,
+    ) -> None:
         self.guard = guard
         self.audit_sink = audit
         self.metrics = metrics
+        self.max_unary_bytes = max_unary_bytes
 
     def admit(self, call: CallContext, context: grpc.aio.ServicerContext) -> CallContext:
         """Authenticate and authorize the call's method; the admitted context becomes current."""

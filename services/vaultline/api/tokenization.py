@@ -19,7 +19,16 @@ from ..errors import VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from ..security.audit import PendingAudit
-from ..service import CardInput, IssuedToken, Revealed, TokenRecord, TokenService
+from ..service import (
+    CardInput,
+    IssuedToken,
+    Revealed,
+    TokenRecord,
+    TokenService,
+    ttl_from_wire,
+    validate_chunk,
+    validate_purpose,
+)
 from .calls import streaming, unary, unary_audited_by_method
 from .context import current_call
 from .errors import to_rpc_status
@@ -45,7 +54,7 @@ def card_in(card: pb.Card) -> CardInput:
 def ttl_in(has_ttl: bool, ttl: duration_pb2.Duration) -> dt.timedelta | None:
     if not has_ttl:
         return None
-    return dt.timedelta(seconds=ttl.seconds, microseconds=ttl.nanos // 1000)
+    return ttl_from_wire(ttl.seconds, ttl.nanos)
 
 
 # Responses are filled in place (`results.add()`, field assignment): building sub-messages with
@@ -218,16 +227,19 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         async def handle(chunk: pb.BatchDetokenizeRequest) -> pb.BatchDetokenizeResponse:
             self._gate.check_tenant(call, chunk.tenant)
             items = chunk.items
+            # Refused before any quota is spent, and recorded as validated, never as sent.
+            validate_chunk(len(items))
+            purpose = validate_purpose(chunk.purpose)
             self._gate.take_quota(call, len(items))
             outcomes = await self._service.detokenize_batch(
-                chunk.tenant, chunk.purpose, [item.token for item in items]
+                chunk.tenant, purpose, [item.token for item in items]
             )
             # Every revealed token is audited, durably, before the chunk is answered; the
             # response is built while PostgreSQL commits the records, and dropped if it fails.
             audited = asyncio.ensure_future(self._gate.audit_reveals(
                 call,
                 chunk.tenant,
-                chunk.purpose,
+                purpose,
                 [o.record.token for o in outcomes if isinstance(o, Revealed)],
             ))
             try:
