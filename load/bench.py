@@ -2,7 +2,7 @@
 
 Starts a fresh stack (OpenBao + PostgreSQL + tokenizer, as `make run` does) in a temporary
 directory, plus a bare grpc.aio echo server on the same mTLS, each in its own process; then
-measures from this process, as the stack's crm (and, to reveal, settlement) identities,
+measures from this process, as the stack's intake (and, to reveal, settlement) identities,
 in this order (every unary run before the bulk load, which leaves the machine slower):
 
   echo      bare grpc.aio unary calls/s with a Tokenize-sized payload (the gRPC ceiling)
@@ -330,20 +330,20 @@ async def run(args: argparse.Namespace) -> None:
                 card=pb.Card(pan=unary_pans[0], expiry_month=12, expiry_year=2030)
             ).SerializeToString()
             cpu0 = cpu_seconds(echo_proc.pid)
-            echo_rate, echo_lat = await bench_echo(echo_addr, credentials(stack, "crm"),
+            echo_rate, echo_lat = await bench_echo(echo_addr, credentials(stack, "intake"),
                                                    payload, args.seconds, args.concurrency)
             echo_cpu = (cpu_seconds(echo_proc.pid) - cpu0) / (
                 echo_rate * args.seconds + echo_rate * WARMUP_S)
             echo_proc.terminate()
             echo_proc.wait(10)
             echo_proc, null_addr = start_echo(tmp, str(Path(stack["ca"]).parent), "null")
-            async with grpc.aio.secure_channel(null_addr, credentials(stack, "crm")) as channel:
+            async with grpc.aio.secure_channel(null_addr, credentials(stack, "intake")) as channel:
                 null_rate, null_lat = await bench_tokenize(
                     pb_grpc.TokenizationServiceStub(channel), unary_pans, args.seconds,
                     args.concurrency)
             options = [("grpc.max_receive_message_length", 64 << 20)]
             async with grpc.aio.secure_channel(
-                stack["grpc_address"], credentials(stack, "crm"), options=options
+                stack["grpc_address"], credentials(stack, "intake"), options=options
             ) as channel, grpc.aio.secure_channel(
                 stack["grpc_address"], credentials(stack, "settlement"), options=options
             ) as reveal_channel:

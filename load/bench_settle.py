@@ -1,6 +1,6 @@
 """Settlement benchmark: `vaultline settle` end to end on N tokens, with rows/s and peak RSS.
 
-Starts a fresh stack (as `make run` does) in a temp dir, tokenizes N synthetic PANs as the crm
+Starts a fresh stack (as `make run` does) in a temp dir, tokenizes N synthetic PANs as the intake
 identity, writes the capture CSV, makes a throwaway processor OpenPGP key, then times the real
 commands as subprocesses: `settle create` (as settlement), `settle approve` (as settlement-2)
 and `settle run` (as settlement), each with its peak RSS (/proc VmHWM). For context it also times a
@@ -131,7 +131,8 @@ def main() -> None:
         gnupg.mkdir(mode=0o700)
         try:
             t0 = time.perf_counter()
-            tokens = asyncio.run(tokenize(stack["grpc_address"], credentials(stack, "crm"), pans))
+            tokens = asyncio.run(
+                tokenize(stack["grpc_address"], credentials(stack, "intake"), pans))
             print(f"tokenized {len(tokens):,} in {time.perf_counter() - t0:.1f} s", flush=True)
             captures = tmp / "captures.csv"
             with captures.open("w") as fh:

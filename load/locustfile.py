@@ -1,13 +1,14 @@
-"""Locust scenario for the tokenizer's gRPC API (a CRM integration's traffic mix).
+"""Locust scenario for the tokenizer's gRPC API (a card channel and its CRM's traffic mix).
 
 Start the stack (`make run`), then in another terminal:
 
     .venv/bin/locust -f load/locustfile.py --headless -u 50 -r 10 -t 60s
 
-The address and the mTLS client certificates come from `.vaultline/dev/stack.json` (the crm
-identity tokenizes and reads metadata, the settlement identity detokenizes).
-Each simulated CRM tokenizes new and returning cards, reads token metadata, and now and then
-detokenizes with a purpose. Card numbers are synthetic test-range numbers, never real cards.
+The address and the mTLS client certificates come from `.vaultline/dev/stack.json` (the intake
+identity tokenizes, as a web checkout would; the crm identity reads metadata, as the CRM may
+only; the settlement identity detokenizes). Each simulated user tokenizes new and returning
+cards, reads token metadata, and now and then detokenizes with a purpose. Card numbers are
+synthetic test-range numbers, never real cards.
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ class CrmUser(User):
 
     def on_start(self) -> None:
         stack = _stack()
-        self.channel = _channel(stack, "crm")
+        self.channel = _channel(stack, "intake")
+        self.crm_channel = _channel(stack, "crm")
         self.reveal_channel = _channel(stack, "settlement")
         self.stub = pb_grpc.TokenizationServiceStub(self.channel)
+        self.crm = pb_grpc.TokenizationServiceStub(self.crm_channel)
         self.reveal = pb_grpc.TokenizationServiceStub(self.reveal_channel)
         self.rng = random.Random()
         self.tokens: list[str] = []
@@ -67,6 +70,7 @@ class CrmUser(User):
 
     def on_stop(self) -> None:
         self.channel.close()
+        self.crm_channel.close()
         self.reveal_channel.close()
 
     def _call(self, name: str, fn, request):  # type: ignore[no-untyped-def]
@@ -105,7 +109,7 @@ class CrmUser(User):
     @task(3)
     def get_token(self) -> None:
         if self.tokens:
-            self._call("GetToken", self.stub.GetToken,
+            self._call("GetToken", self.crm.GetToken,
                        pb.GetTokenRequest(token=self.rng.choice(self.tokens)))
 
     @task(1)

@@ -43,12 +43,14 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
         assert "DEV ONLY" in init_file.read_text()
         assert init_file.stat().st_mode & 0o077 == 0
 
-        assert set(info["clients"]) >= {"ivr", "crm", "settlement", "settlement-2", "admin"}
+        assert set(info["clients"]) >= {"ivr", "intake", "crm", "settlement", "settlement-2",
+                                        "admin"}
         pans = [p for pans in TEST_CARDS.values() for p in pans[:1]]
-        with stack_channel(info, "crm") as crm, stack_channel(info, "settlement") as settlement:
+        with stack_channel(info, "intake") as intake, stack_channel(info, "crm") as crm, \
+                stack_channel(info, "settlement") as settlement:
             health = health_pb2_grpc.HealthStub(crm).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-            stub = pb_grpc.TokenizationServiceStub(crm)
+            stub = pb_grpc.TokenizationServiceStub(intake)
             tokens = [
                 stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
                     pan=p, expiry_month=11, expiry_year=2032))).token.token
@@ -58,9 +60,14 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
             for pan, token in zip(pans, tokens, strict=True):
                 got = reveal.Detokenize(pb.DetokenizeRequest(token=token, purpose="e2e"))
                 assert got.card.pan == pan
-            # The CRM role never sees a card number: detokenizing is refused.
+            # The CRM role never sees a card number, nor may it tokenize (an oracle).
+            crm_stub = pb_grpc.TokenizationServiceStub(crm)
             with pytest.raises(grpc.RpcError) as denied:
-                stub.Detokenize(pb.DetokenizeRequest(token=tokens[0], purpose="e2e"))
+                crm_stub.Detokenize(pb.DetokenizeRequest(token=tokens[0], purpose="e2e"))
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as denied:
+                crm_stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
+                    pan=pans[0], expiry_month=11, expiry_year=2032)))
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # Without a client certificate there is no connection at all.
         with grpc.secure_channel(info["grpc_address"], grpc.ssl_channel_credentials(
@@ -90,8 +97,9 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
     stack2 = Stack(home)
     info2 = stack2.up()
     try:
-        with stack_channel(info2, "crm") as crm, stack_channel(info2, "settlement") as settlement:
-            stub = pb_grpc.TokenizationServiceStub(crm)
+        with stack_channel(info2, "intake") as intake, \
+                stack_channel(info2, "settlement") as settlement:
+            stub = pb_grpc.TokenizationServiceStub(intake)
             reveal = pb_grpc.TokenizationServiceStub(settlement)
             for pan, token in zip(pans, tokens, strict=True):
                 assert reveal.Detokenize(
@@ -143,8 +151,8 @@ def test_external_openbao_and_postgres(home: Path, openbao, migrated) -> None:  
         assert info["vault_addr"] == openbao.addr
         assert info["database_url"] == migrated.app_dsn
         assert not (home / "openbao").exists() and not (home / "postgres").exists()
-        with stack_channel(info, "crm") as crm:
-            token = pb_grpc.TokenizationServiceStub(crm).Tokenize(pb.TokenizeRequest(
+        with stack_channel(info, "intake") as intake:
+            token = pb_grpc.TokenizationServiceStub(intake).Tokenize(pb.TokenizeRequest(
                 tenant="demo", card=pb.Card(
                     pan="6011111111111117", expiry_month=1, expiry_year=2034))).token.token
         with stack_channel(info, "settlement") as settlement:

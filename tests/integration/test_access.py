@@ -22,13 +22,15 @@ pytestmark = pytest.mark.integration
 VISA = "4111111111111111"
 ALLOWED = {
     "ivr": {"Tokenize", "BatchTokenize", "GetToken"},
-    "crm": {"Tokenize", "BatchTokenize", "GetToken", "DeleteToken"},
+    "intake": {"Tokenize", "BatchTokenize", "GetToken"},
+    # Issue 14: the CRM may no longer tokenize (a PAN-confirmation oracle).
+    "crm": {"GetToken", "DeleteToken"},
     "settlement": {"Detokenize", "BatchDetokenize", "GetToken"},
     "admin": set(),  # no TokenizationService method at all
 }
 METHODS = ["Tokenize", "BatchTokenize", "GetToken", "Detokenize", "BatchDetokenize", "DeleteToken"]
-IDENTITY = {"ivr": "ivr/ivr-1", "crm": "crm/crm-1", "settlement": "settlement/settlement-1",
-            "admin": "admin/admin-1"}
+IDENTITY = {"ivr": "ivr/ivr-1", "intake": "intake/intake-1", "crm": "crm/crm-1",
+            "settlement": "settlement/settlement-1", "admin": "admin/admin-1"}
 
 
 async def _invoke(stub: pb_grpc.TokenizationServiceStub, method: str, tenant: str, token: str):  # type: ignore[no-untyped-def]
@@ -113,7 +115,7 @@ async def test_tenant_binding(tokenizer: Running, role: str) -> None:
 
 
 async def test_batch_chunk_for_another_tenant_ends_the_stream(tokenizer: Running) -> None:
-    bound = tokenizer.as_("crm/crm-tenant-a")
+    bound = tokenizer.as_("ivr/ivr-tenant-a")  # a role that may BatchTokenize
     item = pb.BatchTokenizeRequest.Item(
         reference="x", card=pb.Card(pan=VISA, expiry_month=12, expiry_year=2031))
     chunks = [pb.BatchTokenizeRequest(tenant="tenant-a", items=[item]),
@@ -198,6 +200,37 @@ async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
     refusals = tokenizer.server.metrics.registry.get_sample_value(
         "vaultline_quota_refusals_total",
         {"identity": "spiffe://vaultline/settlement/settlement-tight", "method": "Detokenize"})
+    assert refusals and refusals >= 1
+
+
+async def test_tokenize_quota_refuses_beyond_burst_and_is_per_identity(
+    tokenizer: Running,
+) -> None:
+    # Issue 14: every Tokenize answer tells the caller something about a card (its token, or
+    # that it was seen before), so a tokenizing identity has a bucket of its own.
+    tenant = "q-" + uuid.uuid4().hex[:10]
+    tight = tokenizer.as_("ivr/ivr-tight")  # tokenize burst 10, 5 per second
+    request = tokenize_request(VISA, tenant=tenant)
+    for _ in range(10):
+        await tight.Tokenize(request)
+    failure = await rpc_failure(tight.Tokenize(request))
+    assert (failure.code, failure.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "TOKENIZE_QUOTA_EXCEEDED")
+    chunk = pb.BatchTokenizeRequest(tenant=tenant, items=[pb.BatchTokenizeRequest.Item(
+        reference=str(i), card=pb.Card(pan=VISA, expiry_month=12, expiry_year=2031))
+        for i in range(4)])
+
+    async def batch() -> list[pb.BatchTokenizeResponse]:
+        return [r async for r in tight.BatchTokenize(iter([chunk]))]
+
+    assert (await rpc_failure(batch())).reason == "TOKENIZE_QUOTA_EXCEEDED"  # one per card
+    await tokenizer.as_("ivr/ivr-1").Tokenize(request)  # another identity is unaffected
+    await asyncio.sleep(1.0)  # refills ~5
+    (response,) = await batch()
+    assert len(response.results) == 4
+    refusals = tokenizer.server.metrics.registry.get_sample_value(
+        "vaultline_quota_refusals_total",
+        {"identity": "spiffe://vaultline/ivr/ivr-tight", "method": "Tokenize"})
     assert refusals and refusals >= 1
 
 
@@ -312,10 +345,10 @@ async def test_concurrent_tokenize_calls_each_get_one_record_naming_their_token(
     # callers' records together: every call must still get exactly its own record.
     tenant = "u-" + uuid.uuid4().hex[:10]
     pans = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"]
-    callers = {"crm": "crm/crm-1", "ivr": "ivr/ivr-1"}
+    callers = {"intake": "intake/intake-1", "ivr": "ivr/ivr-1"}
     calls = []
     for i in range(24):
-        role = "crm" if i % 2 else "ivr"
+        role = "intake" if i % 2 else "ivr"
         request = tokenize_request(pans[i % len(pans)], tenant=tenant)
         if i % 6 == 0:
             request.request_id = f"idem-{tenant}-{i % 12}"  # the idempotent path, replayed once

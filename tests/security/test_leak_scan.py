@@ -73,9 +73,11 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
         seen.append(f"{err.value.code()} {err.value.details()}".encode())
         seen.append(repr(err.value.trailing_metadata()).encode())
 
-    with stack_channel(info, "crm") as crm, stack_channel(info, "settlement") as settlement, \
+    with stack_channel(info, "intake") as intake, stack_channel(info, "crm") as crm, \
+            stack_channel(info, "settlement") as settlement, \
             stack_channel(info, "admin") as admin:
-        tok = pb_grpc.TokenizationServiceStub(crm)
+        tok = pb_grpc.TokenizationServiceStub(intake)
+        crm_stub = pb_grpc.TokenizationServiceStub(crm)
         rev = pb_grpc.TokenizationServiceStub(settlement)
         adm = pb_grpc.TokenizationServiceStub(admin)
         tokens = []
@@ -84,7 +86,10 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
                 pan=pan, expiry_month=10, expiry_year=2033, cardholder_name="Leak Scan")))
             keep(response)
             tokens.append(response.token.token)
-            keep(tok.GetToken(pb.GetTokenRequest(token=response.token.token)))
+            keep(crm_stub.GetToken(pb.GetTokenRequest(token=response.token.token)))
+            # The CRM may not tokenize at all (it would be a card-number oracle).
+            refused(lambda p=pan: crm_stub.Tokenize(pb.TokenizeRequest(card=pb.Card(
+                pan=p, expiry_month=10, expiry_year=2033))))
             # Errors that carry a PAN in the request: expired card, PAN sent as a token,
             # PAN pasted into a purpose, a role that may not reveal, a wrong tenant.
             refused(lambda p=pan: tok.Tokenize(pb.TokenizeRequest(card=pb.Card(
@@ -97,8 +102,8 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
             refused(lambda p=pan: tok.Tokenize(pb.TokenizeRequest(tenant="Bad Tenant", card=pb.Card(
                 pan=p, expiry_month=10, expiry_year=2033))))
             # A card number where none belongs: as the tenant, and as the request id.
-            refused(lambda p=pan: tok.GetToken(pb.GetTokenRequest(tenant=p, token="tok_x")))
-            keep(tok.GetToken(pb.GetTokenRequest(token=response.token.token),
+            refused(lambda p=pan: crm_stub.GetToken(pb.GetTokenRequest(tenant=p, token="tok_x")))
+            keep(crm_stub.GetToken(pb.GetTokenRequest(token=response.token.token),
                               metadata=(("x-request-id", pan),)))
         chunk = pb.BatchTokenizeRequest(items=[
             pb.BatchTokenizeRequest.Item(reference=f"r{i}", card=pb.Card(
@@ -114,7 +119,7 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
                     for r in resp.results]
         assert revealed == ALL_TEST_PANS
         for token in tokens[:3]:
-            keep(tok.DeleteToken(pb.DeleteTokenRequest(token=token)))
+            keep(crm_stub.DeleteToken(pb.DeleteTokenRequest(token=token)))
     return seen
 
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..errors import FieldViolation, InvalidInput, VaultlineError
-from ..security.access import REVEALING_METHODS
+from ..security.access import REVEALING_METHODS, TOKENIZING_METHODS
 from ..service import validate_purpose, validate_tenant
 from ..tokens import TokenError, parse_token
 from .context import CallContext, current_call, open_call
@@ -95,6 +95,7 @@ def unary_audited_by_method(fn: F) -> F:
 def _unary(fn: F, *, audits_success: bool) -> F:
     method = fn.__name__
     reveals = method in REVEALING_METHODS
+    metered = reveals or method in TOKENIZING_METHODS  # one unit of the caller's quota
     assert audits_success or not reveals, "a reveal is always audited by the wrapper"
 
     @functools.wraps(fn)
@@ -113,7 +114,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                     "", "the request is larger than this server accepts"),))
             if scoped:
                 gate.check_tenant(call, tenant)
-            if reveals:
+            if metered:
                 gate.take_quota(call, 1)
             response = await fn(self, request, context)
             if audits_success:

@@ -14,7 +14,14 @@ from typing import Protocol
 
 import grpc
 
-from ..security.access import REVEALING_METHODS, Grant, Guard, QuotaExceeded, Unauthenticated
+from ..security.access import (
+    REVEALING_METHODS,
+    TOKENIZING_METHODS,
+    Grant,
+    Guard,
+    QuotaExceeded,
+    Unauthenticated,
+)
 from ..security.audit import AuditEvent, AuditSink
 from ..security.identity import IdentityError, identity_from_auth_context
 from .context import CallContext, current_call
@@ -63,13 +70,16 @@ class Gate:
         self.guard.check_tenant(call.grant, tenant)
 
     def take_quota(self, call: CallContext, count: int) -> None:
+        """Spend `count` from the caller's quota for this method: reveals, or cards taken in."""
         grant: Grant | None = call.grant
-        assert grant is not None and call.method in REVEALING_METHODS
+        tokenize = call.method in TOKENIZING_METHODS
+        assert grant is not None and (tokenize or call.method in REVEALING_METHODS)
         try:
-            self.guard.take_quota(grant, count)
+            self.guard.take_quota(grant, count, tokenize=tokenize)
         except QuotaExceeded:
             log.warning(
-                "detokenization quota exceeded", extra={"identity": grant.uri, "count": count}
+                "%s quota exceeded", "tokenization" if tokenize else "detokenization",
+                extra={"identity": grant.uri, "count": count},
             )
             if self.metrics is not None:
                 self.metrics.observe_quota_refusal(grant.uri, call.method)

@@ -206,6 +206,8 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         async def handle(chunk: pb.BatchTokenizeRequest) -> pb.BatchTokenizeResponse:
             self._gate.check_tenant(call, chunk.tenant)
             items = chunk.items
+            validate_chunk(len(items))
+            self._gate.take_quota(call, len(items))
             outcomes = await self._service.tokenize_batch(
                 chunk.tenant,
                 chunk.format,

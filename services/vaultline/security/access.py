@@ -1,13 +1,14 @@
 """Authorization: the access policy (roles, identities, tenants), default deny, and quotas.
 
 Pure: the policy is parsed from TOML text into frozen values; `Guard` answers "may this
-identity call this method for this tenant" and keeps the per-identity detokenization token
-buckets. The gRPC edge calls it for every call and audits every answer.
+identity call this method for this tenant" and keeps the per-identity token buckets of the
+detokenize and tokenize quotas. The gRPC edge calls it for every call and audits every answer.
 
     PolicyError        the policy file is invalid (names the file and the field)
     Unauthenticated    no usable identity, or a revoked one           -> UNAUTHENTICATED
     AccessDenied       unknown identity/role, method or tenant not granted -> PERMISSION_DENIED
     QuotaExceeded      detokenization quota spent                       -> RESOURCE_EXHAUSTED
+     └── TokenizeQuotaExceeded  tokenization quota spent                -> RESOURCE_EXHAUSTED
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ KNOWN_METHODS = frozenset(
 )
 # Methods that reveal card data: a purpose is required and a quota applies.
 REVEALING_METHODS = frozenset({"Detokenize", "BatchDetokenize"})
+# Methods that take card numbers in: each answer confirms something about a card (its token,
+# whether it was seen before), so they have a quota of their own.
+TOKENIZING_METHODS = frozenset({"Tokenize", "BatchTokenize"})
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 _URI = re.compile(r"spiffe://vaultline/([a-z0-9][a-z0-9-]{0,62})/([a-z0-9][a-z0-9-]{0,62})\Z")
@@ -71,6 +75,11 @@ class QuotaExceeded(VaultlineError):
     message = "detokenization quota exceeded; retry later"
 
 
+class TokenizeQuotaExceeded(QuotaExceeded):
+    reason = "TOKENIZE_QUOTA_EXCEEDED"
+    message = "tokenization quota exceeded; retry later"
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     rate_per_second: float
@@ -86,7 +95,8 @@ class Grant:
     methods: frozenset[str]
     tenants: frozenset[str]
     revoked: bool = False
-    quota: Quota | None = None
+    quota: Quota | None = None  # detokenization
+    tokenize_quota: Quota | None = None
 
     def allows_tenant(self, tenant: str) -> bool:
         return ALL_TENANTS in self.tenants or tenant in self.tenants
@@ -117,7 +127,7 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise fail("syntax", str(exc)) from None
-    unknown = set(doc) - {"version", "roles", "identities", "detokenize_quota"}
+    unknown = set(doc) - {"version", "roles", "identities", "detokenize_quota", "tokenize_quota"}
     if unknown:
         raise fail(sorted(unknown)[0], "unknown section")
     if doc.get("version") != 1:
@@ -141,9 +151,11 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
             raise fail(f"{where}.methods", f"unknown method {bad[0]!r}")
         roles[role] = frozenset(methods)
 
-    default_quota = None
-    if "detokenize_quota" in doc:
-        default_quota = _quota(_table(doc, "detokenize_quota", fail), "detokenize_quota", fail)
+    defaults = {
+        kind: _quota(_table(doc, f"{kind}_quota", fail), f"{kind}_quota", fail)
+        if f"{kind}_quota" in doc else None
+        for kind in ("detokenize", "tokenize")
+    }
 
     grants: dict[str, Grant] = {}
     for uri, spec in _table(doc, "identities", fail).items():
@@ -156,7 +168,8 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
             raise fail(where, f"role {role!r} is not defined under [roles]")
         if not isinstance(spec, dict):
             raise fail(where, "expected a table")
-        extra = set(spec) - {"tenants", "revoked", "detokenize_rate", "detokenize_burst"}
+        extra = set(spec) - {"tenants", "revoked", "detokenize_rate", "detokenize_burst",
+                             "tokenize_rate", "tokenize_burst"}
         if extra:
             raise fail(f"{where}.{sorted(extra)[0]}", "unknown field")
         tenants = spec.get("tenants")
@@ -168,21 +181,10 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         revoked = spec.get("revoked", False)
         if not isinstance(revoked, bool):
             raise fail(f"{where}.revoked", "must be true or false")
-        quota = default_quota
-        if "detokenize_rate" in spec or "detokenize_burst" in spec:
-            quota = _quota(
-                {
-                    "rate_per_second": spec.get(
-                        "detokenize_rate", default_quota.rate_per_second if default_quota else None
-                    ),
-                    "burst": spec.get(
-                        "detokenize_burst", default_quota.burst if default_quota else None
-                    ),
-                },
-                where,
-                fail,
-            )
-        grants[uri] = Grant(uri, role, roles[role], frozenset(tenants), revoked, quota)
+        quotas = {kind: _identity_quota(spec, kind, defaults[kind], where, fail)
+                  for kind in ("detokenize", "tokenize")}
+        grants[uri] = Grant(uri, role, roles[role], frozenset(tenants), revoked,
+                            quotas["detokenize"], quotas["tokenize"])
     return Policy(roles, grants)
 
 
@@ -193,6 +195,24 @@ def _table(
     if not isinstance(value, dict):
         raise fail(key, "expected a table")
     return value
+
+
+def _identity_quota(
+    spec: dict[str, Any], kind: str, default: Quota | None, where: str,
+    fail: Callable[[str, str], PolicyError],
+) -> Quota | None:
+    """An identity's `<kind>_rate` / `<kind>_burst` over the section default."""
+    if f"{kind}_rate" not in spec and f"{kind}_burst" not in spec:
+        return default
+    return _quota(
+        {
+            "rate_per_second": spec.get(
+                f"{kind}_rate", default.rate_per_second if default else None),
+            "burst": spec.get(f"{kind}_burst", default.burst if default else None),
+        },
+        where,
+        fail,
+    )
 
 
 def _quota(spec: dict[str, Any], where: str, fail: Callable[[str, str], PolicyError]) -> Quota:
@@ -241,19 +261,21 @@ class Guard:
         if not grant.allows_tenant(tenant or "default"):
             raise AccessDenied("TENANT_NOT_ALLOWED")
 
-    def take_quota(self, grant: Grant, count: int) -> None:
-        """Spend `count` reveals from the identity's bucket, or refuse them all."""
-        quota = grant.quota
+    def take_quota(self, grant: Grant, count: int, *, tokenize: bool = False) -> None:
+        """Spend `count` reveals (or, with `tokenize`, cards taken in) from the identity's
+        bucket, or refuse them all."""
+        quota = grant.tokenize_quota if tokenize else grant.quota
         if quota is None or count <= 0:
             return
         now = self._clock()
-        bucket = self._buckets.get(grant.uri)
+        key = ("tokenize:" if tokenize else "") + grant.uri
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[grant.uri] = _Bucket(float(quota.burst), now)
+            bucket = self._buckets[key] = _Bucket(float(quota.burst), now)
         bucket.tokens = min(
             float(quota.burst), bucket.tokens + (now - bucket.stamp) * quota.rate_per_second
         )
         bucket.stamp = now
         if bucket.tokens < count:
-            raise QuotaExceeded()
+            raise TokenizeQuotaExceeded() if tokenize else QuotaExceeded()
         bucket.tokens -= count

@@ -1,0 +1,86 @@
+"""The access policy (pure): parsing, default deny, and the two quotas per identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from vaultline.resources import ACCESS_POLICY
+from vaultline.security.access import (
+    AccessDenied,
+    Guard,
+    PolicyError,
+    Quota,
+    QuotaExceeded,
+    TokenizeQuotaExceeded,
+    load_policy,
+    parse_policy,
+)
+
+POLICY = """
+version = 1
+[roles.ivr]
+methods = ["Tokenize", "BatchTokenize", "GetToken"]
+[roles.settlement]
+methods = ["Detokenize", "GetToken"]
+[detokenize_quota]
+rate_per_second = 10.0
+burst = 100
+[tokenize_quota]
+rate_per_second = 5.0
+burst = 3
+[identities."spiffe://vaultline/ivr/ivr-1"]
+tenants = ["*"]
+[identities."spiffe://vaultline/ivr/bulk"]
+tenants = ["*"]
+tokenize_rate = 1000.0
+tokenize_burst = 50000
+[identities."spiffe://vaultline/settlement/s-1"]
+tenants = ["default"]
+"""
+
+
+def test_each_identity_has_both_quotas_with_its_own_overrides() -> None:
+    policy = parse_policy(POLICY)
+    ivr = policy.grants["spiffe://vaultline/ivr/ivr-1"]
+    bulk = policy.grants["spiffe://vaultline/ivr/bulk"]
+    assert (ivr.quota, ivr.tokenize_quota) == (Quota(10.0, 100), Quota(5.0, 3))
+    assert bulk.tokenize_quota == Quota(1000.0, 50000) and bulk.quota == Quota(10.0, 100)
+
+
+def test_the_tokenize_bucket_is_separate_and_refuses_with_its_own_reason() -> None:
+    now = [0.0]
+    guard = Guard(parse_policy(POLICY), clock=lambda: now[0])
+    grant = guard.authorize("spiffe://vaultline/ivr/ivr-1", "ivr", "Tokenize")
+    guard.take_quota(grant, 3, tokenize=True)
+    with pytest.raises(TokenizeQuotaExceeded) as refused:
+        guard.take_quota(grant, 1, tokenize=True)
+    assert refused.value.reason == "TOKENIZE_QUOTA_EXCEEDED"
+    assert isinstance(refused.value, QuotaExceeded)  # RESOURCE_EXHAUSTED, like reveals
+    guard.take_quota(grant, 100)  # the detokenize bucket is untouched
+    now[0] = 0.2  # refills one card
+    guard.take_quota(grant, 1, tokenize=True)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    ('tokenize_rate = 0', "rate_per_second"),
+    ('tokenize_burst = "many"', "burst"),
+    ('tokenise_rate = 5.0', "tokenise_rate"),
+])
+def test_a_bad_quota_names_its_field(edit: str, field: str) -> None:
+    text = POLICY.replace('[identities."spiffe://vaultline/settlement/s-1"]\n',
+                          f'[identities."spiffe://vaultline/settlement/s-1"]\n{edit}\n')
+    with pytest.raises(PolicyError, match=field):
+        parse_policy(text)
+
+
+def test_the_shipped_policy_keeps_tokenizing_inside_the_card_data_zone() -> None:
+    policy = load_policy(ACCESS_POLICY)
+    tokenizers = {role for role, methods in policy.roles.items()
+                  if methods & {"Tokenize", "BatchTokenize"}}
+    assert tokenizers == {"ivr", "intake"}  # never the CRM: it would be a PAN oracle
+    assert policy.roles["crm"] == {"GetToken", "DeleteToken"}
+    guard = Guard(policy)
+    with pytest.raises(AccessDenied):
+        guard.authorize("spiffe://vaultline/crm/crm-1", "crm", "Tokenize")
+    for grant in policy.grants.values():
+        assert grant.tokenize_quota is not None and grant.quota is not None
