@@ -147,6 +147,14 @@ class FingerprintKey:
         mac.update(digits.encode("ascii"))
         return mac.digest()
 
+    def request_key(self, caller: str, request_id: str) -> bytes:
+        """How a Tokenize request id is stored: keyed, and bound to the caller that sent it
+        (a NUL-led, NUL-separated message, so it can never equal a PAN's fingerprint)."""
+        mac = self._mac.copy()
+        mac.update(b"\x00tokenize-request\x00" + caller.encode("utf-8") + b"\x00"
+                   + request_id.encode("utf-8"))
+        return mac.digest()
+
     def __repr__(self) -> str:
         return "FingerprintKey(<hidden>)"
 

@@ -283,9 +283,12 @@ class TokenStore(Protocol):
     async def find_live_tokens(self, tenant: str, tokens: Sequence[str]) -> list[Any]: ...
     async def find_live_token(self, tenant: str, token: str) -> Any | None: ...
     async def delete_token(self, tenant: str, token: str) -> bool: ...
-    async def find_tokenize_request(self, tenant: str, request_id: str) -> Any | None: ...
+    async def find_tokenize_request(
+        self, tenant: str, caller: str, request_key: bytes
+    ) -> Any | None: ...
     async def insert_tokenize_request(
-        self, tenant: str, request_id: str, fingerprint: bytes, token: str, created: bool
+        self, tenant: str, caller: str, request_key: bytes, fingerprint: bytes, token: str,
+        created: bool,
     ) -> bool: ...
 
 
@@ -326,11 +329,16 @@ class TokenService:
         fmt: int = 0,
         *,
         request_id: str = "",
+        caller: str = "",
         ttl: dt.timedelta | None = None,
         audit: PendingAudit | None = None,
     ) -> IssuedToken:
         """Tokenize one card. With `audit`, the call's audit record (naming the token it gets)
-        is durable before this returns; if it cannot be written, this raises."""
+        is durable before this returns; if it cannot be written, this raises.
+
+        A `request_id` makes a retry answer with the first result, for the same `caller`
+        (its identity) only: another caller's request ids are not visible, so replaying one
+        with a guessed card number confirms nothing."""
         if audit is not None and self._audit is None:
             raise TypeError("TokenService was built without an audit recorder")
         tenant = validate_tenant(tenant)
@@ -344,30 +352,35 @@ class TokenService:
                 await self._coalescer.submit(group, _SingleCall(parsed, audit))
             )
         request_id = validate_request_id(request_id)
-        result = await self._tokenize_once(tenant, request_id, group, parsed)
+        result = await self._tokenize_once(tenant, caller, request_id, group, parsed)
         if audit is not None and self._audit is not None:
             await self._audit.record([audit.with_token(result.record.token)])
         return result
 
     async def _tokenize_once(
-        self, tenant: str, request_id: str, group: TokenizeGroup, card: Card
+        self, tenant: str, caller: str, request_id: str, group: TokenizeGroup, card: Card
     ) -> IssuedToken:
-        """A retried `request_id` answers with its first result (or REQUEST_ID_REUSED)."""
-        fingerprint = (await self._keyring.fingerprint_key(tenant)).fingerprint(card.pan.reveal())
-        earlier = await self._replay(tenant, request_id, fingerprint)
+        """A retried `request_id` answers with its first result (or REQUEST_ID_REUSED). It is
+        stored only as a keyed hash bound to the caller (`FingerprintKey.request_key`)."""
+        keys = await self._keyring.fingerprint_key(tenant)
+        fingerprint = keys.fingerprint(card.pan.reveal())
+        request_key = keys.request_key(caller, request_id)
+        earlier = await self._replay(tenant, caller, request_key, fingerprint)
         if earlier is not None:
             return earlier
         result = self._unwrap(await self._coalescer.submit(group, _SingleCall(card, None)))
         if await self._store.insert_tokenize_request(
-            tenant, request_id, fingerprint, result.record.token, result.created
+            tenant, caller, request_key, fingerprint, result.record.token, result.created
         ):
             return result
         # A concurrent retry of the same request recorded its result first: answer with that.
-        earlier = await self._replay(tenant, request_id, fingerprint)
+        earlier = await self._replay(tenant, caller, request_key, fingerprint)
         return earlier if earlier is not None else result
 
-    async def _replay(self, tenant: str, request_id: str, fingerprint: bytes) -> IssuedToken | None:
-        row = await self._store.find_tokenize_request(tenant, request_id)
+    async def _replay(
+        self, tenant: str, caller: str, request_key: bytes, fingerprint: bytes
+    ) -> IssuedToken | None:
+        row = await self._store.find_tokenize_request(tenant, caller, request_key)
         if row is None:
             return None
         if bytes(row["fingerprint"]) != fingerprint:

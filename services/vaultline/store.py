@@ -449,23 +449,29 @@ class Store:
 
     # ---- idempotency -----------------------------------------------------------------
 
-    async def find_tokenize_request(self, tenant: str, request_id: str) -> asyncpg.Record | None:
+    async def find_tokenize_request(
+        self, tenant: str, caller: str, request_key: bytes
+    ) -> asyncpg.Record | None:
         return await self._fetchrow(
             "SELECT fingerprint, token, created FROM tokenize_requests"
-            " WHERE tenant = $1 AND request_id = $2",
+            " WHERE tenant = $1 AND caller = $2 AND request_key = $3",
             tenant,
-            request_id,
+            caller,
+            request_key,
         )
 
     async def insert_tokenize_request(
-        self, tenant: str, request_id: str, fingerprint: bytes, token: str, created: bool
+        self, tenant: str, caller: str, request_key: bytes, fingerprint: bytes, token: str,
+        created: bool,
     ) -> bool:
-        """Record a request's result; False if the request_id was recorded meanwhile."""
+        """Record a request's result; False if the same caller's request was recorded
+        meanwhile."""
         row = await self._fetchrow(
-            "INSERT INTO tokenize_requests (tenant, request_id, fingerprint, token, created)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING request_id",
+            "INSERT INTO tokenize_requests (tenant, caller, request_key, fingerprint, token,"
+            " created) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING token",
             tenant,
-            request_id,
+            caller,
+            request_key,
             fingerprint,
             token,
             created,

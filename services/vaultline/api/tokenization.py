@@ -164,6 +164,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
             card_in(request.card),
             request.format,
             request_id=request.request_id,
+            caller=call.identity or "",
             ttl=ttl_in(request.HasField("ttl"), request.ttl),
             # Written with the other records of its coalesced chunk, before the answer.
             audit=PendingAudit(self._gate.event(call, "OK", tenant=tenant)),

@@ -304,7 +304,8 @@ class IvrService:
         if isinstance(effect, ivr.Tokenize):
             try:
                 result = await self._tokenizer.tokenize(
-                    flow.tenant, state.secrets, flow.token_format, f"ivr-{row.id}-{state.seq}")
+                    flow.tenant, state.secrets, flow.token_format,
+                    self._sealer.request_id(row.id, state.seq))
             except TokenizerUnavailable as exc:
                 log.error("ivr tokenize failed call=%s code=%s", row.call_sid, exc.code)
                 return ivr.TokenizeFailed(exc.code)

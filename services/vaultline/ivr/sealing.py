@@ -11,6 +11,8 @@ data, so a row swapped onto another session does not open.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 from cryptography.hazmat.primitives import hashes
@@ -34,6 +36,14 @@ class SessionSealer:
 
     def __repr__(self) -> str:
         return "SessionSealer(<hidden>)"
+
+    def request_id(self, session_id: str, seq: int) -> str:
+        """The Tokenize request id of a capture step: the same on every replica (a retry gets
+        the first token), unguessable without the session secret, and unrelated to anything
+        the CRM sees (the session id reaches it in the capture event)."""
+        mac = hmac.new(self._secret, f"tokenize-request:{session_id}:{seq}".encode("ascii"),
+                       hashlib.sha256)
+        return "ivr_" + mac.hexdigest()[:32]
 
     def _key(self, call_sid: str) -> SealingKey:
         hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_SALT,
