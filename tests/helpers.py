@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import string
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -84,3 +86,10 @@ def synthetic_pans(n: int, start: int = 0, prefix: str = "4000") -> list[str]:
                 out.append(body + check)
                 break
     return out
+
+
+def unique_name(prefix: str, length: int = 12) -> str:
+    """`prefix` and random lower-case letters: a fresh tenant, marker or purpose word. Not hex:
+    twelve hex characters are all digits one time in 280, and caller text holding a run of 12
+    digits is refused as a possible card number (issue 14)."""
+    return prefix + "".join(secrets.choice(string.ascii_lowercase) for _ in range(length))

@@ -48,7 +48,7 @@ from .group_commit import GroupCommit
 from .keyring import Keyring
 from .security.audit import AuditSink, PendingAudit, audit_columns
 from .store import REVEAL_COLUMNS, AuditColumns, NewTokens
-from .tokens import TokenError, TokenFormat, new_tokens, parse_token
+from .tokens import SHOWS_BIN_FROM, TokenError, TokenFormat, new_tokens, parse_token
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,12 @@ def validate_token(token: str) -> str:
         raise _invalid(exc.reason, "token", exc.description) from None
 
 
+def check_format_for(card: Card, token_format: TokenFormat) -> None:
+    if token_format == TokenFormat.NUMERIC_KEEP_BIN and len(card.pan) < SHOWS_BIN_FROM:
+        raise _invalid("KEEP_BIN_NOT_ALLOWED", "format",
+                       "a token keeps the BIN only of a card number of 16 or more digits")
+
+
 def parse_card(raw: CardInput, today: dt.date) -> Card:
     try:
         pan = Pan.parse(raw.pan)
@@ -345,6 +351,7 @@ class TokenService:
         token_format = validate_format(fmt)
         ttl = validate_ttl(ttl)
         parsed = parse_card(card, self._clock().date())
+        check_format_for(parsed, token_format)
         group = (tenant, token_format, ttl)
         if not request_id:
             # The common path: the chunk appends this call's audit record with its neighbours'.
@@ -413,7 +420,9 @@ class TokenService:
         parsed: list[tuple[int, Card]] = []
         for i, raw in enumerate(cards):
             try:
-                parsed.append((i, parse_card(raw, today)))
+                card = parse_card(raw, today)
+                check_format_for(card, token_format)
+                parsed.append((i, card))
             except InvalidInput as exc:
                 results[i] = exc
         if parsed:
@@ -528,7 +537,8 @@ class TokenService:
             fingerprints=[e.fingerprint for e in entries],
             tokens=tokens,
             brands=[int(c.pan.brand) for c in cards],
-            bins=[c.pan.bin for c in cards],
+            # Metadata shows no more than a token may: no BIN of a short card number.
+            bins=[c.pan.bin if len(c.pan) >= SHOWS_BIN_FROM else "" for c in cards],
             last4s=[c.pan.last4 for c in cards],
             expiry_months=[c.expiry.month for c in cards],
             expiry_years=[c.expiry.year for c in cards],

@@ -20,6 +20,10 @@ RandBytes = Callable[[int], bytes]
 
 OPAQUE_PREFIX = "tok_"
 OPAQUE_RANDOM_BYTES = 16  # 128 bits
+# The shortest card number whose BIN (first six) may be shown beside its last four, in a token
+# or in metadata: for a shorter one that would leave too few digits hidden (PCI DSS 3.4.1 allows
+# at most first six and last four; a 12-digit number would then show ten).
+SHOWS_BIN_FROM = 16
 _OPAQUE_LEN = len(OPAQUE_PREFIX) + 22  # base64url of 16 bytes without padding
 
 # A redraw is needed one time in ten, so this many in a row means the source is broken.
@@ -67,6 +71,8 @@ def _numeric_parts(pan: Pan, fmt: TokenFormat) -> tuple[str, int, str]:
     if fmt == TokenFormat.NUMERIC:
         return "", len(pan) - 4, pan.last4
     if fmt == TokenFormat.NUMERIC_KEEP_BIN:
+        if len(pan) < SHOWS_BIN_FROM:  # six and four of twelve digits would leave two
+            raise ValueError("a token keeps the BIN only of a card number of 16+ digits")
         return pan.bin, len(pan) - 10, pan.last4
     raise ValueError("unsupported token format")
 

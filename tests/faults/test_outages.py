@@ -4,14 +4,13 @@ without restarting the tokenizer."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 import grpc
 import pytest
 
 from tests.fixtures.infra import OpenBaoHandle, PostgresHandle
-from tests.helpers import rpc_failure, synthetic_pans, tokenize_request
+from tests.helpers import rpc_failure, synthetic_pans, tokenize_request, unique_name
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -20,7 +19,7 @@ VISA = "4111111111111111"
 
 
 def _tenant() -> str:
-    return "f-" + uuid.uuid4().hex[:12]
+    return unique_name("f-")
 
 
 async def _rows(superuser_db: str, tenant: str) -> tuple[int, int]:

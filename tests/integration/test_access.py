@@ -4,14 +4,13 @@ revoked identities, quotas — and every answer, allowed or refused, in the audi
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 import grpc
 import pytest
 
 from tests.fixtures.tokenizer import Running
-from tests.helpers import rpc_failure, tokenize_request
+from tests.helpers import rpc_failure, tokenize_request, unique_name
 from vaultline.gen.admin.v1 import admin_pb2 as admin_pb
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
@@ -76,7 +75,7 @@ async def _audit_rows(superuser_db: str, identity: str) -> list[asyncpg.Record]:
 
 @pytest.mark.parametrize("role", sorted(ALLOWED))
 async def test_role_method_matrix(tokenizer: Running, role: str, superuser_db: str) -> None:
-    tenant = "m-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("m-", 10)
     token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
     stub = tokenizer.as_(IDENTITY[role])
     for method in METHODS:
@@ -175,7 +174,7 @@ async def test_plaintext_clients_are_refused(tokenizer: Running) -> None:
 
 
 async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
-    tenant = "q-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("q-", 10)
     token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
     tight = tokenizer.as_("settlement/settlement-tight")  # burst 10, 5 per second
     request = pb.DetokenizeRequest(tenant=tenant, token=token, purpose="quota test")
@@ -208,7 +207,7 @@ async def test_tokenize_quota_refuses_beyond_burst_and_is_per_identity(
 ) -> None:
     # Issue 14: every Tokenize answer tells the caller something about a card (its token, or
     # that it was seen before), so a tokenizing identity has a bucket of its own.
-    tenant = "q-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("q-", 10)
     tight = tokenizer.as_("ivr/ivr-tight")  # tokenize burst 10, 5 per second
     request = tokenize_request(VISA, tenant=tenant)
     for _ in range(10):
@@ -295,7 +294,7 @@ async def test_bound_admin_still_reads_tenantless_admin_api(tokenizer: Running) 
 async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
     tokenizer: Running, superuser_db: str
 ) -> None:
-    tenant = "r-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("r-", 10)
     pans = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"]
     tokens = [(await tokenizer.stub.Tokenize(tokenize_request(p, tenant=tenant))).token.token
               for p in pans]
@@ -343,7 +342,7 @@ async def test_concurrent_tokenize_calls_each_get_one_record_naming_their_token(
 ) -> None:
     # Concurrent unary calls are coalesced into shared chunks, and each chunk appends its
     # callers' records together: every call must still get exactly its own record.
-    tenant = "u-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("u-", 10)
     pans = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"]
     callers = {"intake": "intake/intake-1", "ivr": "ivr/ivr-1"}
     calls = []

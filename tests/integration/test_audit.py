@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from tests.fixtures.infra import PostgresHandle
+from tests.helpers import unique_name
 from vaultline.cli import audit as audit_cli
 from vaultline.errors import DatabaseUnavailable
 from vaultline.security.audit import (
@@ -90,7 +91,7 @@ async def app_store(migrated: PostgresHandle) -> AsyncIterator[CountingStore]:
 
 @pytest.fixture
 def tenant() -> str:
-    return "audit-" + uuid.uuid4().hex[:10]
+    return unique_name("audit-", 10)
 
 
 async def _rows_by_seq(dsn: str, seqs: list[int]) -> dict[int, asyncpg.Record]:

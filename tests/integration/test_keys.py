@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 
 import asyncpg
 import pytest
 
 from tests.fixtures.infra import OpenBaoHandle
-from tests.helpers import synthetic_pans, tokenize_request
+from tests.helpers import synthetic_pans, tokenize_request, unique_name
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.keyring import KeyPolicy, rewrap_all
 from vaultline.store import Store
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def tenant() -> str:
-    return "k-" + uuid.uuid4().hex[:12]
+    return unique_name("k-")
 
 
 async def _tokenize_batch(stub, tenant: str, pans: list[str]) -> list[str]:  # type: ignore[no-untyped-def]

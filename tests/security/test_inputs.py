@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import asyncpg
 import grpc
@@ -18,7 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from tests.fixtures.tokenizer import Running
-from tests.helpers import rpc_failure, tokenize_request
+from tests.helpers import rpc_failure, tokenize_request, unique_name
 from vaultline.gen.admin.v1 import admin_pb2 as admin_pb
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 
@@ -61,7 +60,7 @@ async def test_a_purpose_holding_a_card_number_in_any_spelling_is_refused_and_no
     tokenizer: Running, superuser_db: str, spelling: str
 ) -> None:
     token = (await tokenizer.stub.Tokenize(tokenize_request("5555555555554444"))).token.token
-    marker = uuid.uuid4().hex[:12]
+    marker = unique_name("m")
     purpose = f"{marker} {spelling}"
     stub = tokenizer.as_(SETTLEMENT)
     failure = await rpc_failure(stub.Detokenize(pb.DetokenizeRequest(token=token,
@@ -101,7 +100,7 @@ async def test_a_huge_purpose_is_refused_at_once_and_audited_as_malformed(
     tokenizer: Running, superuser_db: str
 ) -> None:
     token = (await tokenizer.stub.Tokenize(tokenize_request("5555555555554444"))).token.token
-    marker = uuid.uuid4().hex[:12]
+    marker = unique_name("m")
     purpose = marker + " " + "1 " * 499_990  # ~1 MB that every old guard masked in full
     stub = tokenizer.as_(SETTLEMENT)
     started = time.perf_counter()
@@ -122,7 +121,7 @@ async def test_a_detokenize_purpose_is_audited_as_validated(
     tokenizer: Running, superuser_db: str
 ) -> None:
     token = (await tokenizer.stub.Tokenize(tokenize_request("5555555555554444"))).token.token
-    marker = uuid.uuid4().hex[:12]
+    marker = unique_name("m")
     await tokenizer.as_(SETTLEMENT).Detokenize(pb.DetokenizeRequest(
         token=token, purpose=f"   refund {marker}" + " " * 600))
     (record,) = await _audit_rows(superuser_db, marker)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from tests.fixtures.tokenizer import Running
-from tests.helpers import rpc_failure, tokenize_request
+from tests.helpers import rpc_failure, tokenize_request, unique_name
 from vaultline.ivr.sealing import SessionSealer
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ async def test_the_crm_may_not_tokenize_at_all(tokenizer: Running) -> None:
 
 
 async def test_another_callers_request_id_confirms_nothing(tokenizer: Running) -> None:
-    tenant = "o-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("o-", 10)
     request_id = f"ivr-{uuid.uuid4()}-3"  # as the IVR's ids used to be: known to the CRM
     ivr = tokenizer.as_("ivr/ivr-1")
     first = await ivr.Tokenize(tokenize_request(RIGHT, tenant=tenant, request_id=request_id))
@@ -53,7 +53,7 @@ async def test_another_callers_request_id_confirms_nothing(tokenizer: Running) -
 async def test_request_ids_are_stored_only_keyed_and_per_caller(
     tokenizer: Running, superuser_db: str
 ) -> None:
-    tenant = "o-" + uuid.uuid4().hex[:10]
+    tenant = unique_name("o-", 10)
     request_id = "plain-" + uuid.uuid4().hex
     await tokenizer.as_("ivr/ivr-1").Tokenize(
         tokenize_request(RIGHT, tenant=tenant, request_id=request_id))
