@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.devstack import VAULTLINE, Stack, stack_channel
 from tests.testcards import TEST_CARDS
+from vaultline.gen.admin.v1 import admin_pb2 as admin_pb
+from vaultline.gen.admin.v1 import admin_service_pb2_grpc as admin_grpc
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 
@@ -188,6 +190,12 @@ def test_a_second_dev_up_leaves_the_running_stack_alone_and_the_readme_calls_it(
         with stack_channel(info, "crm") as crm:
             health = health_pb2_grpc.HealthStub(crm).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # The tokenizer process holds no keys-admin credentials (issue 14): key rotation is
+        # the admin CLI's, which reads them from stack.json.
+        with stack_channel(info, "admin") as admin, pytest.raises(grpc.RpcError) as refused:
+            admin_grpc.KeyServiceStub(admin).GetKeyStatus(admin_pb.GetKeyStatusRequest())
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert info["credentials"]["keys_admin_approle"]
 
         # The README's `buf curl` example, as written but for this stack's home and port.
         buf = REPO / ".tools" / "node_modules" / ".bin" / "buf"

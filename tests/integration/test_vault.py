@@ -130,8 +130,9 @@ def test_rotate_then_rewrap(tokenizer: TransitClient, keys_admin: TransitClient)
     assert [wrapped_version(w) for w in rewrapped] == [before + 1, before + 1]
     assert rewrapped[0] != old_wrapped
     assert tokenizer.decrypt_data_keys(rewrapped) == [old_plain, new_plain]
-    # The tokenizer may rewrap too (its policy allows it), with the same result.
-    assert wrapped_version(tokenizer.rewrap_data_keys([old_wrapped])[0]) == before + 1
+    # Rewrapping is the keys-admin's alone (issue 14): the tokenizer never calls it.
+    with pytest.raises(VaultPermissionDenied):
+        tokenizer.rewrap_data_keys([old_wrapped])
 
 
 def test_key_status_reports_versions(keys_admin: TransitClient) -> None:
@@ -205,6 +206,9 @@ TOKENIZER_DENIED: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "auth/approle/role/vaultline-tokenizer/secret-id", {}),
     ("GET", "auth/approle/role/vaultline-keys-admin/role-id", None),
     ("GET", "secret/data/anything", None),
+    # Granted before issue 14 though never called: wrapped-only data keys, and rewrap.
+    ("POST", "transit/datakey/wrapped/vaultline-kek", {}),
+    ("POST", "transit/rewrap/vaultline-kek", {"ciphertext": "vault:v1:AAAA"}),
 ]
 
 

@@ -202,6 +202,18 @@ async def test_recording_pause_failure_asks_for_nothing(env: IvrEnv) -> None:
     assert row.outcome == "recording-pause-failed"
 
 
+async def test_a_404_pausing_an_active_recording_asks_for_nothing(env: IvrEnv) -> None:
+    # Issue 14: any 404 from the pause was taken for "no recording", and the card was asked
+    # for with the recording running. Now the IVR asks Twilio, which lists it as active.
+    env.sim.recording_fault = 404
+    call = await env.call("card_capture", card_script())
+    assert not any("card number" in h for h in call.heard())
+    assert not call.events("pressed")
+    assert not call.sensitive_presses_while_recording()
+    [row] = await env.sessions(call.sid)
+    assert row.outcome == "recording-pause-failed"
+
+
 async def test_unrecorded_call_still_captures(env: IvrEnv) -> None:
     call = await env.call("card_capture", card_script(), record=False)
     assert env.crm.events[-1]["data"]["outcome"] == "success"

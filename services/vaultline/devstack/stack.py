@@ -98,9 +98,10 @@ class DevStack:
                     vault_credentials=tokenizer_creds,
                     tls=TlsFiles(pki.ca_cert, pki.server_cert, pki.server_key),
                     policy_path=policy_path_from_env(),
-                    keys_admin_credentials=(
-                        AppRoleCredentials.from_file(admin_file) if admin_file else None
-                    ),
+                    # The keys-admin AppRole stays with the admin path (`vaultline keys …`,
+                    # listed in stack.json): the long-running tokenizer never holds it, so its
+                    # KeyService answers FAILED_PRECONDITION here (issue 14).
+                    keys_admin_credentials=None,
                     grpc_listen=f"127.0.0.1:{self.grpc_port}",
                     **tuning,
                 )

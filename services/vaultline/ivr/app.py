@@ -295,7 +295,18 @@ class IvrService:
                 else:
                     await self._rest.resume_recording(row.call_sid)
             except RecordingNotFound:
-                # No recording in progress: nothing can capture the tones.
+                # Usually: no recording in progress, so nothing can capture the tones. But a
+                # 404 is not proof (issue 14: it was fail-open): go on only if Twilio lists
+                # no active recording for the call.
+                try:
+                    active = await self._rest.recording_active(row.call_sid)
+                except TwilioUnavailable as exc:
+                    log.error("ivr %s call=%s", exc, row.call_sid)
+                    return ivr.RecordingUpdated(False)
+                if active:
+                    log.error("ivr call=%s: recording update refused (404) while a recording"
+                              " is active", row.call_sid)
+                    return ivr.RecordingUpdated(False)
                 log.info("ivr call=%s has no recording in progress", row.call_sid)
             except TwilioUnavailable as exc:
                 log.error("ivr %s call=%s", exc, row.call_sid)

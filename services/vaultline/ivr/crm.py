@@ -56,8 +56,11 @@ class CrmNotifier:
                        "Vaultline-Event-Id": str(event["id"])}
             status: int | None = None
             try:
+                # Never followed: a redirect would carry the signed event to a URL nobody
+                # configured (issue 14). A 3xx is a refusal like a 4xx.
                 async with self._session.post(url, data=body, headers=headers,
-                                              timeout=self._timeout) as response:
+                                              timeout=self._timeout,
+                                              allow_redirects=False) as response:
                     status = response.status
             except (aiohttp.ClientError, TimeoutError, OSError):
                 status = None

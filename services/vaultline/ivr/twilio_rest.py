@@ -34,7 +34,8 @@ class TwilioUnavailable(Exception):
 
 
 class RecordingNotFound(TwilioUnavailable):
-    """The call has no recording in progress (Twilio answers 404)."""
+    """Twilio answered 404 to a recording update: usually the call has no recording in
+    progress, but a 404 proves nothing by itself (`recording_active` asks)."""
 
 
 class BaseUrlHttpClient(AsyncTwilioHttpClient):
@@ -87,6 +88,16 @@ class TwilioRest:
 
     async def resume_recording(self, call_sid: str) -> RecordingUpdate:
         return await self._recording(call_sid, "in-progress")
+
+    async def recording_active(self, call_sid: str) -> bool:
+        """Whether the call has a recording in progress (or paused) right now."""
+        try:
+            recordings = await self._client.calls(call_sid).recordings.list_async(limit=50)
+        except TwilioRestException as exc:
+            raise TwilioUnavailable("recording list", exc.status) from None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            raise TwilioUnavailable("recording list", None) from None
+        return any(r.status in ("in-progress", "paused") for r in recordings)
 
     async def redirect_call(self, call_sid: str, url: str) -> None:
         """Send a live leg to new TwiML (agent handoff: out of the conference and back)."""

@@ -10,6 +10,7 @@ REST paths served (HTTP Basic auth: Account SID / Auth Token, Twilio's error JSO
 
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json                    redirect
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings.json         start
+    GET  /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings.json         list
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings/{Sid}.json   update
 """
 
@@ -195,6 +196,7 @@ class TwilioSim:
         app.add_routes([
             web.post(base + "/Recordings/{rec}.json", self._rest_recording_update),
             web.post(base + "/Recordings.json", self._rest_recording_create),
+            web.get(base + "/Recordings.json", self._rest_recording_list),
             web.post(base + ".json", self._rest_call_update),
             # Not Twilio: control paths so `vaultline sim call` (another process) can place a
             # call through this simulator, and a demo CRM sink for the dev stack.
@@ -474,13 +476,28 @@ class TwilioSim:
                    f"{call.recording_sid}.json",
         }
 
+    async def _rest_recording_list(self, request: web.Request) -> web.Response:
+        """A call's recordings, one page, as Twilio lists them (the one the call has)."""
+        call, _, error = await self._rest_common(request)
+        if error is not None:
+            return error
+        assert call is not None
+        path = request.path
+        recordings = [] if call.recording is None else [self._recording_json(call)]
+        return web.json_response({
+            "recordings": recordings, "start": 0, "end": max(len(recordings) - 1, 0),
+            "page": 0, "page_size": 50, "uri": path, "first_page_uri": path + "?PageSize=50&Page=0",
+            "next_page_uri": None, "previous_page_uri": None,
+        })
+
     async def _rest_recording_update(self, request: web.Request) -> web.Response:
         call, form, error = await self._rest_common(request)
         if error is not None:
             return error
         assert call is not None
         if self.recording_fault is not None:
-            return _twilio_error(self.recording_fault, 20500, "Internal Server Error")
+            return _twilio_error(self.recording_fault, 20500 if self.recording_fault != 404
+                                 else 20404, "Internal Server Error")
         rec = request.match_info["rec"]
         if call.recording is None or call.recording == "stopped" or (
                 rec != "Twilio.CURRENT" and rec != call.recording_sid):
