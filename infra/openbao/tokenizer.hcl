@@ -12,3 +12,22 @@ path "transit/datakey/plaintext/vaultline-kek" {
 path "transit/decrypt/vaultline-kek" {
   capabilities = ["update"]
 }
+
+# The audit chain's anchor (issue 14): every minute or 1,000 records the tokenizer signs a
+# checkpoint (seq, head hash, time) with the audit key and files it under its own path, once:
+# create but never update, delete or destroy, so nobody holding the database can move it.
+path "transit/sign/vaultline-audit" {
+  capabilities = ["update"]
+}
+
+path "transit/verify/vaultline-audit" {
+  capabilities = ["update"]
+}
+
+path "vaultline-kv/data/audit/checkpoints/*" {
+  capabilities = ["create", "read"]
+}
+
+path "vaultline-kv/metadata/audit/checkpoints/*" {
+  capabilities = ["list"]
+}

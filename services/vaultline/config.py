@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,11 @@ Variables (all `VAULTLINE_`-prefixed):
   COMMIT_DELAY_MS     the longest coalesced Tokenize calls may wait for company after a chunk
                       commits; none, half or all of it, whichever measurably completes the
                       most calls (default 4; 0 never waits; at most 50)
+  AUDIT_CHAIN               names this deployment's checkpoint folder in OpenBao, when
+                            several vault databases share one OpenBao (default "default")
+  AUDIT_CHECKPOINT_SECONDS  how often the audit chain's head is checkpointed into OpenBao
+                            while it grows (default 60)
+  AUDIT_CHECKPOINT_RECORDS  ... or after this many new records, if sooner (default 1000)
   MAX_UNARY_MESSAGE_BYTES   the largest unary request (default 1048576, 1 MiB)
   MAX_STREAM_MESSAGE_BYTES  the largest message of a stream (default 4194304, 4 MiB)
 """
@@ -77,6 +83,9 @@ class TokenizerConfig:
     key_policy: KeyPolicy = KeyPolicy()
     db_pool_size: int = 10
     commit_delay_ms: float = 4.0
+    audit_chain: str = "default"
+    audit_checkpoint_seconds: float = 60.0
+    audit_checkpoint_records: int = 1000
     max_unary_message_bytes: int = 1 << 20
     max_stream_message_bytes: int = 4 << 20
 
@@ -116,6 +125,7 @@ class TokenizerConfig:
             policy_path=policy_path_from_env(env),
             keys_admin_credentials=keys_admin,
             metrics_listen=None if metrics == "off" else metrics,
+            audit_chain=audit_chain_from_env(env),
             **tuning_from_env(env),
         )
 
@@ -125,6 +135,14 @@ def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     if value is None or value == "":
         raise ConfigError(f"VAULTLINE_{name} is not set")
     return value
+
+
+def audit_chain_from_env(env: Mapping[str, str] = os.environ) -> str:
+    """VAULTLINE_AUDIT_CHAIN: lower-case letters, digits and '-', at most 63."""
+    chain = env.get("VAULTLINE_AUDIT_CHAIN") or "default"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", chain):
+        raise ConfigError("VAULTLINE_AUDIT_CHAIN must be lower-case letters, digits and '-'")
+    return chain
 
 
 def policy_path_from_env(env: Mapping[str, str] = os.environ) -> Path:
@@ -157,6 +175,8 @@ def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
             max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
         ),
         "commit_delay_ms": commit_delay_ms,
+        "audit_checkpoint_seconds": float(positive_int("AUDIT_CHECKPOINT_SECONDS", "60")),
+        "audit_checkpoint_records": positive_int("AUDIT_CHECKPOINT_RECORDS", "1000"),
         "max_unary_message_bytes": positive_int("MAX_UNARY_MESSAGE_BYTES", str(1 << 20)),
         "max_stream_message_bytes": positive_int("MAX_STREAM_MESSAGE_BYTES", str(4 << 20)),
     }

@@ -28,6 +28,7 @@ from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .keyring import Keyring
 from .observability import Metrics, start_metrics_server, stop_metrics_server
 from .security.access import Guard, load_policy
+from .security.anchor import AuditCheckpointer
 from .security.audit import AuditWriter
 from .security.tls import load_server_credentials
 from .service import TokenService
@@ -57,6 +58,8 @@ class TokenizerServer:
         self._health = health.aio.HealthServicer()
         self._probe: asyncio.Task[None] | None = None
         self._vault: TransitClient | None = None
+        self.checkpointer: AuditCheckpointer | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.metrics_address = ""
         self._metrics_server: object | None = None
@@ -71,7 +74,8 @@ class TokenizerServer:
             config.database_url, min_size=0, max_size=config.db_pool_size
         )
         self._vault = TransitClient(
-            config.vault_addr, config.vault_credentials, key_name=config.vault_key_name
+            config.vault_addr, config.vault_credentials, key_name=config.vault_key_name,
+            audit_chain=config.audit_chain,
         )
         self.keyring = Keyring(self.store, self._vault, config.key_policy)
         audit = AuditWriter(self.store)
@@ -104,7 +108,7 @@ class TokenizerServer:
         )
         admin_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.store, admin, gate), server)
         admin_grpc.add_AuditServiceServicer_to_server(
-            AuditServicer(self.store, gate), server
+            AuditServicer(self.store, gate, self._vault), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -124,6 +128,10 @@ class TokenizerServer:
         await server.start()
         self._server = server
         self._probe = asyncio.create_task(self._probe_health())
+        self.checkpointer = AuditCheckpointer(
+            self.store, self._vault, every_seconds=config.audit_checkpoint_seconds,
+            every_records=config.audit_checkpoint_records)
+        self._checkpointing = asyncio.create_task(self.checkpointer.run())
         if config.metrics_listen:
             mhost, mport = config.metrics_listen.rsplit(":", 1)
             self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
@@ -157,6 +165,11 @@ class TokenizerServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._checkpointing is not None:
+            self._checkpointing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointing
+            self._checkpointing = None
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +179,13 @@ class TokenizerServer:
             await self._server.stop(grace)
             self._server = None
             log.info("tokenizer stopped")
+        if self.checkpointer is not None and self.store is not None:
+            # The records of the last moments get their checkpoint too, if OpenBao answers.
+            try:
+                await asyncio.wait_for(self.checkpointer.checkpoint(), timeout=5)
+            except Exception:  # noqa: BLE001 - shutting down either way
+                log.warning("no final audit checkpoint", exc_info=True)
+            self.checkpointer = None
         if self._metrics_server is not None:
             stop_metrics_server(self._metrics_server)  # type: ignore[arg-type]
             self._metrics_server = None

@@ -1,4 +1,5 @@
-"""The only module that talks to OpenBao/Vault: transit data keys under the KEK, via hvac.
+"""The only module that talks to OpenBao/Vault, via hvac: transit data keys under the KEK, and
+the audit chain's checkpoints (signed by a transit key, filed in KV v2).
 
 Errors::
 
@@ -57,6 +58,9 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 DATA_KEY_BYTES: Final = 32
+AUDIT_KEY: Final = "vaultline-audit"  # Ed25519, signs audit checkpoints
+KV_MOUNT: Final = "vaultline-kv"
+CHECKPOINTS: Final = "audit/checkpoints"
 # OpenBao caps one request at max_request_json_strings (1000 by default) JSON strings; each
 # batch item costs two (key and value), so larger batches go out in chunks of this size.
 MAX_BATCH: Final = 250
@@ -233,8 +237,11 @@ class TransitClient:
     def __init__(self, addr: str, credentials: AppRoleCredentials, *,
                  key_name: str = "vaultline-kek", mount: str = "transit",
                  timeout: float = 5.0, approle_mount: str = "approle",
-                 verify: bool | str = True) -> None:
+                 verify: bool | str = True, audit_chain: str = "default") -> None:
+        """`audit_chain` names the folder of this deployment's audit checkpoints (several
+        vault databases may share one OpenBao)."""
         self._addr = addr.rstrip("/")
+        self._checkpoints = f"{CHECKPOINTS}/{audit_chain}"
         self._credentials = credentials
         self._key = key_name
         self._mount = mount.strip("/")
@@ -330,11 +337,66 @@ class TransitClient:
         return (resp.get("initialized") is True and resp.get("sealed") is False
                 and resp.get("standby") is False)
 
+    # -- audit checkpoints ---------------------------------------------------------------------
+
+    def sign(self, message: bytes) -> str:
+        """An Ed25519 signature of `message` by the audit key (`vault:v1:…`)."""
+        op = "transit sign"
+        data = self._data(op, self._call(op, lambda t: t.sign_data(
+            name=AUDIT_KEY, hash_input=base64.b64encode(message).decode("ascii"),
+            mount_point=self._mount)))
+        signature = data.get("signature")
+        if not isinstance(signature, str) or not signature.startswith("vault:v"):
+            raise _invalid(op, "no signature in response")
+        return signature
+
+    def verify(self, message: bytes, signature: str) -> bool:
+        op = "transit verify"
+        data = self._data(op, self._call(op, lambda t: t.verify_signed_data(
+            name=AUDIT_KEY, hash_input=base64.b64encode(message).decode("ascii"),
+            signature=signature, mount_point=self._mount)))
+        return data.get("valid") is True
+
+    def create_checkpoint(self, name: str, fields: Mapping[str, str]) -> None:
+        """File a checkpoint under `name`, once: check-and-set 0 refuses an existing one (and
+        the tokenizer's policy grants create, never update)."""
+        op = "kv create"
+        self._call(op, lambda kv: kv.create_or_update_secret(
+            path=f"{self._checkpoints}/{name}", secret=dict(fields), cas=0,
+            mount_point=KV_MOUNT),
+            engine=_kv)
+
+    def list_checkpoints(self) -> list[str]:
+        op = "kv list"
+        try:
+            data = self._data(op, self._call(op, lambda kv: kv.list_secrets(
+                path=self._checkpoints, mount_point=KV_MOUNT), engine=_kv))
+        except VaultInvalidResponse as exc:
+            if exc.status == 404:  # none filed yet
+                return []
+            raise
+        keys = data.get("keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise _invalid(op, "malformed key list")
+        return keys
+
+    def read_checkpoint(self, name: str) -> dict[str, Any]:
+        op = "kv read"
+        data = self._data(op, self._call(op, lambda kv: kv.read_secret_version(
+            path=f"{self._checkpoints}/{name}", mount_point=KV_MOUNT,
+            raise_on_deleted_version=True), engine=_kv))
+        fields = data.get("data")
+        if not isinstance(fields, dict):
+            raise _invalid(op, "checkpoint without data")
+        return fields
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _call(self, operation: str, fn: Callable[[Any], _T], *,
-              batch_offset: int | None = None) -> _T:
-        """Run ``fn(hvac transit api)`` authenticated; log in again once on 401/403.
+              batch_offset: int | None = None,
+              engine: Callable[[hvac.Client], Any] | None = None) -> _T:
+        """Run ``fn(hvac transit api)`` (or ``fn(engine(client))``) authenticated; log in
+        again once on 401/403.
 
         With ``batch_offset`` set, a refused batch whose body lists per-item results becomes
         VaultInvalidResponse naming the first failed item (offset + its position)."""
@@ -342,7 +404,8 @@ class TransitClient:
         for attempt in (1, 2):
             token = self._ensure_token()
             try:
-                return fn(self._client.secrets.transit)
+                return fn(self._client.secrets.transit if engine is None
+                          else engine(self._client))
             except _HTTPStatusError as exc:
                 if exc.status in (401, 403) and attempt == 1:
                     _log.info("%s: refused with HTTP %d, logging in again", operation,
@@ -433,6 +496,10 @@ class TransitClient:
         self._token_deadline = time.monotonic() + max(1.0, lifetime - _TOKEN_RENEW_MARGIN_S)
         _log.info("logged in to OpenBao with AppRole (token ttl %ds)", int(lifetime))
         return token
+
+
+def _kv(client: hvac.Client) -> Any:
+    return client.secrets.kv.v2
 
 
 def _first_failed(body: Mapping[str, Any] | None) -> int | None:

@@ -337,6 +337,20 @@ async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
     assert chain.intact, chain.problem
 
 
+async def test_the_tokenizer_checkpoints_the_chain_and_verifies_against_it(
+    tokenizer: Running,
+) -> None:
+    await tokenizer.stub.Tokenize(tokenize_request(VISA))
+    checkpointer = tokenizer.server.checkpointer
+    assert checkpointer is not None
+    filed = await checkpointer.checkpoint()  # as its loop does every minute / 1,000 records
+    assert filed is not None and filed.seq >= 1
+    chain = await tokenizer.audit_as(IDENTITY["admin"]).VerifyAuditChain(
+        admin_pb.VerifyAuditChainRequest())
+    assert chain.intact, chain.problem
+    assert chain.checked >= filed.seq
+
+
 async def test_concurrent_tokenize_calls_each_get_one_record_naming_their_token(
     tokenizer: Running, superuser_db: str
 ) -> None:

@@ -24,23 +24,27 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.fixtures.infra import PostgresHandle
+from tests.fixtures.infra import OpenBaoHandle, PostgresHandle
 from tests.helpers import unique_name
 from vaultline.cli import audit as audit_cli
 from vaultline.errors import DatabaseUnavailable
+from vaultline.security.anchor import AuditCheckpointer, verify_anchored
 from vaultline.security.audit import (
     FIELDS,
     GENESIS_HASH,
     AuditEvent,
     AuditReceipt,
     AuditWriter,
+    Checkpoint,
     VerifyReport,
     audit_columns,
     chain_hash,
     content_hash,
     verify_chain,
+    verify_store,
 )
 from vaultline.store import NewTokens, Store, migrate
+from vaultline.vault import TransitClient, VaultError
 
 pytestmark = pytest.mark.integration
 
@@ -632,3 +636,108 @@ async def test_tokens_are_not_kept_when_their_records_cannot_be_appended(
         assert await conn.fetchval("SELECT count(*) FROM tokens WHERE tenant = $1", tenant) == 0
     finally:
         await conn.close()
+
+
+# ---- the anchor outside PostgreSQL (issue 14, finding 3) -------------------------------------
+
+
+async def _rechain(scratch: Scratch, keep: Callable[[asyncpg.Record], bool],
+                   forge: int = 0) -> None:
+    """What a superuser can do with the triggers off: drop records, renumber and re-chain the
+    rest with correct hashes, append `forge` made-up records, and move the head, so that the
+    chain alone verifies again."""
+    conn = await asyncpg.connect(scratch.superuser_dsn)
+    try:
+        await conn.execute("SET session_replication_role = replica")
+        rows = [r for r in await conn.fetch("SELECT * FROM audit_log ORDER BY seq") if keep(r)]
+        forged = make_events(forge, tenant="forged") if forge else []
+        async with conn.transaction():
+            await conn.execute("DELETE FROM audit_log")
+            prev = GENESIS_HASH
+            records = [dict(r) for r in rows] + [
+                {"at": e.at, **{f: getattr(e, f) for f in FIELDS}, "tokens": list(e.tokens),
+                 "content_hash": content_hash(e)} for e in forged]
+            for seq, r in enumerate(records, start=1):
+                digest = chain_hash(prev, bytes(r["content_hash"]))
+                await conn.execute(
+                    "INSERT INTO audit_log (seq, at, identity, role, tenant, method, token,"
+                    " purpose, outcome, request_id, peer, tokens, content_hash, prev_hash, hash)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
+                    seq, r["at"], *(r[f] for f in FIELDS), r["tokens"], r["content_hash"],
+                    prev, digest)
+                prev = digest
+            await conn.execute("UPDATE audit_head SET seq = $1, hash = $2", len(records), prev)
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def anchored(scratch: Scratch, openbao: OpenBaoHandle
+                   ) -> AsyncIterator[tuple[Store, TransitClient]]:
+    """The scratch chain (30 records) with a checkpoint of its head filed in OpenBao, under a
+    folder of its own; the ledger is the tokenizer's own OpenBao client."""
+    store = await Store.connect(scratch.app_dsn, min_size=1, max_size=2)
+    ledger = TransitClient(openbao.addr, openbao.tokenizer, audit_chain=unique_name("t-"))
+    try:
+        filed = await AuditCheckpointer(store, ledger).checkpoint()
+        assert filed is not None and filed.seq == 30
+        yield store, ledger
+    finally:
+        ledger.close()
+        await store.close()
+
+
+async def test_an_intact_chain_matches_its_checkpoints(
+    anchored: tuple[Store, TransitClient],
+) -> None:
+    store, ledger = anchored
+    report, head = await verify_anchored(store, ledger)
+    assert report.ok and report.checked == 30 and report.checkpoints == 1
+    # Nothing new: no second checkpoint of the same head.
+    assert await AuditCheckpointer(store, ledger).checkpoint() is None
+
+
+async def test_deleting_records_and_rechaining_the_rest_is_caught(
+    scratch: Scratch, anchored: tuple[Store, TransitClient],
+) -> None:
+    store, ledger = anchored
+    await _rechain(scratch, keep=lambda r: r["seq"] % 7 != 3)  # drops records 3, 10, 17, 24
+    # The chain alone is consistent again: this is what `audit verify` reported before.
+    alone, _ = await verify_store(store)
+    assert alone.ok and alone.checked == 26
+    report, _ = await verify_anchored(store, ledger)
+    assert not report.ok and report.first_broken_seq == 27
+    assert "record 30 was checkpointed" in report.problem and "cut off" in report.problem
+
+
+async def test_a_rechained_chain_padded_back_to_length_contradicts_the_checkpoint(
+    scratch: Scratch, anchored: tuple[Store, TransitClient],
+) -> None:
+    store, ledger = anchored
+    await _rechain(scratch, keep=lambda r: r["seq"] != 12, forge=1)  # still 30 records
+    alone, _ = await verify_store(store)
+    assert alone.ok and alone.checked == 30
+    report, _ = await verify_anchored(store, ledger)
+    assert not report.ok and report.first_broken_seq == 30
+    assert "contradicts the checkpoint" in report.problem
+
+
+async def test_a_checkpoint_without_the_audit_keys_signature_is_refused(
+    anchored: tuple[Store, TransitClient],
+) -> None:
+    store, ledger = anchored
+    fake = Checkpoint(31, bytes(32), dt.datetime.now(dt.UTC))
+    ledger.create_checkpoint(fake.name, fake.fields(ledger.sign(b"something else")))
+    report, _ = await verify_anchored(store, ledger)
+    assert not report.ok and "does not carry the audit key's signature" in report.problem
+
+
+async def test_a_filed_checkpoint_cannot_be_overwritten_with_the_tokenizers_credentials(
+    anchored: tuple[Store, TransitClient],
+) -> None:
+    _, ledger = anchored
+    (name,) = ledger.list_checkpoints()
+    original = ledger.read_checkpoint(name)
+    with pytest.raises(VaultError):
+        ledger.create_checkpoint(name, {**original, "hash": "00" * 32})
+    assert ledger.read_checkpoint(name) == original

@@ -206,6 +206,14 @@ TOKENIZER_DENIED: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "auth/approle/role/vaultline-tokenizer/secret-id", {}),
     ("GET", "auth/approle/role/vaultline-keys-admin/role-id", None),
     ("GET", "secret/data/anything", None),
+    # The audit checkpoints it files: never deleted, destroyed or their history removed.
+    ("DELETE", "vaultline-kv/data/audit/checkpoints/default/00000000000000000001", None),
+    ("POST", "vaultline-kv/destroy/audit/checkpoints/default/00000000000000000001",
+     {"versions": [1]}),
+    ("DELETE", "vaultline-kv/metadata/audit/checkpoints/default/00000000000000000001", None),
+    ("POST", "vaultline-kv/delete/audit/checkpoints/default/00000000000000000001",
+     {"versions": [1]}),
+    ("POST", "transit/keys/vaultline-audit/config", {"deletion_allowed": True}),
     # Granted before issue 14 though never called: wrapped-only data keys, and rewrap.
     ("POST", "transit/datakey/wrapped/vaultline-kek", {}),
     ("POST", "transit/rewrap/vaultline-kek", {"ciphertext": "vault:v1:AAAA"}),

@@ -12,7 +12,7 @@ from ..errors import InvalidPageToken, KeyAdminNotConfigured
 from ..gen.admin.v1 import admin_pb2 as pb
 from ..gen.admin.v1 import admin_service_pb2_grpc as pb_grpc
 from ..keyring import KekAdmin, rewrap_all
-from ..security.audit import verify_store
+from ..security.anchor import CheckpointLedger, verify_anchored
 from ..store import Store
 from ..vault import run_transit
 from .calls import unary
@@ -63,9 +63,10 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    def __init__(self, store: Store, gate: Gate) -> None:
+    def __init__(self, store: Store, gate: Gate, ledger: CheckpointLedger | None) -> None:
         self._store = store
         self._gate = gate
+        self._ledger = ledger
 
     @unary
     async def ListAuditRecords(
@@ -103,7 +104,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     async def VerifyAuditChain(
         self, request: pb.VerifyAuditChainRequest, context: Any
     ) -> pb.VerifyAuditChainResponse:
-        report, _ = await verify_store(self._store)
+        report, _ = await verify_anchored(self._store, self._ledger)
         return pb.VerifyAuditChainResponse(
             intact=report.ok,
             checked=report.checked,

@@ -1,8 +1,10 @@
 """`vaultline audit verify|tail`: check the audit hash chain and show recent records.
 
 Both read PostgreSQL with the service DSN (`VAULTLINE_DATABASE_URL`, or the running dev
-stack's `database_url`); the service role may read the audit tables. `verify` never prints a
-record's fields, only which record is broken and how.
+stack's `database_url`); the service role may read the audit tables. `verify` also checks
+the chain against the checkpoints the tokenizer files in OpenBao, as the auditor AppRole
+(`VAULTLINE_AUDITOR_APPROLE_FILE` and `VAULTLINE_VAULT_ADDR`, or the dev stack's). It never
+prints a record's fields, only which record is broken and how.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import asyncio
 import datetime as dt
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigError, env_or_stack
-from ..security.audit import FIELDS, PAGE_SIZE, VerifyReport, verify_store
+from ..config import ConfigError, audit_chain_from_env, env_or_stack, stack_value
+from ..security.anchor import CheckpointLedger, verify_anchored
+from ..security.audit import FIELDS, PAGE_SIZE, VerifyReport
 from ..store import Store
+from ..vault import AppRoleCredentials, TransitClient
 
 __all__ = ["add_audit_commands", "recent_records", "run_tail", "run_verify", "verify_database"]
 
@@ -34,15 +39,30 @@ def database_url(home: str | Path) -> str:
 async def verify_database(
     dsn: str,
     *,
+    ledger: CheckpointLedger | None = None,
     page_size: int = PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[VerifyReport, tuple[int, bytes] | None]:
-    """`verify_store` over a connection of its own to `dsn`."""
+    """`verify_anchored` over a connection of its own to `dsn`."""
     store = await Store.connect(dsn, min_size=1, max_size=1)
     try:
-        return await verify_store(store, page_size=page_size, progress=progress)
+        return await verify_anchored(store, ledger, page_size=page_size, progress=progress)
     finally:
         await store.close()
+
+
+def auditor_ledger(home: str | Path) -> TransitClient | None:
+    """The auditor's OpenBao client, or None when no auditor credentials are configured."""
+    approle = (os.environ.get("VAULTLINE_AUDITOR_APPROLE_FILE")
+               or stack_value(home, "credentials.auditor_approle"))
+    if not approle:
+        return None
+    addr = env_or_stack("VAULTLINE_VAULT_ADDR", home, "vault_addr")
+    try:
+        credentials = AppRoleCredentials.from_file(Path(approle))
+    except (OSError, ValueError, KeyError):
+        raise ConfigError("the auditor AppRole file cannot be read") from None
+    return TransitClient(addr, credentials, audit_chain=audit_chain_from_env())
 
 
 def _tty_progress(stream: TextIO) -> Callable[[int, int], None] | None:
@@ -57,17 +77,21 @@ def _tty_progress(stream: TextIO) -> Callable[[int, int], None] | None:
     return show
 
 
-def run_verify(dsn: str, *, out: TextIO, err: TextIO, page_size: int = PAGE_SIZE) -> int:
+def run_verify(dsn: str, *, out: TextIO, err: TextIO, page_size: int = PAGE_SIZE,
+               ledger: CheckpointLedger | None = None) -> int:
     progress = _tty_progress(err)
-    report, head = asyncio.run(verify_database(dsn, page_size=page_size, progress=progress))
+    report, head = asyncio.run(verify_database(dsn, ledger=ledger, page_size=page_size,
+                                               progress=progress))
     if progress is not None:
         err.write("\r\033[K")
         err.flush()
     if report.ok:
         assert head is not None
+        anchors = (f"{report.checkpoints} OpenBao checkpoints matched" if ledger is not None
+                   else "checkpoints not checked (no auditor credentials)")
         out.write(
             f"chain intact: {report.checked} records"
-            f" (head seq {head[0]}, sha256 {bytes(head[1]).hex()})\n"
+            f" (head seq {head[0]}, sha256 {bytes(head[1]).hex()}); {anchors}\n"
         )
         return 0
     where = "" if report.first_broken_seq is None else f" at record {report.first_broken_seq}"
@@ -84,12 +108,14 @@ def _home(args: argparse.Namespace, default: str | Path) -> str | Path:
 def cmd_audit_verify(args: argparse.Namespace, home_default: str | Path = ".vaultline") -> int:
     if args.page_size < 1:
         raise ConfigError("--page-size must be at least 1")
-    return run_verify(
-        database_url(_home(args, home_default)),
-        out=sys.stdout,
-        err=sys.stderr,
-        page_size=args.page_size,
-    )
+    home = _home(args, home_default)
+    ledger = auditor_ledger(home)
+    try:
+        return run_verify(database_url(home), out=sys.stdout, err=sys.stderr,
+                          page_size=args.page_size, ledger=ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
 
 
 # ---- tail -----------------------------------------------------------------------------------
@@ -183,10 +209,12 @@ def add_audit_commands(subparsers: Any, home_option_default: str | Path) -> None
         "verify",
         help="recompute the audit hash chain and report the first broken record",
         description="Read every audit record in seq order (in pages, so any size works) and "
-        "recompute its content hash and chain link, then compare the last one with the head. "
-        "Exit 0 when intact, 1 naming the first broken record. Uses VAULTLINE_DATABASE_URL, "
-        "or the running dev stack. Record the printed head hash somewhere outside the "
-        "database: a later run proves nothing before it was rewritten.",
+        "recompute its content hash and chain link, then compare the last one with the head "
+        "and the whole chain with the checkpoints the tokenizer signs and files in OpenBao "
+        "(a rewrite of the database, re-chained or cut short, contradicts them). Exit 0 when "
+        "intact, 1 naming the first broken record or checkpoint. Uses VAULTLINE_DATABASE_URL, "
+        "VAULTLINE_VAULT_ADDR and VAULTLINE_AUDITOR_APPROLE_FILE, or the running dev stack; "
+        "without auditor credentials it checks the chain alone and says so.",
     )
     verify.add_argument(
         "--page-size", type=int, default=PAGE_SIZE, help=f"records per query (default {PAGE_SIZE})"

@@ -50,6 +50,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 KEK_NAME: Final = "vaultline-kek"
+AUDIT_KEY_NAME: Final = "vaultline-audit"
+KV_MOUNT: Final = "vaultline-kv"
 TRANSIT_MOUNT: Final = "transit"
 APPROLE_MOUNT: Final = "approle"
 SECRET_SHARES: Final = 3  # split knowledge (PCI DSS 3.7.6): no single custodian can unseal
@@ -59,6 +61,7 @@ INIT_FILE: Final = "openbao-init.json"
 ROLES: Final[dict[str, tuple[str, str]]] = {
     "vaultline-tokenizer": ("tokenizer", "approle-tokenizer.json"),
     "vaultline-keys-admin": ("keys-admin", "approle-keys-admin.json"),
+    "vaultline-auditor": ("auditor", "approle-auditor.json"),
 }
 ROLE_SETTINGS: Final[dict[str, Any]] = {
     "token_ttl": "1h",
@@ -98,6 +101,8 @@ class OpenBaoBootstrap:
     keys_admin: AppRoleCredentials
     tokenizer_file: Path
     keys_admin_file: Path
+    auditor: AppRoleCredentials | None = field(default=None)
+    auditor_file: Path | None = field(default=None)
     init_file: Path | None = field(default=None)  # None for an external server
 
 
@@ -445,6 +450,7 @@ def configure_openbao(addr: str, token: str, dev_dir: Path, *, infra_dir: Path |
         raise DevstackError(f"{TRANSIT_MOUNT}/ is mounted with type {mount.get('type')!r}")
 
     _ensure_kek(api)
+    _ensure_audit_anchor(api, mounts.get("data", mounts))
 
     # Every *.hcl here is a policy named after its file (server.hcl.tmpl is not *.hcl).
     policies = {path.stem: path for path in sorted(infra_dir.glob("*.hcl"))}
@@ -470,8 +476,31 @@ def configure_openbao(addr: str, token: str, dev_dir: Path, *, infra_dir: Path |
         tokenizer_file=creds["vaultline-tokenizer"][1],
         keys_admin=creds["vaultline-keys-admin"][0],
         keys_admin_file=creds["vaultline-keys-admin"][1],
+        auditor=creds["vaultline-auditor"][0],
+        auditor_file=creds["vaultline-auditor"][1],
         init_file=init_file if init_file.exists() else None,
     )
+
+
+def _ensure_audit_anchor(api: _Api, mounts: dict[str, Any]) -> None:
+    """The audit chain's anchor: an Ed25519 transit key that signs checkpoints (never leaves
+    the server, cannot be deleted) and a KV v2 mount to file them in."""
+    kv = mounts.get(f"{KV_MOUNT}/")
+    if kv is None:
+        api.call("POST", f"sys/mounts/{KV_MOUNT}", {
+            "type": "kv", "options": {"version": "2"},
+            "description": "Vaultline audit checkpoints"})
+    elif kv.get("type") != "kv" or (kv.get("options") or {}).get("version") != "2":
+        raise DevstackError(f"{KV_MOUNT}/ is mounted, but not as KV version 2")
+    path = f"{TRANSIT_MOUNT}/keys/{AUDIT_KEY_NAME}"
+    status, key = api.call("GET", path, expect=(200, 404))
+    if status == 404:
+        api.call("POST", path, {"type": "ed25519", "exportable": False,
+                                "allow_plaintext_backup": False})
+        _, key = api.call("GET", path)
+    data = key.get("data", {})
+    if data.get("type") != "ed25519" or data.get("exportable"):
+        raise DevstackError(f"transit key {AUDIT_KEY_NAME} must be a non-exportable ed25519 key")
 
 
 def _ensure_kek(api: _Api) -> None:

@@ -22,6 +22,7 @@ from ..config import (
     ConfigError,
     TlsFiles,
     TokenizerConfig,
+    audit_chain_from_env,
     policy_path_from_env,
     stack_file,
     tuning_from_env,
@@ -88,7 +89,8 @@ class DevStack:
         try:
             # mTLS in the dev stack too: a dev CA and one certificate per client identity.
             pki = await asyncio.to_thread(init_dev_pki, self.home / "pki")
-            vault_addr, tokenizer_creds, admin_file = await asyncio.to_thread(self._start_openbao)
+            vault_addr, tokenizer_creds, admin_file, auditor_file = await asyncio.to_thread(
+                self._start_openbao)
             app_dsn, owner_dsn = await asyncio.to_thread(self._start_postgres)
             applied = await migrate(owner_dsn)
             self.tokenizer = TokenizerServer(
@@ -103,6 +105,7 @@ class DevStack:
                     # KeyService answers FAILED_PRECONDITION here (issue 14).
                     keys_admin_credentials=None,
                     grpc_listen=f"127.0.0.1:{self.grpc_port}",
+                    audit_chain=audit_chain_from_env(),
                     **tuning,
                 )
             )
@@ -123,6 +126,7 @@ class DevStack:
             "credentials": {
                 "tokenizer_approle": str(self.dev_dir / "approle-tokenizer.json"),
                 "keys_admin_approle": admin_file,
+                "auditor_approle": auditor_file,
             },
             "pid": os.getpid(),
             **ivr_info,
@@ -141,16 +145,19 @@ class DevStack:
                                        channel=self._ivr_channel)
         return dict(stack_info(self.ivr, self.dev_dir))
 
-    def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None]:
+    def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None, str | None]:
+        """(address, the tokenizer's AppRole, the keys-admin's and the auditor's AppRole
+        files): the two admin files only go to stack.json, for the admin commands."""
         addr = os.environ.get("VAULTLINE_VAULT_ADDR")
         if addr:
-            return addr, vault_credentials_from_env(), os.environ.get(
-                "VAULTLINE_KEYS_ADMIN_APPROLE_FILE"
-            )
+            return (addr, vault_credentials_from_env(),
+                    os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE"),
+                    os.environ.get("VAULTLINE_AUDITOR_APPROLE_FILE"))
         self.openbao = OpenBaoServer(self.home / "openbao", dev_dir=self.dev_dir)
         self.openbao.start()
         boot = self.openbao.bootstrap()
-        return self.openbao.addr, boot.tokenizer, str(self.dev_dir / "approle-keys-admin.json")
+        return (self.openbao.addr, boot.tokenizer, str(boot.keys_admin_file),
+                str(boot.auditor_file) if boot.auditor_file else None)
 
     def _start_postgres(self) -> tuple[str, str]:
         url = os.environ.get("VAULTLINE_DATABASE_URL")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -130,6 +130,49 @@ class PendingAudit:
                           e.peer, token, e.purpose, at=e.at, tokens=e.tokens)
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where the chain stood at a moment (the head's seq and hash), filed outside PostgreSQL
+    and signed by a key no database role can use: a later rewrite of anything up to `seq`,
+    re-chained or not, or a cut below it, contradicts it."""
+
+    seq: int
+    hash: bytes
+    at: dt.datetime
+
+    @property
+    def name(self) -> str:
+        """Its path under the checkpoint folder: zero-padded, so names sort by seq."""
+        return f"{self.seq:020d}"
+
+    @property
+    def when(self) -> str:
+        return self.at.astimezone(dt.UTC).isoformat(timespec="seconds")
+
+    def message(self) -> bytes:
+        """What the signature covers."""
+        return (f"vaultline-audit-checkpoint:v1:{self.seq}:{self.hash.hex()}:"
+                f"{_micros(self.at)}").encode("ascii")
+
+    def fields(self, signature: str) -> dict[str, str]:
+        return {"seq": str(self.seq), "hash": self.hash.hex(),
+                "at": self.at.astimezone(dt.UTC).isoformat(), "signature": signature}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> tuple[Checkpoint, str]:
+        """The checkpoint and its signature; ValueError if the record is malformed."""
+        try:
+            checkpoint = cls(int(fields["seq"]), bytes.fromhex(fields["hash"]),
+                             dt.datetime.fromisoformat(fields["at"]))
+            signature = fields["signature"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("malformed audit checkpoint") from None
+        if (checkpoint.seq < 1 or len(checkpoint.hash) != 32 or checkpoint.at.tzinfo is None
+                or not isinstance(signature, str)):
+            raise ValueError("malformed audit checkpoint")
+        return checkpoint, signature
+
+
 class AuditReceipt(NamedTuple):
     """Where a record landed in the chain."""
 
@@ -199,6 +242,7 @@ class VerifyReport:
     checked: int
     first_broken_seq: int | None
     problem: str
+    checkpoints: int = 0  # checkpoints the chain was found to pass through
 
 
 class ChainVerifier:
@@ -215,6 +259,8 @@ class ChainVerifier:
         self.first_broken_seq: int | None = None
         self.problem = ""
         self._head_seq: int | None = None
+        self._checkpoints: dict[int, Checkpoint] = {}
+        self.checkpoints_matched = 0
 
     @property
     def broken(self) -> bool:
@@ -224,6 +270,11 @@ class ChainVerifier:
         self.first_broken_seq = seq
         self.problem = problem
         return False
+
+    def expect_checkpoints(self, checkpoints: Iterable[Checkpoint]) -> None:
+        """Points the chain is known to have passed (filed outside PostgreSQL, signatures
+        checked): a record whose chain hash differs from one was rewritten, or re-chained."""
+        self._checkpoints = {c.seq: c for c in checkpoints}
 
     def expect_head(self, head: tuple[int, bytes] | None) -> None:
         """Rows beyond the head's seq were not written by audit_append: flag them in `feed`."""
@@ -266,12 +317,26 @@ class ChainVerifier:
         digest = chain_hash(prev, content)
         if digest != bytes(row["hash"]):
             return self._break(seq, f"record {seq} has a wrong hash (hash column edited)")
+        checkpoint = self._checkpoints.get(seq)
+        if checkpoint is not None:
+            if digest != checkpoint.hash:
+                return self._break(seq, f"record {seq} contradicts the checkpoint filed at"
+                                        f" {checkpoint.when}: the chain up to it was rewritten"
+                                        " (records edited, removed or re-chained)")
+            self.checkpoints_matched += 1
         self.last_seq, self.last_hash = seq, digest
         self.checked += 1
         return True
 
     def finish(self, head: tuple[int, bytes] | None) -> VerifyReport:
-        """Compare the last record with the head (None: no head check, e.g. a range)."""
+        """Compare the last record with the head (None: no head check, e.g. a range), and
+        the chain's end with the last checkpoint."""
+        beyond = [c for c in self._checkpoints.values() if c.seq > self.last_seq]
+        if not self.broken and head is not None and beyond:
+            latest = max(beyond, key=lambda c: c.seq)
+            self._break(self.last_seq + 1, f"the chain ends at record {self.last_seq}, but"
+                                           f" record {latest.seq} was checkpointed at"
+                                           f" {latest.when}: records were cut off")
         if not self.broken and head is not None:
             head_seq, head_hash = head[0], bytes(head[1])
             if self.last_seq < head_seq:
@@ -294,6 +359,7 @@ class ChainVerifier:
             checked=self.checked,
             first_broken_seq=self.first_broken_seq,
             problem=self.problem,
+            checkpoints=self.checkpoints_matched,
         )
 
 
@@ -328,16 +394,19 @@ class AuditLogReader(Protocol):
 async def verify_store(
     store: AuditLogReader,
     *,
+    checkpoints: Sequence[Checkpoint] = (),
     page_size: int = PAGE_SIZE,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[VerifyReport, tuple[int, bytes] | None]:
-    """Stream audit_log from seq 1 in pages and verify it against the head.
+    """Stream audit_log from seq 1 in pages and verify it against the head and `checkpoints`
+    (read before this is called: then none can lie beyond the head legitimately).
 
     The head is read first: records appended while this runs lie beyond it and are left for
     the next run. Memory stays at one page whatever the table size. Returns the report and
     the head it was checked against."""
     head = await store.audit_head()
     verifier = ChainVerifier()
+    verifier.expect_checkpoints(checkpoints)
     if head is None:
         # Only a superuser can remove the head row; without it a cut tail cannot show.
         problem = "the audit head is missing (audit_head was emptied)"
