@@ -190,7 +190,8 @@ async def test_hostile_text_is_stored_and_verifies(
         make_events(1, tenant=tenant)[0],
         request_id="a\x00b\x1b[31m",
         purpose="é ✓ \ud800",
-        at=dt.datetime(2031, 5, 6, 7, 8, 9, 999999, tzinfo=paris),
+        # Another zone and every microsecond (audit_append takes only records dated now).
+        at=dt.datetime.now(paris).replace(microsecond=999999),
     )
     (receipt,) = await AuditWriter(app_store).append([event])
     row = (await _rows_by_seq(superuser_db, [receipt.seq]))[receipt.seq]
@@ -198,6 +199,32 @@ async def test_hostile_text_is_stored_and_verifies(
     assert row["at"] == event.at
     report = await _verify_range(app_store, receipt.seq, receipt.seq)
     assert report.ok, report
+
+
+@pytest.mark.parametrize("age", [dt.timedelta(days=365), dt.timedelta(hours=1),
+                                 -dt.timedelta(hours=1)])
+async def test_the_application_role_cannot_date_a_record_in_the_past_or_future(
+    app_store: CountingStore, tenant: str, age: dt.timedelta
+) -> None:
+    # Issue 14, finding 3a: the role every service shares appended a "settlement-2 approved"
+    # record dated last year.
+    (event,) = make_events(1, tenant=tenant, identity="spiffe://vaultline/settlement/settlement-2")
+    forged = dataclasses.replace(event, outcome="APPROVED", at=event.at - age)
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="not dated now"):
+        await app_store.append_audit(audit_columns([forged]))
+
+
+async def test_audit_append_recomputes_every_content_hash(
+    app_store: CountingStore, tenant: str
+) -> None:
+    honest, other = make_events(2, tenant=tenant)
+    columns = audit_columns([honest])
+    columns.hashes[0] = content_hash(other)  # a hash of something else than the fields
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="content hash"):
+        await app_store.append_audit(columns)
+    # Every record appended in these tests passed the same check: the SQL encoding is the
+    # Python one, byte for byte, for both formats and hostile text.
+    assert (await app_store.append_audit(audit_columns([honest])))[0][0] >= 1
 
 
 async def test_cancelled_caller_still_gets_its_record_written(
