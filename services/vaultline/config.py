@@ -46,6 +46,10 @@ Variables (all `VAULTLINE_`-prefixed):
   COMMIT_DELAY_MS     the longest coalesced Tokenize calls may wait for company after a chunk
                       commits; none, half or all of it, whichever measurably completes the
                       most calls (default 4; 0 never waits; at most 50)
+  PURGE_INTERVAL_SECONDS    how often expired tokens and old idempotency records are
+                            deleted (default 300)
+  TOKENIZE_REQUEST_RETENTION_HOURS  how long a Tokenize request id answers a retry with its
+                            first result (default 24)
   AUDIT_CHAIN               names this deployment's checkpoint folder in OpenBao, when
                             several vault databases share one OpenBao (default "default")
   AUDIT_CHECKPOINT_SECONDS  how often the audit chain's head is checkpointed into OpenBao
@@ -83,6 +87,8 @@ class TokenizerConfig:
     key_policy: KeyPolicy = KeyPolicy()
     db_pool_size: int = 10
     commit_delay_ms: float = 4.0
+    purge_interval_seconds: float = 300.0
+    tokenize_request_retention: dt.timedelta = dt.timedelta(hours=24)
     audit_chain: str = "default"
     audit_checkpoint_seconds: float = 60.0
     audit_checkpoint_records: int = 1000
@@ -175,6 +181,9 @@ def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
             max_age=dt.timedelta(days=positive_int("DEK_MAX_AGE_DAYS", "90")),
         ),
         "commit_delay_ms": commit_delay_ms,
+        "purge_interval_seconds": float(positive_int("PURGE_INTERVAL_SECONDS", "300")),
+        "tokenize_request_retention": dt.timedelta(
+            hours=positive_int("TOKENIZE_REQUEST_RETENTION_HOURS", "24")),
         "audit_checkpoint_seconds": float(positive_int("AUDIT_CHECKPOINT_SECONDS", "60")),
         "audit_checkpoint_records": positive_int("AUDIT_CHECKPOINT_RECORDS", "1000"),
         "max_unary_message_bytes": positive_int("MAX_UNARY_MESSAGE_BYTES", str(1 << 20)),

@@ -27,6 +27,7 @@ from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
 from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .keyring import Keyring
 from .observability import Metrics, start_metrics_server, stop_metrics_server
+from .retention import Purger
 from .security.access import Guard, load_policy
 from .security.anchor import AuditCheckpointer
 from .security.audit import AuditWriter
@@ -60,6 +61,8 @@ class TokenizerServer:
         self._vault: TransitClient | None = None
         self.checkpointer: AuditCheckpointer | None = None
         self._checkpointing: asyncio.Task[None] | None = None
+        self.purger: Purger | None = None
+        self._purging: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.metrics_address = ""
         self._metrics_server: object | None = None
@@ -132,6 +135,9 @@ class TokenizerServer:
             self.store, self._vault, every_seconds=config.audit_checkpoint_seconds,
             every_records=config.audit_checkpoint_records)
         self._checkpointing = asyncio.create_task(self.checkpointer.run())
+        self.purger = Purger(self.store, every_seconds=config.purge_interval_seconds,
+                             request_retention=config.tokenize_request_retention)
+        self._purging = asyncio.create_task(self.purger.run())
         if config.metrics_listen:
             mhost, mport = config.metrics_listen.rsplit(":", 1)
             self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
@@ -165,11 +171,12 @@ class TokenizerServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._checkpointing is not None:
-            self._checkpointing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointing
-            self._checkpointing = None
+        for task in (self._checkpointing, self._purging):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._checkpointing = self._purging = None
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

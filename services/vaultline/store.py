@@ -440,6 +440,7 @@ class Store:
         return row is not None
 
     async def purge_expired_tokens(self, limit: int = 10_000) -> int:
+        """Delete up to `limit` expired tokens with their ciphertext; how many went."""
         status = await self._execute(
             "DELETE FROM tokens WHERE ctid = ANY(ARRAY(SELECT ctid FROM tokens"
             " WHERE expires_at <= now() LIMIT $1))",
@@ -448,6 +449,16 @@ class Store:
         return int(status.split()[-1])
 
     # ---- idempotency -----------------------------------------------------------------
+
+    async def purge_tokenize_requests(self, older_than: dt.timedelta, limit: int = 10_000) -> int:
+        """Delete up to `limit` idempotency records older than `older_than`; how many went."""
+        status = await self._execute(
+            "DELETE FROM tokenize_requests WHERE ctid = ANY(ARRAY(SELECT ctid FROM"
+            " tokenize_requests WHERE created_at < now() - $1::interval LIMIT $2))",
+            older_than,
+            limit,
+        )
+        return int(status.split()[-1])
 
     async def find_tokenize_request(
         self, tenant: str, caller: str, request_key: bytes

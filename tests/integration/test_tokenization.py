@@ -377,3 +377,38 @@ async def test_health_and_reflection(tokenizer: Running) -> None:
     )
     names = [s.name async for r in responses for s in r.list_services_response.service]
     assert "vaultline.tokenization.v1.TokenizationService" in names
+
+
+# ---- retention (issue 14) ------------------------------------------------------------------
+
+
+async def test_expired_tokens_and_old_request_ids_are_purged(
+    tokenizer: Running, tenant: str, superuser_db: str
+) -> None:
+    expiring = await tokenizer.stub.Tokenize(tokenize_request(
+        VISA, tenant=tenant, ttl=duration_pb2.Duration(seconds=1)))
+    kept = await tokenizer.stub.Tokenize(tokenize_request(
+        "5555555555554444", tenant=tenant, request_id="order-1"))
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        # A day and more ago, as far as the retention window can tell.
+        await conn.execute("UPDATE tokenize_requests SET created_at = now() - interval '25 hours'"
+                           " WHERE tenant = $1", tenant)
+        await asyncio.sleep(1.1)  # the TTL token expires
+        purger = tokenizer.server.purger
+        assert purger is not None
+        purged = await purger.purge_once()
+        assert purged.tokens >= 1 and purged.requests >= 1
+        tokens = {r["token"] for r in await conn.fetch(
+            "SELECT token FROM tokens WHERE tenant = $1", tenant)}
+        requests = await conn.fetchval(
+            "SELECT count(*) FROM tokenize_requests WHERE tenant = $1", tenant)
+    finally:
+        await conn.close()
+    assert expiring.token.token not in tokens  # gone, with its ciphertext
+    assert tokens == {kept.token.token}
+    assert requests == 0
+    # The old request id no longer binds: the same id with another card is a new request.
+    again = await tokenizer.stub.Tokenize(tokenize_request(
+        "4012888888881881", tenant=tenant, request_id="order-1"))
+    assert again.created
