@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from .store import create_pool
+from .store import Store, create_pool
 from .store import translated_errors as _translated
 
 __all__ = ["IvrStore", "SessionExists", "SessionRow"]
@@ -82,6 +82,10 @@ class IvrStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    def audit_appender(self) -> Store:
+        """The audit chain's append, over this pool (`AuditWriter` needs only that)."""
+        return Store(self._pool)
 
     async def insert_session(self, call_sid: str, flow: str, state: Mapping[str, Any],
                              ttl: dt.timedelta) -> SessionRow:

@@ -298,3 +298,26 @@ async def test_no_pan_in_session_rows(env: IvrEnv, superuser_db: str) -> None:
         for key, value in dict(r).items():
             blob = value if isinstance(value, bytes) else str(value).encode()
             assert VISA.encode() not in blob, key
+
+
+async def test_the_capture_is_in_the_chained_audit_trail(env: IvrEnv) -> None:
+    # Issue 14: the IVR's capture events were log lines only; now each is a chained audit
+    # record, durable before the call goes on, naming the token (never a card number).
+    call = await env.call("card_capture", card_script())
+    [row] = await env.sessions(call.sid)
+    assert env.ivr.service.store is not None
+    records = await env.ivr.service.store.audit_appender().recent_audit(200)
+    mine = [(r["method"].rsplit("/", 1)[-1], r["outcome"], r["token"], r["role"], r["peer"])
+            for r in records if r["request_id"] == row.id]
+    token = env.crm.events[-1]["data"]["token"]
+    # The flow resumes the recording before reading the last four back, and tokenizes once
+    # the caller confirms them.
+    assert mine == [
+        ("capture.started", "OK", "", "ivr", call.sid),
+        ("recording.paused", "OK", "", "ivr", call.sid),
+        ("recording.resumed", "OK", "", "ivr", call.sid),
+        ("capture.tokenize", "OK", token, "ivr", call.sid),
+        ("capture.ended", "success", "", "ivr", call.sid),
+    ]
+    assert all(r["identity"] == "spiffe://vaultline/ivr/ivr-webhook" for r in records
+               if r["request_id"] == row.id)

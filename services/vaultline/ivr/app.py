@@ -36,6 +36,7 @@ from twilio.request_validator import RequestValidator
 from ..errors import DatabaseUnavailable
 from ..ivr_store import IvrStore, SessionExists, SessionRow
 from ..resources import IVR_FLOWS_DIR
+from ..security.audit import AuditEvent, AuditWriter
 from . import interpreter as ivr
 from .crm import CrmNotifier, capture_event
 from .flows import Flow, load_flows
@@ -75,6 +76,8 @@ class IvrConfig:
     tokenizer_timeout: float = 5.0
     sweep_interval: float = 60.0
     db_pool_size: int = 10
+    # Who the IVR's own audit records name (its capture events, not a caller's call).
+    audit_identity: str = "spiffe://vaultline/ivr/ivr-webhook"
 
     def __post_init__(self) -> None:
         if self.session_ttl > dt.timedelta(minutes=15):
@@ -99,6 +102,7 @@ class IvrService:
         self._http: aiohttp.ClientSession | None = None
         self._crm: CrmNotifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._audit: AuditWriter | None = None
         self.app = web.Application()
         self.app.add_routes([
             web.post("/voice/status", self.status_callback),
@@ -111,6 +115,7 @@ class IvrService:
     async def start(self) -> None:
         c = self.config
         self.store = await IvrStore.connect(c.database_url, max_size=c.db_pool_size)
+        self._audit = AuditWriter(self.store.audit_appender())
         self._rest = TwilioRest(c.account_sid, c.auth_token, c.twilio_api_base_url,
                                 timeout=c.twilio_timeout)
         self._http = aiohttp.ClientSession()
@@ -188,6 +193,7 @@ class IvrService:
             audit.warning("ivr start refused: capture already in progress call=%s flow=%s",
                           call_sid, flow.name)
             return web.Response(status=409)
+        await self._record(flow, row, "capture.started", "OK")
         conference = request.query.get("conference", "")
         return await self._run(flow, row, state, ivr.Start(conference=conference))
 
@@ -282,7 +288,20 @@ class IvrService:
             audit.warning("ivr concurrent or replayed request lost the race call=%s",
                           row.call_sid)
             return web.Response(status=409)
+        if new.ended:
+            await self._record(flow, row, "capture.ended", new.outcome or "ended")
         return self._twiml(flow, actions)
+
+    async def _record(self, flow: Flow, row: SessionRow, event: str, outcome: str, *,
+                      token: str = "") -> None:
+        """A chained audit record of a capture event, durable before the call goes on: the
+        capture's life (started, recording paused/resumed, tokenized or not, ended) is in the
+        same tamper-evident trail as the tokenizer's calls, not only in log lines."""
+        assert self._audit is not None
+        await self._audit.record([AuditEvent(
+            identity=self.config.audit_identity, role="ivr", tenant=flow.tenant,
+            method=f"ivr/{flow.name}/{event}", outcome=outcome, request_id=row.id,
+            peer=row.call_sid, token=token, at=dt.datetime.now(dt.UTC))])
 
     async def _perform(self, flow: Flow, row: SessionRow, state: ivr.State,
                        effect: ivr.Effect) -> ivr.Event:
@@ -310,7 +329,10 @@ class IvrService:
                 log.info("ivr call=%s has no recording in progress", row.call_sid)
             except TwilioUnavailable as exc:
                 log.error("ivr %s call=%s", exc, row.call_sid)
+                await self._record(flow, row, f"recording.{'paused' if pause else 'resumed'}",
+                                   "FAILED")
                 return ivr.RecordingUpdated(False)
+            await self._record(flow, row, f"recording.{'paused' if pause else 'resumed'}", "OK")
             return ivr.RecordingUpdated(True)
         if isinstance(effect, ivr.Tokenize):
             try:
@@ -319,7 +341,9 @@ class IvrService:
                     self._sealer.request_id(row.id, state.seq))
             except TokenizerUnavailable as exc:
                 log.error("ivr tokenize failed call=%s code=%s", row.call_sid, exc.code)
+                await self._record(flow, row, "capture.tokenize", exc.code)
                 return ivr.TokenizeFailed(exc.code)
+            await self._record(flow, row, "capture.tokenize", "OK", token=result.token)
             return ivr.Tokenized(result.token, result.brand, result.last4,
                                  result.expiry_month, result.expiry_year)
         if isinstance(effect, ivr.NotifyCrm):
