@@ -371,6 +371,19 @@ class Metrics:
             ("identity", "method"),
             registry=reg,
         )
+        self.tokenize_answers = Counter(
+            "vaultline_tokenize_answers",
+            "Tokenize answers by caller identity and kind: new, returning (the card had a"
+            " token) or reused (a request id refused for another card).",
+            ("identity", "answer"),
+            registry=reg,
+        )
+        self.tokenize_share_jumps = Counter(
+            "vaultline_tokenize_confirming_share_jumps",
+            "Windows in which an identity's share of answers confirming a known card jumped.",
+            ("identity",),
+            registry=reg,
+        )
         self.audit_records = Counter(
             "vaultline_audit_records",
             "Audit records written, by outcome.",
@@ -403,6 +416,13 @@ class Metrics:
 
     def observe_quota_refusal(self, identity: str | None, method: str) -> None:
         self.quota_refusals.labels(_identity_label(identity), _safe_label(method)).inc()
+
+    def observe_tokenize_answers(self, identity: str | None, answer: str, n: int) -> None:
+        if n > 0:
+            self.tokenize_answers.labels(_identity_label(identity), answer).inc(n)
+
+    def observe_share_jump(self, identity: str | None) -> None:
+        self.tokenize_share_jumps.labels(_identity_label(identity)).inc()
 
     def observe_audit_record(self, outcome: str) -> None:
         self.audit_records.labels(_safe_label(outcome)).inc()

@@ -233,6 +233,20 @@ async def test_tokenize_quota_refuses_beyond_burst_and_is_per_identity(
     assert refusals and refusals >= 1
 
 
+async def test_tokenize_answers_are_counted_per_identity_and_kind(tokenizer: Running) -> None:
+    tenant = unique_name("a-", 10)
+    intake = tokenizer.as_("intake/intake-1")
+    metric = tokenizer.server.metrics.registry.get_sample_value
+    labels = {"identity": "spiffe://vaultline/intake/intake-1"}
+    before = {a: metric("vaultline_tokenize_answers_total", {**labels, "answer": a}) or 0
+              for a in ("new", "returning")}
+    await intake.Tokenize(tokenize_request(VISA, tenant=tenant))
+    await intake.Tokenize(tokenize_request(VISA, tenant=tenant))
+    after = {a: metric("vaultline_tokenize_answers_total", {**labels, "answer": a})
+             for a in ("new", "returning")}
+    assert after == {"new": before["new"] + 1, "returning": before["returning"] + 1}
+
+
 # ---- the administration API: admin only, and every other role refused -----------------------
 
 ADMIN_METHODS = ["GetKeyStatus", "ListAuditRecords", "VerifyAuditChain", "RotateKek"]

@@ -22,6 +22,7 @@ from ..security.access import (
     QuotaExceeded,
     Unauthenticated,
 )
+from ..security.answers import AnswerWatch
 from ..security.audit import AuditEvent, AuditSink
 from ..security.identity import IdentityError, identity_from_auth_context
 from .context import CallContext, current_call
@@ -33,6 +34,8 @@ class CallMetrics(Protocol):
     def observe_call(self, method: str, code: str, seconds: float) -> None: ...
     def observe_detokenized(self, identity: str, count: int) -> None: ...
     def observe_quota_refusal(self, identity: str, method: str) -> None: ...
+    def observe_tokenize_answers(self, identity: str | None, answer: str, n: int) -> None: ...
+    def observe_share_jump(self, identity: str | None) -> None: ...
 
 
 class Gate:
@@ -48,6 +51,7 @@ class Gate:
         self.audit_sink = audit
         self.metrics = metrics
         self.max_unary_bytes = max_unary_bytes
+        self.answers = AnswerWatch()
 
     def admit(self, call: CallContext, context: grpc.aio.ServicerContext) -> CallContext:
         """Authenticate and authorize the call's method; the admitted context becomes current."""
@@ -84,6 +88,25 @@ class Gate:
             if self.metrics is not None:
                 self.metrics.observe_quota_refusal(grant.uri, call.method)
             raise
+
+    def observe_tokenize(
+        self, call: CallContext, *, new: int = 0, returning: int = 0, reused: int = 0
+    ) -> None:
+        """Tokenize answers (a call's one, or a chunk's): counted per identity and kind, and
+        a WARNING when an identity's share of answers confirming a known card jumps."""
+        if self.metrics is not None:
+            for answer, n in (("new", new), ("returning", returning), ("reused", reused)):
+                self.metrics.observe_tokenize_answers(call.identity, answer, n)
+        jump = self.answers.observe(call.identity or "", new + returning + reused,
+                                    returning + reused)
+        if jump is not None:
+            log.warning(
+                "tokenize answers confirming a known card jumped to %.0f%% of %d in a window"
+                " (usually %.0f%%): a caller checking card numbers against the vault?",
+                100 * jump.share, jump.answers, 100 * jump.usual,
+                extra={"identity": call.identity})
+            if self.metrics is not None:
+                self.metrics.observe_share_jump(call.identity)
 
     def event(
         self, call: CallContext, outcome: str, *, tenant: str, token: str = "", purpose: str = "",

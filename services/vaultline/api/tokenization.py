@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from ..errors import VaultlineError
+from ..errors import RequestIdReused, VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from ..security.audit import PendingAudit
@@ -159,16 +159,24 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         call = current_call.get()
         assert call is not None
         tenant = request.tenant or "default"
-        result = await self._service.tokenize(
-            request.tenant,
-            card_in(request.card),
-            request.format,
-            request_id=request.request_id,
-            caller=call.identity or "",
-            ttl=ttl_in(request.HasField("ttl"), request.ttl),
-            # Written with the other records of its coalesced chunk, before the answer.
-            audit=PendingAudit(self._gate.event(call, "OK", tenant=tenant)),
-        )
+        try:
+            result = await self._service.tokenize(
+                request.tenant,
+                card_in(request.card),
+                request.format,
+                request_id=request.request_id,
+                caller=call.identity or "",
+                ttl=ttl_in(request.HasField("ttl"), request.ttl),
+                # Written with the other records of its coalesced chunk, before the answer.
+                audit=PendingAudit(self._gate.event(call, "OK", tenant=tenant)),
+            )
+        except RequestIdReused:
+            self._gate.observe_tokenize(call, reused=1)
+            raise
+        if result.created:
+            self._gate.observe_tokenize(call, new=1)
+        else:
+            self._gate.observe_tokenize(call, returning=1)
         response = pb.TokenizeResponse(created=result.created)
         fill_token(response.token, result.record)
         return response
@@ -215,6 +223,9 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
                 ttl_in(chunk.HasField("ttl"), chunk.ttl),
                 [card_in(item.card) for item in items],
             )
+            issued = [o.created for o in outcomes if type(o) is IssuedToken]
+            new = sum(issued)
+            self._gate.observe_tokenize(call, new=new, returning=len(issued) - new)
             return tokenize_results(items, outcomes)
 
         async for response in pipelined(requests, handle, PIPELINE_DEPTH):
