@@ -103,6 +103,13 @@ class Keyring:
         """The most cards one `sealing_key_for` call may ask for."""
         return min(self._policy.max_uses, 8192)
 
+    def forget_tenant(self, tenant: str, key_ids: Iterable[int] = ()) -> None:
+        """Drop a shredded tenant's keys from this process's cache."""
+        self._fingerprint.pop(tenant, None)
+        self._leases.pop(tenant, None)
+        for key_id in key_ids:
+            self._sealing.pop(key_id, None)
+
     def clear(self) -> None:
         """Forget every plaintext key (tests; operators after a KEK compromise)."""
         self._sealing.clear()

@@ -109,7 +109,8 @@ class TokenizerServer:
             if config.keys_admin_credentials is not None
             else None
         )
-        admin_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.store, admin, gate), server)
+        admin_grpc.add_KeyServiceServicer_to_server(
+            KeyServicer(self.store, admin, gate, self.keyring), server)
         admin_grpc.add_AuditServiceServicer_to_server(
             AuditServicer(self.store, gate, self._vault), server
         )

@@ -325,6 +325,13 @@ class Store:
         )
         return row is not None
 
+    async def shred_tenant(self, tenant: str) -> tuple[int, int, list[int]]:
+        """Destroy a tenant's data keys and delete its tokens (0009_shred_tenant.sql):
+        (data keys destroyed, tokens deleted, the destroyed keys' ids)."""
+        row = await self._fetchrow("SELECT * FROM shred_tenant($1)", tenant)
+        assert row is not None
+        return int(row[0]), int(row[1]), list(row[2])
+
     async def count_data_keys_by_kek_version(self) -> list[tuple[int, str, int, int]]:
         """(kek_version, purpose, active keys, retired keys) for `keys status`."""
         rows = await self._fetch(

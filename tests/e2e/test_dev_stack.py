@@ -211,6 +211,17 @@ def test_a_second_dev_up_leaves_the_running_stack_alone_and_the_readme_calls_it(
         answer = json.loads(curl.stdout)
         assert answer["token"]["last4"] == "1111" and answer["token"]["brand"] == "CARD_BRAND_VISA"
         assert "4111111111111111" not in curl.stdout
+
+        # `vaultline tenant shred` goes through the admin API as the admin identity.
+        with stack_channel(info, "intake") as intake:
+            pb_grpc.TokenizationServiceStub(intake).Tokenize(pb.TokenizeRequest(
+                tenant="demo", card=pb.Card(pan="6011111111111117", expiry_month=1,
+                                            expiry_year=2034)))
+        unconfirmed = _cli(home, "tenant", "shred", "demo")
+        assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+        shred = _cli(home, "tenant", "shred", "demo", "--yes")
+        assert shred.returncode == 0, shred.stderr
+        assert "data keys destroyed, 1 tokens deleted" in shred.stdout
     finally:
         assert stack.interrupt() == 0, stack.output
     assert "already running" not in stack.output

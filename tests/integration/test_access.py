@@ -249,14 +249,18 @@ async def test_tokenize_answers_are_counted_per_identity_and_kind(tokenizer: Run
 
 # ---- the administration API: admin only, and every other role refused -----------------------
 
-ADMIN_METHODS = ["GetKeyStatus", "ListAuditRecords", "VerifyAuditChain", "RotateKek"]
+ADMIN_METHODS = ["GetKeyStatus", "ListAuditRecords", "VerifyAuditChain", "RotateKek",
+                 "ShredTenant"]
 
 
 async def _invoke_admin(running: Running, who: str, method: str):  # type: ignore[no-untyped-def]
-    if method in ("GetKeyStatus", "RotateKek"):
+    if method in ("GetKeyStatus", "RotateKek", "ShredTenant"):
         stub = running.keys_as(who)
-        request = (admin_pb.GetKeyStatusRequest() if method == "GetKeyStatus"
-                   else admin_pb.RotateKekRequest())
+        request = {"GetKeyStatus": admin_pb.GetKeyStatusRequest(),
+                   "RotateKek": admin_pb.RotateKekRequest(),
+                   # a tenant nobody uses: refused before anything, whoever asks
+                   "ShredTenant": admin_pb.ShredTenantRequest(
+                       tenant="never-used", confirm_tenant="never-used")}[method]
     else:
         stub = running.audit_as(who)
         request = (admin_pb.ListAuditRecordsRequest(page_size=5) if method == "ListAuditRecords"
@@ -402,3 +406,46 @@ async def test_concurrent_tokenize_calls_each_get_one_record_naming_their_token(
     }
     # One token per card, however the calls were grouped.
     assert len({a.token.token for a in answers}) == len(pans)
+
+
+async def test_shredding_a_tenant_destroys_its_keys_and_tokens(
+    tokenizer: Running, superuser_db: str
+) -> None:
+    tenant = unique_name("s-", 10)
+    intake = tokenizer.as_("intake/intake-1")
+    pans = ["4111111111111111", "5555555555554444", "378282246310005"]
+    tokens = [(await intake.Tokenize(tokenize_request(p, tenant=tenant))).token.token
+              for p in pans]
+    keys = tokenizer.keys_as(IDENTITY["admin"])
+    mismatch = await rpc_failure(keys.ShredTenant(admin_pb.ShredTenantRequest(
+        tenant=tenant, confirm_tenant=tenant + "x")))
+    assert (mismatch.code, mismatch.reason) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                "CONFIRMATION_MISMATCH")
+    bound = await rpc_failure(tokenizer.keys_as("admin/admin-tenant-a").ShredTenant(
+        admin_pb.ShredTenantRequest(tenant=tenant, confirm_tenant=tenant)))
+    assert bound.reason == "TENANT_NOT_ALLOWED"
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        destroyed = {r["id"] for r in await conn.fetch(
+            "SELECT id FROM data_keys WHERE tenant = $1", tenant)}
+        shred = await keys.ShredTenant(admin_pb.ShredTenantRequest(
+            tenant=tenant, confirm_tenant=tenant))
+        assert (shred.data_keys_destroyed, shred.tokens_deleted) == (len(destroyed), 3)
+        assert await conn.fetchval(
+            "SELECT count(*) FROM data_keys WHERE tenant = $1", tenant) == 0
+        for token in tokens:
+            failure = await rpc_failure(tokenizer.as_(IDENTITY["settlement"]).Detokenize(
+                pb.DetokenizeRequest(tenant=tenant, token=token, purpose="after shred")))
+            assert failure.code == grpc.StatusCode.NOT_FOUND
+        # The tenant starts again from nothing: new keys, a new token for the same card.
+        again = await intake.Tokenize(tokenize_request(pans[0], tenant=tenant))
+        assert again.created and again.token.token != tokens[0]
+        fresh = {r["id"] for r in await conn.fetch(
+            "SELECT id FROM data_keys WHERE tenant = $1", tenant)}
+        assert fresh and not fresh & destroyed
+        audited = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE method LIKE '%ShredTenant' AND tenant = $1"
+            " AND outcome = 'OK'", tenant)
+        assert audited == 1
+    finally:
+        await conn.close()

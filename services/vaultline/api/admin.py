@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InvalidPageToken, KeyAdminNotConfigured
+from ..errors import FieldViolation, InvalidInput, InvalidPageToken, KeyAdminNotConfigured
 from ..gen.admin.v1 import admin_pb2 as pb
 from ..gen.admin.v1 import admin_service_pb2_grpc as pb_grpc
-from ..keyring import KekAdmin, rewrap_all
+from ..keyring import KekAdmin, Keyring, rewrap_all
 from ..security.anchor import CheckpointLedger, verify_anchored
+from ..service import validate_tenant
 from ..store import Store
 from ..vault import run_transit
 from .calls import unary
@@ -22,10 +23,12 @@ MAX_PAGE = 1000
 
 
 class KeyServicer(pb_grpc.KeyServiceServicer):
-    def __init__(self, store: Store, admin: Any | None, gate: Gate) -> None:
+    def __init__(self, store: Store, admin: Any | None, gate: Gate,
+                 keyring: Keyring | None = None) -> None:
         self._store = store
         self._admin: KekAdmin | None = admin
         self._gate = gate
+        self._keyring = keyring
 
     def _require_admin(self) -> Any:
         if self._admin is None:
@@ -60,6 +63,22 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         return pb.RotateKekResponse(
             latest_version=latest, scanned=report.scanned, rewrapped=report.rewrapped
         )
+
+
+    @unary
+    async def ShredTenant(
+        self, request: pb.ShredTenantRequest, context: Any
+    ) -> pb.ShredTenantResponse:
+        # The wrapper has already checked the caller's role and its grant of this tenant
+        # (the request names one), and writes the call's audit record.
+        tenant = validate_tenant(request.tenant)
+        if not request.tenant or request.confirm_tenant != request.tenant:
+            raise InvalidInput("CONFIRMATION_MISMATCH", (FieldViolation(
+                "confirm_tenant", "must repeat the tenant to shred"),))
+        keys, tokens, key_ids = await self._store.shred_tenant(tenant)
+        if self._keyring is not None:  # other replicas drop them at restart (issue note)
+            self._keyring.forget_tenant(tenant, key_ids)
+        return pb.ShredTenantResponse(data_keys_destroyed=keys, tokens_deleted=tokens)
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):

@@ -5,6 +5,7 @@
     audit.py      audit verify|tail
     ivr.py        ivr serve, sim call
     settle.py     settle create|approve|run|status|list
+    tenant.py     tenant shred
 
 The entry-point layer: nothing else in the package imports from here. Every subcommand has
 `--help`. Exit codes: 0 ok, 1 operation failed, 2 usage or configuration error. Messages never
@@ -25,6 +26,7 @@ from .audit import add_audit_commands
 from .common import DEFAULT_HOME, setup_logging
 from .ivr import add_ivr_commands
 from .settle import add_settle_commands
+from .tenant import add_tenant_commands
 from .tokenizer import add_tokenizer_commands
 
 __all__ = ["build_parser", "main"]
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_commands(sub, str(DEFAULT_HOME))
     add_ivr_commands(sub)
     add_settle_commands(sub)
+    add_tenant_commands(sub)
     return parser
 
 

@@ -34,6 +34,7 @@ KNOWN_METHODS = frozenset(
         "DeleteToken",
         "GetKeyStatus",
         "RotateKek",
+        "ShredTenant",
         "ListAuditRecords",
         "VerifyAuditChain",
     }

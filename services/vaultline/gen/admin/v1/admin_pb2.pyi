@@ -115,3 +115,19 @@ class VerifyAuditChainResponse(_message.Message):
     first_broken_seq: int
     problem: str
     def __init__(self, intact: _Optional[bool] = ..., checked: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class ShredTenantRequest(_message.Message):
+    __slots__ = ("tenant", "confirm_tenant")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    confirm_tenant: str
+    def __init__(self, tenant: _Optional[str] = ..., confirm_tenant: _Optional[str] = ...) -> None: ...
+
+class ShredTenantResponse(_message.Message):
+    __slots__ = ("data_keys_destroyed", "tokens_deleted")
+    DATA_KEYS_DESTROYED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    data_keys_destroyed: int
+    tokens_deleted: int
+    def __init__(self, data_keys_destroyed: _Optional[int] = ..., tokens_deleted: _Optional[int] = ...) -> None: ...

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from vaultline.gen.admin.v1 import admin_pb2 as vaultline_dot_admin_dot_v1_dot_admin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&vaultline/admin/v1/admin_service.proto\x12\x12vaultline.admin.v1\x1a\x1evaultline/admin/v1/admin.proto2\xc9\x01\n\nKeyService\x12\x61\n\x0cGetKeyStatus\x12\'.vaultline.admin.v1.GetKeyStatusRequest\x1a(.vaultline.admin.v1.GetKeyStatusResponse\x12X\n\tRotateKek\x12$.vaultline.admin.v1.RotateKekRequest\x1a%.vaultline.admin.v1.RotateKekResponse2\xec\x01\n\x0c\x41uditService\x12m\n\x10ListAuditRecords\x12+.vaultline.admin.v1.ListAuditRecordsRequest\x1a,.vaultline.admin.v1.ListAuditRecordsResponse\x12m\n\x10VerifyAuditChain\x12+.vaultline.admin.v1.VerifyAuditChainRequest\x1a,.vaultline.admin.v1.VerifyAuditChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&vaultline/admin/v1/admin_service.proto\x12\x12vaultline.admin.v1\x1a\x1evaultline/admin/v1/admin.proto2\xa9\x02\n\nKeyService\x12\x61\n\x0cGetKeyStatus\x12\'.vaultline.admin.v1.GetKeyStatusRequest\x1a(.vaultline.admin.v1.GetKeyStatusResponse\x12X\n\tRotateKek\x12$.vaultline.admin.v1.RotateKekRequest\x1a%.vaultline.admin.v1.RotateKekResponse\x12^\n\x0bShredTenant\x12&.vaultline.admin.v1.ShredTenantRequest\x1a\'.vaultline.admin.v1.ShredTenantResponse2\xec\x01\n\x0c\x41uditService\x12m\n\x10ListAuditRecords\x12+.vaultline.admin.v1.ListAuditRecordsRequest\x1a,.vaultline.admin.v1.ListAuditRecordsResponse\x12m\n\x10VerifyAuditChain\x12+.vaultline.admin.v1.VerifyAuditChainRequest\x1a,.vaultline.admin.v1.VerifyAuditChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vaultline.gen.admin.v1.admi
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KEYSERVICE']._serialized_start=95
-  _globals['_KEYSERVICE']._serialized_end=296
-  _globals['_AUDITSERVICE']._serialized_start=299
-  _globals['_AUDITSERVICE']._serialized_end=535
+  _globals['_KEYSERVICE']._serialized_end=392
+  _globals['_AUDITSERVICE']._serialized_start=395
+  _globals['_AUDITSERVICE']._serialized_end=631
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,11 @@ class KeyServiceStub:
                 request_serializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.RotateKekRequest.SerializeToString,
                 response_deserializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.RotateKekResponse.FromString,
                 _registered_method=True)
+        self.ShredTenant = channel.unary_unary(
+                '/vaultline.admin.v1.KeyService/ShredTenant',
+                request_serializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.ShredTenantRequest.SerializeToString,
+                response_deserializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.ShredTenantResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -66,6 +71,14 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShredTenant(self, request, context):
+        """Crypto-shreds a tenant: destroys its data keys, so none of its card data can be opened
+        again (not even from a backup), and deletes its tokens. Irreversible; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RotateKek,
                     request_deserializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.RotateKekRequest.FromString,
                     response_serializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.RotateKekResponse.SerializeToString,
+            ),
+            'ShredTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShredTenant,
+                    request_deserializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.ShredTenantRequest.FromString,
+                    response_serializer=vaultline_dot_admin_dot_v1_dot_admin__pb2.ShredTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class KeyService:
             '/vaultline.admin.v1.KeyService/RotateKek',
             vaultline_dot_admin_dot_v1_dot_admin__pb2.RotateKekRequest.SerializeToString,
             vaultline_dot_admin_dot_v1_dot_admin__pb2.RotateKekResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShredTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaultline.admin.v1.KeyService/ShredTenant',
+            vaultline_dot_admin_dot_v1_dot_admin__pb2.ShredTenantRequest.SerializeToString,
+            vaultline_dot_admin_dot_v1_dot_admin__pb2.ShredTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
