@@ -492,32 +492,31 @@ def _ensure_audit_anchor(api: _Api, mounts: dict[str, Any]) -> None:
             "description": "Vaultline audit checkpoints"})
     elif kv.get("type") != "kv" or (kv.get("options") or {}).get("version") != "2":
         raise DevstackError(f"{KV_MOUNT}/ is mounted, but not as KV version 2")
-    path = f"{TRANSIT_MOUNT}/keys/{AUDIT_KEY_NAME}"
-    status, key = api.call("GET", path, expect=(200, 404))
-    if status == 404:
-        api.call("POST", path, {"type": "ed25519", "exportable": False,
-                                "allow_plaintext_backup": False})
-        _, key = api.call("GET", path)
-    data = key.get("data", {})
-    if data.get("type") != "ed25519" or data.get("exportable"):
-        raise DevstackError(f"transit key {AUDIT_KEY_NAME} must be a non-exportable ed25519 key")
+    _ensure_transit_key(api, AUDIT_KEY_NAME, "ed25519")
 
 
 def _ensure_kek(api: _Api) -> None:
-    path = f"{TRANSIT_MOUNT}/keys/{KEK_NAME}"
+    _ensure_transit_key(api, KEK_NAME, "aes256-gcm96")
+
+
+def _ensure_transit_key(api: _Api, name: str, key_type: str) -> None:
+    """Create `name` once (not exportable, no plaintext backup), then insist on it: a key of
+    another type, or one that may ever have left the server, is refused; deletion is turned
+    off."""
+    path = f"{TRANSIT_MOUNT}/keys/{name}"
     status, key = api.call("GET", path, expect=(200, 404))
     if status == 404:
-        api.call("POST", path, {"type": "aes256-gcm96", "exportable": False,
+        api.call("POST", path, {"type": key_type, "exportable": False,
                                 "allow_plaintext_backup": False})
         _, key = api.call("GET", path)
     data = key.get("data", {})
-    if data.get("type") != "aes256-gcm96":
-        raise DevstackError(f"transit key {KEK_NAME} has type {data.get('type')!r}, "
-                            "expected aes256-gcm96")
+    if data.get("type") != key_type:
+        raise DevstackError(f"transit key {name} has type {data.get('type')!r}, "
+                            f"expected {key_type}")
     if data.get("exportable") or data.get("allow_plaintext_backup"):
-        # Both switches are one-way: such a KEK may already have left the server.
-        raise DevstackError(f"transit key {KEK_NAME} is exportable or allows plaintext "
-                            "backup; it cannot be trusted as the KEK")
+        # Both switches are one-way: such a key may already have left the server.
+        raise DevstackError(f"transit key {name} is exportable or allows plaintext "
+                            "backup; it cannot be trusted")
     if data.get("deletion_allowed"):
         api.call("POST", f"{path}/config", {"deletion_allowed": False})
 
