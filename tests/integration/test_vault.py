@@ -256,6 +256,40 @@ def test_keys_admin_approle_is_least_privilege(openbao: OpenBaoHandle) -> None:
     assert granted == []
 
 
+AUDITOR_DENIED: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("POST", "transit/sign/vaultline-audit", {"input": "YQ=="}),
+    ("POST", "vaultline-kv/data/audit/checkpoints/default/00000000000000000001",
+     {"data": {"seq": "1"}}),
+    ("DELETE", "vaultline-kv/data/audit/checkpoints/default/00000000000000000001", None),
+    ("DELETE", "vaultline-kv/metadata/audit/checkpoints/default/00000000000000000001", None),
+    ("POST", "transit/datakey/plaintext/vaultline-kek", {}),
+    ("POST", "transit/decrypt/vaultline-kek", {"ciphertext": "vault:v1:AAAA"}),
+    ("POST", "transit/keys/vaultline-kek/rotate", {}),
+    ("GET", "transit/keys/vaultline-audit", None),
+    ("GET", "sys/mounts", None),
+    ("POST", "auth/token/create", {}),
+]
+
+
+def test_auditor_approle_only_reads_and_verifies_checkpoints(openbao: OpenBaoHandle) -> None:
+    assert openbao.auditor is not None
+    token = _login(openbao.addr, openbao.auditor)
+    with TransitClient(openbao.addr, openbao.tokenizer, audit_chain="least-privilege") as t:
+        signature = t.sign(b"checkpoint")
+        t.create_checkpoint("00000000000000000001", {"seq": "1"})
+    # Positive controls: it lists, reads and verifies what the tokenizer filed.
+    assert _http(openbao.addr, "LIST",
+                 "vaultline-kv/metadata/audit/checkpoints/least-privilege", token)[0] == 200
+    assert _http(openbao.addr, "GET", "vaultline-kv/data/audit/checkpoints/least-privilege/"
+                 "00000000000000000001", token)[0] == 200
+    status, body = _http(openbao.addr, "POST", "transit/verify/vaultline-audit", token,
+                         {"input": "Y2hlY2twb2ludA==", "signature": signature})
+    assert status == 200 and body["data"]["valid"] is True
+    granted = [(m, p) for m, p, b in AUDITOR_DENIED
+               if _http(openbao.addr, m, p, token, b)[0] != 403]
+    assert granted == []
+
+
 # -- authentication --------------------------------------------------------------------------
 
 def test_wrong_secret_id_is_permission_denied(openbao: OpenBaoHandle) -> None:
