@@ -245,6 +245,20 @@ def env_or_stack(
     return value
 
 
+def database_url(home: str | Path, env: Mapping[str, str] = os.environ) -> str:
+    """The service role's DSN: VAULTLINE_DATABASE_URL, else the running dev stack's."""
+    return env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url", env)
+
+
+def client_files(home: str | Path, who: str) -> tuple[Path, Path]:
+    """The client certificate and key of the dev stack's identity `who` (`--as`)."""
+    cert = stack_value(home, f"clients.{who}.cert")
+    key = stack_value(home, f"clients.{who}.key")
+    if not cert or not key:
+        raise ConfigError(f"no client certificate for --as {who} in the dev stack")
+    return Path(cert), Path(key)
+
+
 def read_secret_file(path: Path) -> bytes:
     """A secret kept in a file (auth token, HMAC key): its bytes, surrounding whitespace
     stripped. The message names the file, never its content."""

@@ -20,17 +20,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigError, audit_chain_from_env, env_or_stack, stack_value
+from ..config import (
+    ConfigError,
+    audit_chain_from_env,
+    database_url,
+    env_or_stack,
+    stack_value,
+)
 from ..security.anchor import CheckpointLedger, verify_anchored
 from ..security.audit import FIELDS, PAGE_SIZE, VerifyReport
 from ..store import Store
 from ..vault import AppRoleCredentials, TransitClient
 
 __all__ = ["add_audit_commands", "recent_records", "run_tail", "run_verify", "verify_database"]
-
-
-def database_url(home: str | Path) -> str:
-    return env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url")
 
 
 # ---- verify ---------------------------------------------------------------------------------

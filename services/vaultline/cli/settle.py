@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigError, env_or_stack, stack_value
+from ..config import ConfigError, client_files, database_url, env_or_stack
 from ..runtime import tune_gc
 from ..security.identity import Identity, IdentityError, identity_from_pem
 from ..settlement import DEFAULT_CHUNK, MAX_CHUNK
@@ -29,16 +29,8 @@ from ..settlement import DEFAULT_CHUNK, MAX_CHUNK
 __all__ = ["add_settle_commands"]
 
 
-def _identity_files(home: str, who: str) -> tuple[Path, Path]:
-    cert = stack_value(home, f"clients.{who}.cert")
-    key = stack_value(home, f"clients.{who}.key")
-    if not cert or not key:
-        raise ConfigError(f"no client certificate for --as {who} in the dev stack")
-    return Path(cert), Path(key)
-
-
 def _identity(home: str, who: str) -> Identity:
-    cert, _ = _identity_files(home, who)
+    cert, _ = client_files(home, who)
     try:
         return identity_from_pem(cert.read_bytes())
     except (OSError, IdentityError):
@@ -50,7 +42,7 @@ async def _store_and_audit(home: str) -> AsyncIterator[tuple[Any, Any]]:
     from ..security.audit import AuditWriter
     from ..store import Store
 
-    dsn = env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url")
+    dsn = database_url(home)
     store = await Store.connect(dsn, min_size=1, max_size=2)
     try:
         yield store, AuditWriter(store)
@@ -217,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 1 <= args.chunk <= MAX_CHUNK:
         raise ConfigError(f"--chunk must be between 1 and {MAX_CHUNK}, not {args.chunk}")
     who = _identity(args.home, args.as_)
-    cert, key = _identity_files(args.home, args.as_)
+    cert, key = client_files(args.home, args.as_)
     ca = env_or_stack("VAULTLINE_CA_FILE", args.home, "ca")
     address = env_or_stack("VAULTLINE_GRPC_ADDRESS", args.home, "grpc_address")
     options = RunOptions(

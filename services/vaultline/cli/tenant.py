@@ -14,18 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, env_or_stack, stack_value
+from ..config import ConfigError, client_files, env_or_stack
 
 __all__ = ["add_tenant_commands"]
 
 
-def _client_files(home: str, who: str) -> tuple[str, str]:
-    cert = os.environ.get("VAULTLINE_CLIENT_CERT") or stack_value(home, f"clients.{who}.cert")
-    key = os.environ.get("VAULTLINE_CLIENT_KEY") or stack_value(home, f"clients.{who}.key")
-    if not cert or not key:
-        raise ConfigError(f"no client certificate for --as {who}: set VAULTLINE_CLIENT_CERT"
-                          " and VAULTLINE_CLIENT_KEY, or run the dev stack")
-    return cert, key
+def _client_files(home: str, who: str) -> tuple[Path, Path]:
+    cert, key = os.environ.get("VAULTLINE_CLIENT_CERT"), os.environ.get("VAULTLINE_CLIENT_KEY")
+    if cert and key:
+        return Path(cert), Path(key)
+    return client_files(home, who)
 
 
 def cmd_tenant_shred(args: argparse.Namespace) -> int:
