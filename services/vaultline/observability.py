@@ -345,6 +345,7 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._answer_children: dict[tuple[str | None, str], Any] = {}
         reg = self.registry
         self.calls = Counter(
             "vaultline_grpc_calls",
@@ -418,8 +419,14 @@ class Metrics:
         self.quota_refusals.labels(_identity_label(identity), _safe_label(method)).inc()
 
     def observe_tokenize_answers(self, identity: str | None, answer: str, n: int) -> None:
-        if n > 0:
-            self.tokenize_answers.labels(_identity_label(identity), answer).inc(n)
+        if n <= 0:
+            return
+        # Once per Tokenize call: the labelled child is looked up once per (identity, answer).
+        child = self._answer_children.get((identity, answer))
+        if child is None:
+            child = self.tokenize_answers.labels(_identity_label(identity), answer)
+            self._answer_children[(identity, answer)] = child
+        child.inc(n)
 
     def observe_share_jump(self, identity: str | None) -> None:
         self.tokenize_share_jumps.labels(_identity_label(identity)).inc()

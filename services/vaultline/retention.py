@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 
 __all__ = ["PurgeStore", "Purged", "Purger"]
@@ -47,19 +48,21 @@ class Purger:
 
     async def purge_once(self) -> Purged:
         """Delete everything due now, batch by batch."""
-        tokens = requests = 0
-        while (n := await self._store.purge_expired_tokens(self._batch)) > 0:
-            tokens += n
-            if n < self._batch:
-                break
-        while (n := await self._store.purge_tokenize_requests(self._retention,
-                                                             self._batch)) > 0:
-            requests += n
-            if n < self._batch:
-                break
+        tokens = await self._in_batches(self._store.purge_expired_tokens)
+        requests = await self._in_batches(
+            lambda limit: self._store.purge_tokenize_requests(self._retention, limit))
         if tokens or requests:
             log.info("purged %d expired tokens and %d idempotency records", tokens, requests)
         return Purged(tokens, requests)
+
+    async def _in_batches(self, delete: Callable[[int], Awaitable[int]]) -> int:
+        """Repeat `delete(batch)` until a batch comes back short; how many went in all."""
+        total = 0
+        while True:
+            n = await delete(self._batch)
+            total += n
+            if n < self._batch:
+                return total
 
     async def run(self) -> None:
         """Until cancelled; an outage is logged and the next pass tries again."""

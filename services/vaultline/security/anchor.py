@@ -108,12 +108,13 @@ class AuditCheckpointer:
         self._last_at = clock()
         self.filed = 0
 
-    async def checkpoint(self) -> Checkpoint | None:
-        """File a checkpoint of the head now, unless it has one already."""
+    async def checkpoint(self, head: tuple[int, bytes] | None = None) -> Checkpoint | None:
+        """File a checkpoint of the head (read now unless given), unless it has one already."""
         if self._last_seq is None:
             names = await run_transit(self._ledger.list_checkpoints)
             self._last_seq = max((int(n) for n in names if n.isdigit()), default=0)
-        head = await self._store.audit_head()
+        if head is None:
+            head = await self._store.audit_head()
         if head is None or head[0] <= self._last_seq:
             return None
         checkpoint = Checkpoint(head[0], bytes(head[1]), self._clock())
@@ -142,7 +143,7 @@ class AuditCheckpointer:
                        or head[0] - self._last_seq >= self._every_records
                        or (self._clock() - self._last_at).total_seconds() >= self._every_seconds)
                 if due:
-                    await self.checkpoint()
+                    await self.checkpoint(head)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the chain goes on; the next tick retries
