@@ -36,6 +36,9 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
+from vaultline.batches import RowsDigest  # noqa: E402
+from vaultline.gen.settlement.v1 import settlement_pb2 as spb  # noqa: E402
+from vaultline.gen.settlement.v1 import settlement_service_pb2_grpc as spb_grpc  # noqa: E402
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb  # noqa: E402
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc  # noqa: E402
 from vaultline.security.tls import (  # noqa: E402
@@ -252,12 +255,33 @@ async def bench_batch_tokenize(
     return len(pans) / elapsed, tokens
 
 
+async def start_batch(creator: grpc.aio.Channel, approver: grpc.aio.Channel,
+                      tokens: list[str]) -> str:
+    """A settlement batch of `tokens` (references r0, r1, …), created, approved by a second
+    identity and started: bulk reveals need one (dual control, issue 14)."""
+    rows = [spb.BatchRow(line=i + 2, reference=f"r{i}", token=t, amount_minor=100,
+                         currency="EUR") for i, t in enumerate(tokens)]
+    digest = RowsDigest()
+    for r in rows:
+        digest.update(r.reference, r.token, r.amount_minor, r.currency, r.auth_code)
+    stub = spb_grpc.SettlementServiceStub(creator)
+    created = await stub.CreateBatch(iter([
+        spb.CreateBatchRequest(input_name="bench.csv", input_sha256="0" * 64,
+                               rows=rows[i:i + 5000]) for i in range(0, len(rows), 5000)]))
+    batch_id = created.batch.batch_id
+    await spb_grpc.SettlementServiceStub(approver).ApproveBatch(spb.ApproveBatchRequest(
+        batch_id=batch_id, rows_sha256=digest.hexdigest()))
+    await stub.StartRun(spb.StartRunRequest(batch_id=batch_id))
+    return batch_id
+
+
 async def bench_batch_detokenize(
-    stub: pb_grpc.TokenizationServiceStub, tokens: list[str], chunk: int
+    stub: pb_grpc.TokenizationServiceStub, tokens: list[str], chunk: int, batch_id: str
 ) -> float:
+    """Reveal `tokens` (rows r0, r1, … of the running batch `batch_id`) in chunks."""
     chunks = [
-        pb.BatchDetokenizeRequest(purpose="benchmark", items=[
-            pb.BatchDetokenizeRequest.Item(reference=str(i + j), token=t)
+        pb.BatchDetokenizeRequest(batch_id=batch_id, items=[
+            pb.BatchDetokenizeRequest.Item(reference=f"r{i + j}", token=t)
             for j, t in enumerate(tokens[i:i + chunk])
         ])
         for i in range(0, len(tokens), chunk)
@@ -346,7 +370,9 @@ async def run(args: argparse.Namespace) -> None:
                 stack["grpc_address"], credentials(stack, "intake"), options=options
             ) as channel, grpc.aio.secure_channel(
                 stack["grpc_address"], credentials(stack, "settlement"), options=options
-            ) as reveal_channel:
+            ) as reveal_channel, grpc.aio.secure_channel(
+                stack["grpc_address"], credentials(stack, "settlement-2"), options=options
+            ) as approver_channel:
                 stub = pb_grpc.TokenizationServiceStub(channel)
                 reveal = pb_grpc.TokenizationServiceStub(reveal_channel)
                 await stub.Tokenize(pb.TokenizeRequest(  # warm the keys
@@ -364,7 +390,8 @@ async def run(args: argparse.Namespace) -> None:
                 # COPY after it, 85-91%), and COPY is only the batch runs' baseline.
                 copy_rate = await bench_copy(stack["owner_dsn"], args.pans)
                 bt_rate, tokens = await bench_batch_tokenize(stub, batch_pans, args.chunk)
-                bd_rate = await bench_batch_detokenize(reveal, tokens, args.chunk)
+                batch_id = await start_batch(reveal_channel, approver_channel, tokens)
+                bd_rate = await bench_batch_detokenize(reveal, tokens, args.chunk, batch_id)
         finally:
             stack_proc.terminate()
             echo_proc.terminate()

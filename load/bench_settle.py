@@ -4,10 +4,14 @@ Starts a fresh stack (as `make run` does) in a temp dir, tokenizes N synthetic P
 identity, writes the capture CSV, makes a throwaway processor OpenPGP key, then times the real
 commands as subprocesses: `settle create` (as settlement), `settle approve` (as settlement-2)
 and `settle run` (as settlement), each with its peak RSS (/proc VmHWM). For context it also times a
-bare BatchDetokenize of the same tokens from this process (the tokenizer's ceiling for `run`).
-With --verify the output is decrypted with gpg and checked record by record (trailer totals).
+bare BatchDetokenize of the same tokens from this process, as rows of a second batch (the
+tokenizer's ceiling for `run`), and the dual-control membership query alone on the same chunks
+(what the check costs each chunk). With --verify the output is decrypted with gpg and checked
+record by record (trailer totals). --no-checkpoints starts the stack with the audit checkpoints
+(issue 14) effectively off, to measure what they cost.
 
 Usage: python load/bench_settle.py [--rows 1000000] [--chunk N (default: settle run's)] [--verify]
+                                   [--no-checkpoints]
 Record the printed figures in load/README.md. A measurement, never a test assertion.
 """
 
@@ -29,12 +33,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 sys.path.insert(0, str(ROOT / "load"))
 
-from bench import bench_batch_detokenize, credentials, start_stack, unique_pans  # noqa: E402
+from bench import (  # noqa: E402
+    bench_batch_detokenize,
+    credentials,
+    start_batch,
+    start_stack,
+    unique_pans,
+)
 
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb  # noqa: E402
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc  # noqa: E402
 from vaultline.settlement import DEFAULT_CHUNK  # noqa: E402
 from vaultline.settlement.fileformat import parse_file  # noqa: E402
+from vaultline.store import Store  # noqa: E402
 
 
 def _hwm_kib(pid: int) -> int:
@@ -105,12 +116,30 @@ async def tokenize(address: str, creds: grpc.ChannelCredentials, pans: list[str]
         return tokens
 
 
-async def reveal_baseline(address: str, creds: grpc.ChannelCredentials, tokens: list[str],
-                          chunk: int) -> float:
+async def reveal_baseline(stack: dict, tokens: list[str], chunk: int  # type: ignore[type-arg]
+                          ) -> tuple[float, float]:
+    """(BatchDetokenize tokens/s of a second batch of the same tokens, seconds the membership
+    query alone takes over the same chunks, run against PostgreSQL directly)."""
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.secure_channel(address, creds, options=options) as channel:
-        return await bench_batch_detokenize(pb_grpc.TokenizationServiceStub(channel), tokens,
-                                            chunk)
+    address = stack["grpc_address"]
+    async with grpc.aio.secure_channel(address, credentials(stack, "settlement"),
+                                       options=options) as channel, \
+            grpc.aio.secure_channel(address, credentials(stack, "settlement-2")) as approver:
+        batch_id = await start_batch(channel, approver, tokens)
+        rate = await bench_batch_detokenize(pb_grpc.TokenizationServiceStub(channel), tokens,
+                                            chunk, batch_id)
+    store = await Store.connect(stack["owner_dsn"], min_size=1, max_size=1)
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(tokens), chunk):
+            part = tokens[i:i + chunk]
+            row = await store.settlement_reveal_check(
+                batch_id, [f"r{i + j}" for j in range(len(part))], part)
+            assert row is not None and row["matched"] == len(part)
+        check_s = time.perf_counter() - start
+    finally:
+        await store.close()
+    return rate, check_s
 
 
 def main() -> None:
@@ -119,7 +148,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
     parser.add_argument("--verify", action="store_true", help="decrypt and check every record")
     parser.add_argument("--no-baseline", action="store_true", help="skip bare BatchDetokenize")
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="start the stack with audit checkpoints effectively off")
     args = parser.parse_args()
+    if args.no_checkpoints:
+        os.environ["VAULTLINE_AUDIT_CHECKPOINT_SECONDS"] = str(10**9)
+        os.environ["VAULTLINE_AUDIT_CHECKPOINT_RECORDS"] = str(10**9)
     with tempfile.TemporaryDirectory(prefix="vaultline-bench-settle-") as tmpdir:
         tmp = Path(tmpdir)
         tmp.chmod(0o711)
@@ -155,7 +189,8 @@ def main() -> None:
             # stderr (progress lines) is merged into `out`: find the batch id in its own line.
             created = next(ln for ln in out.splitlines() if ln.startswith("created batch "))
             batch = created.split()[2].rstrip(":")
-            a_s, _, _ = timed([*cli, "approve", batch, "--as", "settlement-2"], env)
+            a_s, _, _ = timed([*cli, "approve", batch, "--input", str(captures),
+                               "--as", "settlement-2"], env)
             output = tmp / "out"
             r_s, r_rss, out = timed([*cli, "run", batch, "--recipient", str(recipient),
                                      "--output", str(output), "--chunk", str(args.chunk)], env)
@@ -163,9 +198,7 @@ def main() -> None:
             print(out.strip().splitlines()[-1])
             base = None
             if not args.no_baseline:
-                base = asyncio.run(reveal_baseline(stack["grpc_address"],
-                                                   credentials(stack, "settlement"), tokens,
-                                                   args.chunk))
+                base, check_s = asyncio.run(reveal_baseline(stack, tokens, args.chunk))
             print()
             print(f"rows                      {args.rows:,}")
             print(f"settle create             {c_s:6.1f} s  {args.rows / c_s:10,.0f} rows/s"
@@ -176,6 +209,12 @@ def main() -> None:
             if base is not None:
                 print(f"bare BatchDetokenize               {base:10,.0f} tokens/s"
                       f"  (run = {args.rows / r_s / base:.0%} of it)")
+                chunks = -(-args.rows // args.chunk)
+                print(f"membership query alone    {check_s:6.2f} s  {check_s / chunks * 1e3:6.1f}"
+                      f" ms a chunk of {args.chunk} = {check_s / (args.rows / base):.0%} of"
+                      " the bare reveal's time")
+            checkpoints = "off" if args.no_checkpoints else "on (60 s / 1000 records)"
+            print(f"audit checkpoints         {checkpoints}")
             if args.verify:
                 plain = subprocess.run([*gpg, "--quiet", "--decrypt",
                                         str(output / f"{batch}.vlsf.gpg")],

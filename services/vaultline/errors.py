@@ -11,6 +11,10 @@ input, the fields at fault — never the value that was sent. The gRPC layer tur
      ├── TokenSpaceExhausted   no free token left for this BIN/last four    -> RESOURCE_EXHAUSTED
      ├── KeyAdminNotConfigured no keys-admin AppRole on this server         -> FAILED_PRECONDITION
      ├── InvalidPageToken      a page_token this service did not issue      -> INVALID_ARGUMENT
+     ├── BatchNotFound         no such settlement batch                     -> NOT_FOUND
+     ├── BatchStateConflict    the batch is not in a state that allows it   -> FAILED_PRECONDITION
+     ├── DualControlRefused    dual control forbids this caller or chunk    -> PERMISSION_DENIED
+     ├── DailyBudgetExceeded   the identity's Detokenize budget for today   -> RESOURCE_EXHAUSTED
      └── DependencyUnavailable OpenBao or PostgreSQL cannot be reached      -> UNAVAILABLE
           ├── KeyServiceUnavailable
           └── DatabaseUnavailable
@@ -95,3 +99,35 @@ class KeyAdminNotConfigured(VaultlineError):
 class InvalidPageToken(VaultlineError):
     reason = "INVALID_PAGE_TOKEN"
     message = "page_token is not one this service issued"
+
+
+class BatchNotFound(VaultlineError):
+    reason = "BATCH_NOT_FOUND"
+    message = "no such settlement batch"
+
+
+class _WithReason(VaultlineError):
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BatchStateConflict(_WithReason):
+    """The batch's state does not allow this (not awaiting approval, not approved, done, run
+    by another process, a run the caller does not hold). The message says which."""
+
+    reason = "BATCH_STATE_CONFLICT"
+    message = "the batch is not in a state that allows this"
+
+
+class DualControlRefused(_WithReason):
+    """Dual control forbids it: approving one's own batch, running a batch one approved,
+    revealing without a running batch, or tokens that are not rows of the batch."""
+
+    reason = "DUAL_CONTROL"
+    message = "dual control forbids this"
+
+
+class DailyBudgetExceeded(VaultlineError):
+    reason = "DETOKENIZE_DAILY_BUDGET_EXCEEDED"
+    message = "this identity's Detokenize budget for today is spent; use a settlement batch"

@@ -17,12 +17,16 @@ from grpc_reflection.v1alpha import reflection
 
 from .api.admin import AuditServicer, KeyServicer
 from .api.gate import Gate
+from .api.settlement import SettlementServicer
 from .api.tokenization import TokenizationServicer
 from .commit_delay import CommitDelay
 from .config import TokenizerConfig
+from .dual_control import BatchService, DailyRevealBudget
 from .errors import DependencyUnavailable
 from .gen.admin.v1 import admin_service_pb2 as admin_svc_pb
 from .gen.admin.v1 import admin_service_pb2_grpc as admin_grpc
+from .gen.settlement.v1 import settlement_service_pb2 as settlement_svc_pb
+from .gen.settlement.v1 import settlement_service_pb2_grpc as settlement_grpc
 from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
 from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .keyring import Keyring
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = svc_pb.DESCRIPTOR.services_by_name["TokenizationService"].full_name
 ADMIN_SERVICES = tuple(s.full_name for s in admin_svc_pb.DESCRIPTOR.services_by_name.values())
+SETTLEMENT_SERVICE = settlement_svc_pb.DESCRIPTOR.services_by_name["SettlementService"].full_name
 HEALTH_PERIOD_S = 5.0
 # What we send is bounded by the chunk limit (20,000 items; a few MB even if every item is an
 # error); what we receive by the configured limits.
@@ -100,9 +105,13 @@ class TokenizerServer:
         self.metrics.observe_commit_delay(commit_delay)
         gate = Gate(guard, audit, self.metrics,
                     max_unary_bytes=config.max_unary_message_bytes)
+        batches = BatchService(self.store, self._vault)
         pb_grpc.add_TokenizationServiceServicer_to_server(
-            TokenizationServicer(self.service, gate), server
+            TokenizationServicer(self.service, gate, batches, DailyRevealBudget(self.store)),
+            server,
         )
+        settlement_grpc.add_SettlementServiceServicer_to_server(
+            SettlementServicer(batches, gate), server)
         admin = (
             TransitClient(config.vault_addr, config.keys_admin_credentials,
                           key_name=config.vault_key_name)
@@ -119,6 +128,7 @@ class TokenizerServer:
             (
                 SERVICE_NAME,
                 *ADMIN_SERVICES,
+                SETTLEMENT_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

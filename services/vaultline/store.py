@@ -3,7 +3,7 @@
 The IVR's session queries live beside it in `ivr_store.py` (a separate service and pool,
 sharing `create_pool` and `translated_errors`); no other module holds SQL. Methods are
 single-statement primitives named after what they do; the domain (`service.py`,
-`keyring.py`, `security.audit`, `settlement.job`) composes them, through narrow protocols
+`keyring.py`, `security.audit`, `dual_control.py`) composes them, through narrow protocols
 where it can. Bulk paths take arrays and run one round trip per
 chunk. Connection-level failures become `DatabaseUnavailable` through one table
 (`_UNAVAILABLE`); nothing here ever sees a PAN in clear.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -549,107 +549,105 @@ class Store:
         )
 
     # ---- settlement ----------------------------------------------------------------------
-    # Batches of `vaultline settle` (0004_settlement.sql). Tokens only, never a PAN.
+    # Batches of the SettlementService (0004, 0010). Tokens only, never a PAN. This role
+    # cannot write a batch's state: every change goes through a settlement_* function, which
+    # checks the state machine and dual control itself.
 
     _SETTLEMENT_COLUMNS = (
         "id, tenant, state, created_by, created_at, approved_by, approved_at, input_sha256,"
-        " input_name, row_count, totals, run_id, run_host, run_pid, run_started_at,"
-        " lease_until, runs, done_at, summary"
+        " input_name, rows_sha256, approval_signature, row_count, totals, run_id, run_by,"
+        " run_host, run_pid, run_started_at, lease_until, runs, done_at, summary"
     )
 
-    async def insert_settlement_batch(
+    async def create_settlement_batch(
         self,
         batch_id: str,
         tenant: str,
         created_by: str,
         input_sha256: str,
         input_name: str,
-        totals_json: str,
-        rows: Iterable[tuple[int, str, str, int, str, str]],
+        rows: AsyncIterable[tuple[int, str, str, int, str, str]],
         *,
-        row_count: int,
-        before_commit: Callable[[], None] | None = None,
-    ) -> None:
-        """The batch and its rows (line, reference, token, amount, currency, auth code), in one
-        transaction: a batch is never visible without all its rows.
-
-        `rows` is consumed lazily by one binary COPY (a generator reading a file streams through
-        in bounded memory); `before_commit` runs after the COPY, inside the transaction, so
-        raising there (the rows were not what was checked) rolls the whole batch back."""
+        copy_timeout: float,
+    ) -> asyncpg.Record:
+        """The batch and its rows (line, reference, token, amount, currency, auth code), in
+        one transaction, sealed: a batch is never visible without all its rows, and its
+        counts, totals and digest are PostgreSQL's. `rows` is consumed lazily by one binary
+        COPY; an exception raised while producing it rolls the whole batch back."""
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO settlement_batches (id, tenant, created_by, input_sha256,"
-                " input_name, row_count, totals) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
-                batch_id, tenant, created_by, input_sha256, input_name, row_count, totals_json,
-            )
+            await conn.execute("SELECT settlement_create($1, $2, $3, $4, $5)",
+                               batch_id, tenant, created_by, input_sha256, input_name)
             await conn.copy_records_to_table(
                 "settlement_rows",
-                records=((batch_id, *row) for row in rows),
+                records=_with_batch(batch_id, rows),
                 columns=("batch_id", "line", "reference", "token", "amount_minor", "currency",
                          "auth_code"),
-                # The COPY lasts as long as producing the rows does (reading and checking a big
-                # file), not one query's command_timeout: allow down to 1,000 rows/s.
-                timeout=30 + row_count / 1000,
+                timeout=copy_timeout,
             )
-            if before_commit is not None:
-                before_commit()
+            await conn.execute("SELECT settlement_seal($1)", batch_id)
+            row = await conn.fetchrow(
+                f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches WHERE id = $1",
+                batch_id)
+            assert row is not None
+            return row
 
     async def find_settlement_batch(self, batch_id: str) -> asyncpg.Record | None:
         return await self._fetchrow(
             f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches WHERE id = $1", batch_id
         )
 
-    async def list_settlement_batches(self, limit: int) -> list[asyncpg.Record]:
+    async def list_settlement_batches(
+        self, tenant: str, limit: int, before: tuple[dt.datetime, str] | None = None
+    ) -> list[asyncpg.Record]:
+        """A tenant's batches, newest first, after the (created_at, id) cursor if given."""
+        if before is None:
+            return await self._fetch(
+                f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches WHERE tenant = $1"
+                " ORDER BY created_at DESC, id DESC LIMIT $2", tenant, limit)
         return await self._fetch(
-            f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches"
-            " ORDER BY created_at DESC, id LIMIT $1",
-            limit,
-        )
+            f"SELECT {self._SETTLEMENT_COLUMNS} FROM settlement_batches WHERE tenant = $1"
+            " AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $2",
+            tenant, limit, *before)
 
-    async def approve_settlement_batch(self, batch_id: str, approver: str) -> bool:
-        """created → approved, only by someone other than the creator."""
-        row = await self._fetchrow(
-            "UPDATE settlement_batches SET state = 'approved', approved_by = $2,"
-            " approved_at = now() WHERE id = $1 AND state = 'created' AND created_by <> $2"
-            " RETURNING id",
-            batch_id,
-            approver,
-        )
-        return row is not None
+    async def approve_settlement_batch(
+        self, batch_id: str, approver: str, rows_sha256: str, signature: str
+    ) -> None:
+        """created → approved (settlement_approve checks dual control and the digest)."""
+        await self._execute("SELECT settlement_approve($1, $2, $3, $4)",
+                            batch_id, approver, rows_sha256, signature)
 
-    async def claim_settlement_run(
-        self, batch_id: str, run_id: str, host: str, pid: int, lease: dt.timedelta,
-        take_over: str | None,
+    async def start_settlement_run(
+        self, batch_id: str, run_id: str, run_by: str, host: str, pid: int,
+        lease: dt.timedelta, take_over: str | None,
     ) -> bool:
-        """approved → running under `run_id`; or take over a running batch whose lease ran
-        out, or whose run `take_over` is known dead."""
-        row = await self._fetchrow(
-            "UPDATE settlement_batches SET state = 'running', run_id = $2::uuid, run_host = $3,"
-            " run_pid = $4, run_started_at = now(), lease_until = now() + $5::interval,"
-            " runs = runs + 1 WHERE id = $1 AND (state = 'approved' OR (state = 'running'"
-            " AND (lease_until < now() OR run_id = $6::uuid))) RETURNING id",
-            batch_id, run_id, host, pid, lease, take_over,
-        )
-        return row is not None
+        """approved → running under `run_id` for `run_by`; or take over a running batch whose
+        lease ran out, or whose run `take_over` is `run_by`'s own."""
+        async with _translated():
+            return bool(await self._pool.fetchval(
+                "SELECT settlement_start_run($1, $2::uuid, $3, $4, $5, $6, $7::uuid)",
+                batch_id, run_id, run_by, host, pid, lease, take_over))
 
-    async def renew_settlement_lease(
-        self, batch_id: str, run_id: str, lease: dt.timedelta
+    async def renew_settlement_run(
+        self, batch_id: str, run_id: str, run_by: str, lease: dt.timedelta
+    ) -> dt.datetime | None:
+        async with _translated():
+            value: dt.datetime | None = await self._pool.fetchval(
+                "SELECT settlement_renew_run($1, $2::uuid, $3, $4)",
+                batch_id, run_id, run_by, lease)
+            return value
+
+    async def finish_settlement_run(
+        self, batch_id: str, run_id: str, run_by: str, summary_json: str
     ) -> bool:
-        row = await self._fetchrow(
-            "UPDATE settlement_batches SET lease_until = now() + $3::interval"
-            " WHERE id = $1 AND state = 'running' AND run_id = $2::uuid RETURNING id",
-            batch_id, run_id, lease,
-        )
-        return row is not None
+        async with _translated():
+            return bool(await self._pool.fetchval(
+                "SELECT settlement_finish_run($1, $2::uuid, $3, $4::jsonb)",
+                batch_id, run_id, run_by, summary_json))
 
-    async def finish_settlement_run(self, batch_id: str, run_id: str, summary_json: str) -> bool:
-        row = await self._fetchrow(
-            "UPDATE settlement_batches SET state = 'done', done_at = now(), lease_until = NULL,"
-            " summary = $3::jsonb WHERE id = $1 AND state = 'running' AND run_id = $2::uuid"
-            " RETURNING id",
-            batch_id, run_id, summary_json,
-        )
-        return row is not None
+    async def abandon_settlement_run(self, batch_id: str, run_id: str, run_by: str) -> bool:
+        async with _translated():
+            return bool(await self._pool.fetchval(
+                "SELECT settlement_abandon_run($1, $2::uuid, $3)", batch_id, run_id, run_by))
 
     async def settlement_rows_after(
         self, batch_id: str, after_line: int, limit: int
@@ -660,6 +658,46 @@ class Store:
             " FROM settlement_rows WHERE batch_id = $1 AND line > $2 ORDER BY line LIMIT $3",
             batch_id, after_line, limit,
         )
+
+    async def settlement_reveal_check(
+        self, batch_id: str, references: Sequence[str], tokens: Sequence[str]
+    ) -> asyncpg.Record | None:
+        """In one round trip: the batch's state, tenant, runner and signed approval, and how
+        many of the (reference, token) pairs are rows of it (None: no such batch)."""
+        return await self._fetchrow(
+            "SELECT b.id, b.state, b.tenant, b.run_by, b.created_by, b.approved_by, b.rows_sha256,"
+            " b.row_count, b.approval_signature, (SELECT count(*) FROM settlement_rows r"
+            " JOIN unnest($2::text[], $3::text[]) AS i(reference, token)"
+            " ON r.reference = i.reference AND r.token = i.token WHERE r.batch_id = $1)"
+            " AS matched FROM settlement_batches b WHERE b.id = $1",
+            batch_id, references, tokens)
+
+    async def settlement_rows_intact(self, batch_id: str, rows_sha256: str) -> bool:
+        """Whether the batch's rows still have the digest its approval names."""
+        async with _translated():
+            return bool(await self._pool.fetchval(
+                "SELECT settlement_rows_sha256($1) = $2", batch_id, rows_sha256))
+
+    # ---- the daily Detokenize budget -------------------------------------------------------
+
+    async def spend_daily_reveal(self, identity: str, limit: int) -> bool:
+        """Count one reveal against `identity`'s budget for today (UTC); False, counting
+        nothing, once `limit` are spent."""
+        async with _translated():
+            used = await self._pool.fetchval(
+                "INSERT INTO detokenize_budget (identity, day, used)"
+                " VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1)"
+                " ON CONFLICT (identity, day) DO UPDATE SET used = detokenize_budget.used + 1"
+                " WHERE detokenize_budget.used < $2 RETURNING used",
+                identity, limit)
+        return used is not None
+
+
+async def _with_batch(
+    batch_id: str, rows: AsyncIterable[tuple[int, str, str, int, str, str]]
+) -> AsyncIterator[tuple[Any, ...]]:
+    async for row in rows:
+        yield (batch_id, *row)
 
 
 # ---- migrations ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from tests.fixtures.tokenizer import Running
 from tests.helpers import rpc_failure, tokenize_request, unique_name
 from vaultline.gen.admin.v1 import admin_pb2 as admin_pb
+from vaultline.gen.settlement.v1 import settlement_pb2 as spb
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from vaultline.security.tls import channel_credentials
@@ -63,6 +64,19 @@ async def _outcome(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
     return grpc.StatusCode.OK
 
 
+async def _assert_allowed(call, role: str, method: str) -> None:  # type: ignore[no-untyped-def]
+    """The role may call the method: the answer is OK or NOT_FOUND (an unknown token) — or,
+    for a settlement identity's bulk reveal without a batch, dual control's refusal, which
+    comes after authorization."""
+    if (role, method) == ("settlement", "BatchDetokenize"):
+        failure = await rpc_failure(call)
+        assert (failure.code, failure.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED, "BATCH_REQUIRED"), (role, method)
+        return
+    code = await _outcome(call)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method, code)
+
+
 async def _audit_rows(superuser_db: str, identity: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(superuser_db)
     try:
@@ -79,9 +93,8 @@ async def test_role_method_matrix(tokenizer: Running, role: str, superuser_db: s
     token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
     stub = tokenizer.as_(IDENTITY[role])
     for method in METHODS:
-        code = await _outcome(_invoke(stub, method, tenant, token))
         if method in ALLOWED[role]:
-            assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method, code)
+            await _assert_allowed(_invoke(stub, method, tenant, token), role, method)
         else:
             failure = await rpc_failure(_invoke(stub, method, tenant, token))
             assert (failure.code, failure.reason) == (
@@ -103,8 +116,7 @@ async def test_tenant_binding(tokenizer: Running, role: str) -> None:
     own = await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant="tenant-a"))
     other = await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant="tenant-b"))
     for method in sorted(ALLOWED[role]):
-        code = await _outcome(_invoke(bound, method, "tenant-a", own.token.token))
-        assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method)
+        await _assert_allowed(_invoke(bound, method, "tenant-a", own.token.token), role, method)
         failure = await rpc_failure(_invoke(bound, method, "tenant-b", other.token.token))
         assert (failure.code, failure.reason) == (
             grpc.StatusCode.PERMISSION_DENIED, "TENANT_NOT_ALLOWED"), (role, method)
@@ -176,7 +188,7 @@ async def test_plaintext_clients_are_refused(tokenizer: Running) -> None:
 async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
     tenant = unique_name("q-", 10)
     token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
-    tight = tokenizer.as_("settlement/settlement-tight")  # burst 10, 5 per second
+    tight = tokenizer.as_("bulk/bulk-tight")  # burst 10, 5 per second
     request = pb.DetokenizeRequest(tenant=tenant, token=token, purpose="quota test")
     for _ in range(10):
         assert (await tight.Detokenize(request)).card.pan == VISA
@@ -198,7 +210,7 @@ async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
     assert all(r.card.card.pan == VISA for r in response.results)
     refusals = tokenizer.server.metrics.registry.get_sample_value(
         "vaultline_quota_refusals_total",
-        {"identity": "spiffe://vaultline/settlement/settlement-tight", "method": "Detokenize"})
+        {"identity": "spiffe://vaultline/bulk/bulk-tight", "method": "Detokenize"})
     assert refusals and refusals >= 1
 
 
@@ -276,6 +288,45 @@ async def test_admin_methods_are_refused_to_other_roles(tokenizer: Running, role
             grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED"), (role, method)
 
 
+SETTLEMENT_METHODS = {
+    "CreateBatch": None, "ApproveBatch": spb.ApproveBatchRequest, "GetBatch": spb.GetBatchRequest,
+    "ListBatches": spb.ListBatchesRequest, "ListBatchRows": spb.ListBatchRowsRequest,
+    "StartRun": spb.StartRunRequest, "RenewRun": spb.RenewRunRequest,
+    "FinishRun": spb.FinishRunRequest, "AbandonRun": spb.AbandonRunRequest,
+}
+NO_BATCH = "sb_0000000000"
+
+
+async def _invoke_settlement(tokenizer: Running, who: str, method: str):  # type: ignore[no-untyped-def]
+    stub = tokenizer.settlement_as(who)
+    if method == "CreateBatch":
+        async def empty():  # type: ignore[no-untyped-def]
+            return
+            yield
+
+        return await stub.CreateBatch(empty())
+    request_type = SETTLEMENT_METHODS[method]
+    assert request_type is not None
+    fields = {"batch_id": NO_BATCH} if "batch_id" in request_type.DESCRIPTOR.fields_by_name \
+        else {}
+    return await getattr(stub, method)(request_type(**fields))
+
+
+@pytest.mark.parametrize("role", sorted(ALLOWED))
+async def test_settlement_service_role_matrix(tokenizer: Running, role: str) -> None:
+    """Only settlement identities reach the SettlementService (a bogus batch is then a plain
+    NOT_FOUND, an empty one INVALID_ARGUMENT); for everyone else every method is refused."""
+    for method in SETTLEMENT_METHODS:
+        if role == "settlement":
+            code = await _outcome(_invoke_settlement(tokenizer, IDENTITY[role], method))
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND,
+                            grpc.StatusCode.INVALID_ARGUMENT), (method, code)
+        else:
+            failure = await rpc_failure(_invoke_settlement(tokenizer, IDENTITY[role], method))
+            assert (failure.code, failure.reason) == (
+                grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED"), (role, method)
+
+
 async def test_admin_reads_keys_and_audit_and_rotates(tokenizer: Running) -> None:
     await tokenizer.stub.Tokenize(tokenize_request(VISA))
     who = IDENTITY["admin"]
@@ -325,7 +376,7 @@ async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
             pb.BatchDetokenizeRequest.Item(reference="unknown", token="4000000000000002"),
             pb.BatchDetokenizeRequest.Item(reference="3", token=tokens[3])]),
     ]
-    stub = tokenizer.as_(IDENTITY["settlement"])
+    stub = tokenizer.as_("bulk/bulk-1")  # no batch: the chunk mechanics alone
     answers = [r async for r in stub.BatchDetokenize(iter(chunks))]
     assert [len(a.results) for a in answers] == [3, 2]
 
@@ -344,7 +395,7 @@ async def test_each_revealed_chunk_is_one_record_listing_its_tokens(
         ("BatchDetokenize", "OK", "", tokens[3:]),
         ("BatchDetokenize", "OK", "", []),
     ]
-    assert {r["identity"] for r in rows} == {"spiffe://vaultline/settlement/settlement-1"}
+    assert {r["identity"] for r in rows} == {"spiffe://vaultline/bulk/bulk-1"}
 
     page = await tokenizer.audit_as(IDENTITY["admin"]).ListAuditRecords(
         admin_pb.ListAuditRecordsRequest(page_size=500))

@@ -29,12 +29,9 @@ from tests.fixtures.tokenizer import Running
 from tests.helpers import synthetic_pans
 from tests.testcards import TEST_CARDS
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
-from vaultline.security.audit import AuditWriter
-from vaultline.security.identity import identity_from_pem
 from vaultline.settlement.batch import check_captures
 from vaultline.settlement.fileformat import parse_file
 from vaultline.settlement.job import SettlementError, create_batch
-from vaultline.store import Store
 
 PYTHON = sys.executable
 GPG = shutil.which("gpg") or "/usr/bin/gpg"
@@ -81,8 +78,9 @@ def home(tmp_path: Path, tokenizer: Running, migrated: PostgresHandle,
         (tmp_path / f"{key}.crt").write_bytes(cert.cert_pem)
         (tmp_path / f"{key}.key").write_bytes(cert.key_pem)
         clients[key] = {"cert": str(tmp_path / f"{key}.crt"), "key": str(tmp_path / f"{key}.key")}
-    stack = {"grpc_address": tokenizer.server.address, "database_url": migrated.app_dsn,
-             "ca": str(test_pki.ca), "clients": clients}
+    # No database_url: the commands are clients of the tokenizer and nothing else.
+    stack = {"grpc_address": tokenizer.server.address, "ca": str(test_pki.ca),
+             "clients": clients}
     (tmp_path / "home" / "dev").mkdir(parents=True)
     (tmp_path / "home" / "dev" / "stack.json").write_text(json.dumps(stack))
     return tmp_path / "home"
@@ -138,7 +136,8 @@ async def approved_batch(home: Path, tmp_path: Path, tokens: list[str], *, prefi
     captures.write_text("reference,token,amount_minor,currency\n" + "".join(
         f"{prefix}{i},{t},{i + 1},{currency}\n" for i, t in enumerate(tokens)))
     batch = batch_id_of(await settle(home, "create", "--input", str(captures)))
-    assert (await settle(home, "approve", batch)).code == 0
+    approved = await settle(home, "approve", batch, "--input", str(captures))
+    assert approved.code == 0, approved.err
     return batch
 
 
@@ -191,14 +190,19 @@ async def test_create_approve_run_decrypt_and_verify(
                    "--output", str(out))
     assert early.code == 1 and "not approved" in early.err
     assert not out.exists() or not any(out.iterdir())
-    own = await settle(home, "approve", batch, "--as", "settlement")
-    assert own.code == 1 and "dual control" in own.err
-    crm = await settle(home, "approve", batch, "--as", "crm")
-    assert crm.code == 1 and "not a settlement identity" in crm.err
-    ok = await settle(home, "approve", batch, "--as", "settlement-2")
+    reviewed = ("--input", str(captures))
+    own = await settle(home, "approve", batch, *reviewed, "--as", "settlement")
+    assert own.code == 1 and "PERMISSION_DENIED (OWN_BATCH)" in own.err
+    crm = await settle(home, "approve", batch, *reviewed, "--as", "crm")
+    assert crm.code == 1 and "METHOD_NOT_ALLOWED" in crm.err
+    # Approving names what was reviewed: another file's rows are refused.
+    wrong = await settle(home, "approve", batch, "--input", str(bad_but_valid(tmp_path, lines)),
+                         "--as", "settlement-2")
+    assert wrong.code == 1 and "ROWS_DIGEST_MISMATCH" in wrong.err
+    ok = await settle(home, "approve", batch, *reviewed, "--as", "settlement-2")
     assert ok.code == 0, ok.err
-    again = await settle(home, "approve", batch, "--as", "settlement-2")
-    assert again.code == 1 and "approved" in again.err
+    again = await settle(home, "approve", batch, *reviewed, "--as", "settlement-2")
+    assert again.code == 1 and "BATCH_NOT_AWAITING_APPROVAL" in again.err
 
     run = await settle(home, "run", batch, "--recipient", str(processor.public_key),
                  "--output", str(out), "--chunk", "5")
@@ -249,14 +253,20 @@ async def test_create_approve_run_decrypt_and_verify(
     assert info["created_by"].endswith("settlement-1")
     assert batch in (await settle(home, "list")).out
 
-    # Audit: creation, refusals, approval, the run, and one reveal per resolved token.
+    # Audit, by the tokenizer: creation, refusals, approval, the run, and one reveal per
+    # resolved token.
     rows = await audit_rows(_superuser(migrated), batch)
-    events = [(r["method"], r["outcome"]) for r in rows if r["method"].startswith("Settle")]
+    changes = {"CreateBatch", "ApproveBatch", "StartRun", "FinishRun", "AbandonRun"}
+    events = [(r["method"], r["outcome"], r["identity"].rsplit("/", 1)[1]) for r in rows
+              if r["method"] in changes]
     assert events == [
-        ("SettleCreate", "OK"), ("SettleRun", "FAILED_PRECONDITION"),
-        ("SettleApprove", "PERMISSION_DENIED"), ("SettleApprove", "OK"),
-        ("SettleApprove", "FAILED_PRECONDITION"), ("SettleRun", "STARTED"), ("SettleRun", "OK"),
-        ("SettleRun", "ALREADY_DONE"),
+        ("CreateBatch", "OK", "settlement-1"),
+        ("ApproveBatch", "PERMISSION_DENIED", "settlement-1"),
+        ("ApproveBatch", "PERMISSION_DENIED", "crm-1"),
+        ("ApproveBatch", "INVALID_ARGUMENT", "settlement-2"),
+        ("ApproveBatch", "OK", "settlement-2"),
+        ("ApproveBatch", "FAILED_PRECONDITION", "settlement-2"),
+        ("StartRun", "OK", "settlement-1"), ("FinishRun", "OK", "settlement-1"),
     ]
     # Each chunk's reveal is one record listing every token it revealed, in order.
     revealed = [t for r in rows if r["method"] == "BatchDetokenize" for t in r["tokens"]]
@@ -269,6 +279,15 @@ async def test_create_approve_run_decrypt_and_verify(
         for path in out.iterdir():
             if path != encrypted:
                 assert pan.encode() not in path.read_bytes()
+
+
+def bad_but_valid(tmp_path: Path, lines: list[str]) -> Path:
+    """A valid capture file with other rows than `lines` (its first row's amount changed)."""
+    other = tmp_path / "other.csv"
+    first = lines[1].split(",")
+    first[2] = str(int(first[2]) + 1)
+    other.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    return other
 
 
 def _superuser(pg: PostgresHandle) -> str:
@@ -339,7 +358,7 @@ async def test_signed_file_verifies_with_the_senders_key(
     captures = tmp_path / "captures.csv"
     captures.write_text(f"reference,token,amount_minor,currency\ns1,{token},42,CHF\n")
     batch = batch_id_of(await settle(home, "create", "--input", str(captures)))
-    assert (await settle(home, "approve", batch)).code == 0
+    assert (await settle(home, "approve", batch, "--input", str(captures))).code == 0
     out = tmp_path / "out"
     run = await settle(home, "run", batch, "--recipient", str(processor.public_key),
                        "--output", str(out), "--sign-key", str(secret))
@@ -453,9 +472,10 @@ async def test_create_streams_every_row_into_the_batch(
 
 
 async def test_create_refuses_an_input_that_changed_after_the_check(
-    migrated: PostgresHandle, test_pki: fx.TestPki, superuser_db: str,
+    tokenizer: Running, superuser_db: str,
 ) -> None:
-    """Pass 2 re-reads the file into COPY; other bytes than pass 1 checked roll it all back."""
+    """Pass 2 re-reads the file into the CreateBatch stream; other bytes than pass 1 checked
+    cancel the stream, and the tokenizer rolls it all back."""
     run = os.urandom(3).hex()
     raw = ("reference,token,amount_minor,currency\n" + "".join(
         f"{run}-{i},tok_{i:021d}A,{i + 1},EUR\n" for i in range(3000))).encode()
@@ -469,32 +489,28 @@ async def test_create_refuses_an_input_that_changed_after_the_check(
 
     checked = check_captures(source(raw))
     assert checked.ok
-    who = identity_from_pem(test_pki.certs["settlement/settlement-1"].cert_pem)
-    store = await Store.connect(migrated.app_dsn, min_size=1, max_size=2)
+    stub = tokenizer.settlement_as("settlement/settlement-1")
+    changed = [
+        raw.replace(f"{run}-5,".encode(), f"{run}-5x,".encode()),  # other bytes
+        raw.replace(f"{run}-2999,".encode(), f"{run}-3,".encode()),  # now a duplicate
+        raw[:-30],  # truncated
+        raw + f"{run}-x,tok_{0:021d}A,1,EUR\n".encode(),  # a row more
+    ]
+    for content in changed:
+        with pytest.raises(SettlementError, match="changed while it was being read"):
+            await create_batch(stub, checked, source(content))
+    with pytest.raises(SettlementError, match="could not be read again"):
+        await create_batch(stub, checked, unreadable)
+    conn = await asyncpg.connect(superuser_db)
     try:
-        audit = AuditWriter(store)
-        changed = [
-            raw.replace(f"{run}-5,".encode(), f"{run}-5x,".encode()),  # other bytes
-            raw.replace(f"{run}-2999,".encode(), f"{run}-3,".encode()),  # now a duplicate
-            raw[:-30],  # truncated
-            raw + f"{run}-x,tok_{0:021d}A,1,EUR\n".encode(),  # a row more
-        ]
-        for content in changed:
-            with pytest.raises(SettlementError, match="changed while it was being read"):
-                await create_batch(store, audit, who, checked, source(content))
-        with pytest.raises(SettlementError, match="could not be read again"):
-            await create_batch(store, audit, who, checked, unreadable)
-        conn = await asyncpg.connect(superuser_db)
-        try:
-            assert await conn.fetchval("SELECT count(*) FROM settlement_batches"
-                                       " WHERE input_sha256 = $1", checked.sha256) == 0
-            assert await conn.fetchval("SELECT count(*) FROM settlement_rows"
-                                       " WHERE reference LIKE $1", f"{run}-%") == 0
-            # The unchanged input goes in, all of it.
-            batch = await create_batch(store, audit, who, checked, source(raw))
-            assert await conn.fetchval("SELECT count(*) FROM settlement_rows"
-                                       " WHERE batch_id = $1", batch) == 3000
-        finally:
-            await conn.close()
+        assert await conn.fetchval("SELECT count(*) FROM settlement_batches"
+                                   " WHERE input_sha256 = $1", checked.sha256) == 0
+        assert await conn.fetchval("SELECT count(*) FROM settlement_rows"
+                                   " WHERE reference LIKE $1", f"{run}-%") == 0
+        # The unchanged input goes in, all of it.
+        batch = await create_batch(stub, checked, source(raw))
+        assert await conn.fetchval("SELECT count(*) FROM settlement_rows"
+                                   " WHERE batch_id = $1", batch.batch_id) == 3000
+        assert batch.rows_sha256 == checked.rows_sha256
     finally:
-        await store.close()
+        await conn.close()

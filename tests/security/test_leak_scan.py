@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -24,7 +25,10 @@ import pytest
 from tests.fixtures.devstack import VAULTLINE, Stack, stack_channel
 from tests.helpers import luhn_valid
 from tests.testcards import ALL_TEST_PANS
+from vaultline.batches import RowsDigest
 from vaultline.card import CardError, Pan
+from vaultline.gen.settlement.v1 import settlement_pb2 as spb
+from vaultline.gen.settlement.v1 import settlement_service_pb2_grpc as spb_grpc
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 
@@ -75,6 +79,7 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
 
     with stack_channel(info, "intake") as intake, stack_channel(info, "crm") as crm, \
             stack_channel(info, "settlement") as settlement, \
+            stack_channel(info, "settlement-2") as approver, \
             stack_channel(info, "admin") as admin:
         tok = pb_grpc.TokenizationServiceStub(intake)
         crm_stub = pb_grpc.TokenizationServiceStub(crm)
@@ -111,9 +116,11 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
             for i, pan in enumerate(ALL_TEST_PANS)])
         for response in tok.BatchTokenize(iter([chunk])):
             keep(response)
-        # Reveals are the one place a PAN may appear; they still get audited and logged.
-        request = pb.BatchDetokenizeRequest(purpose="leak scan", items=[
-            pb.BatchDetokenizeRequest.Item(reference=str(i), token=t)
+        # Reveals are the one place a PAN may appear; they still get audited and logged. In
+        # bulk only under dual control: a batch created, approved by a second identity, run.
+        batch_id = _settle(settlement, approver, tokens, keep)
+        request = pb.BatchDetokenizeRequest(batch_id=batch_id, items=[
+            pb.BatchDetokenizeRequest.Item(reference=f"leak-{i}", token=t)
             for i, t in enumerate(tokens)])
         revealed = [r.card.card.pan for resp in rev.BatchDetokenize(iter([request]))
                     for r in resp.results]
@@ -121,6 +128,25 @@ def _exercise(info: dict) -> list[bytes]:  # type: ignore[type-arg]
         for token in tokens[:3]:
             keep(crm_stub.DeleteToken(pb.DeleteTokenRequest(token=token)))
     return seen
+
+
+def _settle(settlement: grpc.Channel, approver: grpc.Channel, tokens: list[str],
+            keep: Callable[[object], None]) -> str:
+    """A settlement batch of `tokens` (references leak-0…), approved and started."""
+    rows = [spb.BatchRow(line=i + 2, reference=f"leak-{i}", token=t, amount_minor=100,
+                         currency="EUR") for i, t in enumerate(tokens)]
+    digest = RowsDigest()
+    for r in rows:
+        digest.update(r.reference, r.token, r.amount_minor, r.currency, r.auth_code)
+    creator = spb_grpc.SettlementServiceStub(settlement)
+    created = creator.CreateBatch(iter([spb.CreateBatchRequest(
+        input_name="leak.csv", input_sha256="0" * 64, rows=rows)]))
+    keep(created)
+    keep(spb_grpc.SettlementServiceStub(approver).ApproveBatch(spb.ApproveBatchRequest(
+        batch_id=created.batch.batch_id, rows_sha256=digest.hexdigest())))
+    keep(creator.StartRun(spb.StartRunRequest(batch_id=created.batch.batch_id)))
+    keep(creator.ListBatchRows(spb.ListBatchRowsRequest(batch_id=created.batch.batch_id)))
+    return created.batch.batch_id
 
 
 async def _database_dump(info: dict) -> bytes:  # type: ignore[type-arg]

@@ -18,11 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "services" / "vaultline"
 LAYERS: dict[str, int] = {
     # pure cores: no I/O
     "card": 1, "tokens": 1, "crypto": 1, "errors": 1, "commit_delay": 1, "group_commit": 1,
+    "batches": 1,
     "runtime": 1, "resources": 1, "gen": 1,
     # adapters: one module per external system
     "store": 2, "ivr_store": 2, "vault": 2,
     # the domain: operations, keys, access, audit
-    "service": 3, "keyring": 3, "security": 3, "retention": 3,
+    "service": 3, "keyring": 3, "security": 3, "retention": 3, "dual_control": 3,
     # the products and the gRPC edge
     "api": 4, "ivr": 4, "settlement": 4, "observability": 4, "twilio_sim": 4,
     # configuration: the environment and stack.json, read by entry points only

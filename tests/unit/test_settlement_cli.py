@@ -33,7 +33,8 @@ def test_every_subcommand_has_help(sub: str, capsys: pytest.CaptureFixture[str])
 def test_identities_default_to_two_different_clients() -> None:
     p = parser()
     assert p.parse_args(["settle", "create", "--input", "x.csv"]).as_ == "settlement"
-    assert p.parse_args(["settle", "approve", "sb_0123456789"]).as_ == "settlement-2"
+    assert p.parse_args(["settle", "approve", "sb_0123456789", "--input", "x.csv"]).as_ == (
+        "settlement-2")
     run = p.parse_args(["settle", "run", "sb_0123456789", "--recipient", "k.asc",
                         "--output", "out"])
     assert (run.as_, run.chunk, run.sign_key) == ("settlement", DEFAULT_CHUNK, None)

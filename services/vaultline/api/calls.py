@@ -121,8 +121,8 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                 token = getattr(request, "token", "") or getattr(
                     getattr(response, "token", None), "token", "")
                 await gate.audit([gate.event(
-                    call, "OK", tenant=tenant, token=token,
-                    purpose=_audited_purpose(getattr(request, "purpose", "")))])
+                    call, "OK", tenant=tenant or _batch_tenant(response), token=token,
+                    purpose=_audited_purpose(_purpose_of(request)))])
             if reveals:
                 gate.count_reveals(call, 1)
             return response
@@ -130,7 +130,49 @@ def _unary(fn: F, *, audits_success: bool) -> F:
             code = _code_name(exc)
             # current_call: the identity is known even when authorization refused the call.
             await _audit_failure(gate, current_call.get() or call, code, tenant,
-                                 getattr(request, "token", ""), getattr(request, "purpose", ""))
+                                 getattr(request, "token", ""), _purpose_of(request))
+            await _abort(context, exc)
+        finally:
+            if gate.metrics is not None:
+                gate.metrics.observe_call(method, code, time.perf_counter() - started)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _purpose_of(request: Any) -> str:
+    """What the audit record names as purpose: the settlement batch the request is about (a
+    batch id never holds a digit run), else its purpose."""
+    return getattr(request, "batch_id", "") or getattr(request, "purpose", "")
+
+
+def _batch_tenant(response: Any) -> str:
+    """The tenant of a settlement batch a response carries (its requests name only the id)."""
+    batch = getattr(response, "batch", None)
+    return batch.tenant if batch is not None else ""
+
+
+def client_streaming(fn: F) -> F:
+    """The wrapper of a client-streaming method (many requests, one answer): the answer's
+    batch names the audited tenant and purpose."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        gate: Gate = self._gate
+        call = open_call(method, context)
+        started = time.perf_counter()
+        code = "OK"
+        seen = _StreamTrace()
+        try:
+            call = gate.admit(call, context)
+            response = await fn(self, _traced(requests, seen), context)
+            await gate.audit([gate.event(
+                call, "OK", tenant=_batch_tenant(response) or _audited_tenant(seen.tenant),
+                purpose=response.batch.batch_id)])
+            return response
+        except Exception as exc:  # noqa: BLE001 - the translation table decides
+            code = _code_name(exc)
+            await _audit_failure(gate, current_call.get() or call, code, seen.tenant, "", "")
             await _abort(context, exc)
         finally:
             if gate.metrics is not None:
@@ -181,7 +223,7 @@ class _StreamTrace:
 async def _traced(requests: AsyncIterator[Any], seen: _StreamTrace) -> AsyncIterator[Any]:
     async for chunk in requests:
         seen.tenant = chunk.tenant or "default"
-        seen.purpose = getattr(chunk, "purpose", "")
+        seen.purpose = _purpose_of(chunk)
         yield chunk
 
 

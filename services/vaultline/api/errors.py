@@ -15,7 +15,11 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from ..errors import (
+    BatchNotFound,
+    BatchStateConflict,
+    DailyBudgetExceeded,
     DependencyUnavailable,
+    DualControlRefused,
     InvalidInput,
     InvalidPageToken,
     KeyAdminNotConfigured,
@@ -44,6 +48,10 @@ _TABLE: tuple[tuple[type[VaultlineError], grpc.StatusCode], ...] = (
     (DataCorrupted, grpc.StatusCode.DATA_LOSS),
     (KeyAdminNotConfigured, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidPageToken, grpc.StatusCode.INVALID_ARGUMENT),
+    (BatchNotFound, grpc.StatusCode.NOT_FOUND),
+    (BatchStateConflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (DualControlRefused, grpc.StatusCode.PERMISSION_DENIED),
+    (DailyBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 INTERNAL_MESSAGE = "internal error"

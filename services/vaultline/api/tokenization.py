@@ -15,7 +15,8 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from ..errors import RequestIdReused, VaultlineError
+from ..dual_control import BatchService, DailyRevealBudget
+from ..errors import DailyBudgetExceeded, DualControlRefused, RequestIdReused, VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from ..security.audit import PendingAudit
@@ -150,9 +151,12 @@ async def pipelined(
 
 
 class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
-    def __init__(self, service: TokenService, gate: Gate) -> None:
+    def __init__(self, service: TokenService, gate: Gate, batches: BatchService,
+                 budget: DailyRevealBudget) -> None:
         self._service = service
         self._gate = gate
+        self._batches = batches
+        self._budget = budget
 
     @unary_audited_by_method
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
@@ -192,6 +196,16 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: Any
     ) -> pb.DetokenizeResponse:
+        call = current_call.get()
+        assert call is not None and call.grant is not None
+        validate_purpose(request.purpose)  # a refused request spends no budget
+        try:
+            await self._budget.spend(call.grant)
+        except DailyBudgetExceeded:
+            log.warning("daily Detokenize budget spent", extra={"identity": call.identity})
+            if self._gate.metrics is not None:
+                self._gate.metrics.observe_quota_refusal(call.identity or "", "Detokenize")
+            raise
         revealed = await self._service.detokenize(request.tenant, request.token, request.purpose)
         response = pb.DetokenizeResponse()
         fill_card(response.card, revealed)
@@ -236,14 +250,26 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         self, requests: AsyncIterator[pb.BatchDetokenizeRequest], context: Any
     ) -> AsyncIterator[pb.BatchDetokenizeResponse]:
         call = current_call.get()
-        assert call is not None
+        assert call is not None and call.grant is not None
+        grant = call.grant
 
         async def handle(chunk: pb.BatchDetokenizeRequest) -> pb.BatchDetokenizeResponse:
             self._gate.check_tenant(call, chunk.tenant)
             items = chunk.items
             # Refused before any quota is spent, and recorded as validated, never as sent.
             validate_chunk(len(items))
-            purpose = validate_purpose(chunk.purpose)
+            if chunk.batch_id or grant.reveals_need_batch:
+                # Dual control: only rows of a batch running under this caller, and the
+                # batch id is the purpose every reveal is audited with.
+                if not chunk.batch_id:
+                    raise DualControlRefused(
+                        "BATCH_REQUIRED", "bulk reveals need a running settlement batch")
+                await self._batches.check_reveal(
+                    grant, chunk.tenant, chunk.batch_id,
+                    [item.reference for item in items], [item.token for item in items])
+                purpose = chunk.batch_id
+            else:
+                purpose = validate_purpose(chunk.purpose)
             self._gate.take_quota(call, len(items))
             outcomes = await self._service.detokenize_batch(
                 chunk.tenant, purpose, [item.token for item in items]

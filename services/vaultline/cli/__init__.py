@@ -74,5 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - a CLI answers with one line, not a traceback
         logging.getLogger("vaultline").debug("failure", exc_info=True)
+        grpc = sys.modules.get("grpc")
+        if grpc is not None and isinstance(exc, grpc.aio.AioRpcError):
+            from .common import describe_rpc_error
+
+            print(f"vaultline: the tokenizer refused: {describe_rpc_error(exc)}",
+                  file=sys.stderr)
+            return 1
         print(f"vaultline: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_HOME", "run_until_signalled", "setup_logging"]
+__all__ = ["DEFAULT_HOME", "describe_rpc_error", "run_until_signalled", "setup_logging",
+           "tokenizer_channel"]
 
 DEFAULT_HOME = Path(os.environ.get("VAULTLINE_HOME", ".vaultline"))
 
@@ -26,3 +30,51 @@ async def run_until_signalled() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def client_identity_files(home: str | Path, who: str) -> tuple[Path, Path]:
+    """The mTLS client certificate and key to call as: VAULTLINE_CLIENT_CERT and
+    VAULTLINE_CLIENT_KEY if both are set, else the dev stack's client `who`."""
+    from ..config import client_files
+
+    cert, key = os.environ.get("VAULTLINE_CLIENT_CERT"), os.environ.get("VAULTLINE_CLIENT_KEY")
+    if cert and key:
+        return Path(cert), Path(key)
+    return client_files(home, who)
+
+
+@contextlib.asynccontextmanager
+async def tokenizer_channel(home: str | Path, who: str) -> AsyncIterator[Any]:
+    """A gRPC channel to the tokenizer (VAULTLINE_GRPC_ADDRESS or the dev stack) over mTLS,
+    as client `who`: its private key proves the identity, not just its certificate."""
+    import grpc
+
+    from ..config import ConfigError, env_or_stack
+    from ..security.tls import load_client_credentials
+
+    ca = env_or_stack("VAULTLINE_CA_FILE", home, "ca")
+    address = env_or_stack("VAULTLINE_GRPC_ADDRESS", home, "grpc_address")
+    cert, key = client_identity_files(home, who)
+    for what, path in (("CA", Path(ca)), ("certificate", cert), ("private key", key)):
+        if not path.is_file():
+            raise ConfigError(f"the {what} of --as {who} ({path}) is not a file")
+    credentials = load_client_credentials(ca, cert, key)
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        yield channel
+
+
+def describe_rpc_error(err: Any) -> str:
+    """`CODE (REASON): message` of a failed call: the tokenizer's fixed text, never data."""
+    from grpc_status import rpc_status
+
+    reason = ""
+    status = rpc_status.from_call(err)
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = f" ({info.reason})"
+    return f"{err.code().name}{reason}: {err.details()}"

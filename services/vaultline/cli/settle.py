@@ -1,10 +1,11 @@
 """`vaultline settle create|approve|run|status|list`: the finance settlement job's commands.
 
 Who you are is the mTLS client identity you pick with `--as` (a key of the dev stack's
-`clients`, e.g. `settlement` or `settlement-2`); its certificate's SAN URI is the identity in
-the batch and the audit trail. The commands run inside the card data zone: they reach
-PostgreSQL with the app role (VAULTLINE_DATABASE_URL or the dev stack) and the tokenizer over
-mTLS (VAULTLINE_GRPC_ADDRESS or the dev stack).
+`clients`, e.g. `settlement` or `settlement-2`, or VAULTLINE_CLIENT_CERT/KEY): its
+certificate's SAN URI is the identity in the batch and the audit trail, and its private key
+proves it. Every command is a client of the tokenizer's SettlementService (VAULTLINE_GRPC_ADDRESS
+or the dev stack), which enforces dual control and audits every step; none of them holds
+database credentials.
 """
 
 from __future__ import annotations
@@ -16,42 +17,47 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigError, client_files, database_url, env_or_stack
+from ..config import ConfigError
 from ..runtime import tune_gc
-from ..security.identity import Identity, IdentityError, identity_from_pem
 from ..settlement import DEFAULT_CHUNK, MAX_CHUNK
+from .common import tokenizer_channel
 
 __all__ = ["add_settle_commands"]
 
 
-def _identity(home: str, who: str) -> Identity:
-    cert, _ = client_files(home, who)
-    try:
-        return identity_from_pem(cert.read_bytes())
-    except (OSError, IdentityError):
-        raise ConfigError(f"the certificate of --as {who} is not a vaultline identity") from None
-
-
-@asynccontextmanager
-async def _store_and_audit(home: str) -> AsyncIterator[tuple[Any, Any]]:
-    from ..security.audit import AuditWriter
-    from ..store import Store
-
-    dsn = database_url(home)
-    store = await Store.connect(dsn, min_size=1, max_size=2)
-    try:
-        yield store, AuditWriter(store)
-    finally:
-        await store.close()
-
-
 def _fmt_totals(totals: dict[str, Any]) -> str:
     return ", ".join(f"{c} {v['count']} rows {v['amount_minor']}" for c, v in totals.items())
+
+
+def _settlement_stub(channel: Any) -> Any:
+    from ..gen.settlement.v1 import settlement_service_pb2_grpc as spb_grpc
+
+    return spb_grpc.SettlementServiceStub(channel)
+
+
+def _check_file(path: Path) -> Any:
+    """Pass 1 over a capture file; None (problems printed) unless it is valid."""
+    from ..settlement.batch import InputChanged, check_captures
+
+    try:
+        checked = check_captures(_file_source(path, "checking"))
+    except OSError as exc:
+        print(f"vaultline: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return None
+    except InputChanged as exc:
+        print(f"vaultline: {path} {exc}; nothing was done", file=sys.stderr)
+        return None
+    if not checked.ok:
+        print(f"vaultline: {path} has {len(checked.problems)} problem(s); nothing was done:",
+              file=sys.stderr)
+        for problem in checked.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+    return checked
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -86,52 +92,50 @@ def _file_source(path: Path, task: str) -> Callable[[], Iterator[bytes]]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from ..settlement.batch import InputChanged, check_captures
     from ..settlement.job import create_batch
 
-    who = _identity(args.home, args.as_)
     path = Path(args.input)
-    # Pass 1 reads the file once, keeping no rows: problems, totals, digest. Pass 2 (in
-    # create_batch) reads it again into PostgreSQL and checks it is still the same bytes.
-    try:
-        checked = check_captures(_file_source(path, "checking"))
-    except OSError as exc:
-        print(f"vaultline: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 1
-    except InputChanged as exc:
-        print(f"vaultline: {path} {exc}; nothing was created", file=sys.stderr)
-        return 1
-    if not checked.ok:
-        print(f"vaultline: {path} has {len(checked.problems)} problem(s); nothing was created:",
-              file=sys.stderr)
-        for problem in checked.problems:
-            print(f"  {problem}", file=sys.stderr)
+    # Pass 1 reads the file once, keeping no rows: problems, totals, digests. Pass 2 (in
+    # create_batch) reads it again into the CreateBatch stream and checks it is the same.
+    checked = _check_file(path)
+    if checked is None:
         return 1
 
-    async def main() -> str:
-        async with _store_and_audit(args.home) as (store, audit):
-            return await create_batch(store, audit, who, checked, _file_source(path, "storing"),
-                                      tenant=args.tenant, input_name=path.name)
+    async def main() -> Any:
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            return await create_batch(_settlement_stub(channel), checked,
+                                      _file_source(path, "storing"), tenant=args.tenant,
+                                      input_name=path.name)
 
-    batch_id = asyncio.run(main())
+    batch = asyncio.run(main())
     totals = checked.currency_totals()
-    print(f"created batch {batch_id}: {checked.row_count} rows ({_fmt_totals(totals)}),"
-          f" input sha256 {checked.sha256}, by {who.uri}")
-    print(f"next: `vaultline settle approve {batch_id} --as <another settlement identity>`")
+    print(f"created batch {batch.batch_id}: {batch.row_count} rows ({_fmt_totals(totals)}),"
+          f" input sha256 {checked.sha256}, rows sha256 {batch.rows_sha256}, by"
+          f" {batch.created_by}")
+    print(f"next: `vaultline settle approve {batch.batch_id} --input {path.name}"
+          " --as <another settlement identity>`")
     return 0
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
     from ..settlement.job import approve_batch
 
-    who = _identity(args.home, args.as_)
+    if args.input:
+        checked = _check_file(Path(args.input))
+        if checked is None:
+            return 1
+        rows_sha256 = checked.rows_sha256
+        print(f"{args.input}: {checked.row_count} rows"
+              f" ({_fmt_totals(checked.currency_totals())}), rows sha256 {rows_sha256}")
+    else:
+        rows_sha256 = args.rows_sha256
 
-    async def main() -> None:
-        async with _store_and_audit(args.home) as (store, audit):
-            await approve_batch(store, audit, who, args.batch)
+    async def main() -> Any:
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            return await approve_batch(_settlement_stub(channel), args.batch, rows_sha256)
 
-    asyncio.run(main())
-    print(f"approved batch {args.batch} by {who.uri}")
+    batch = asyncio.run(main())
+    print(f"approved batch {batch.batch_id} ({batch.row_count} rows) by {batch.approved_by}")
     return 0
 
 
@@ -200,18 +204,11 @@ class _ProgressPrinter:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import grpc
-
     from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
-    from ..security.tls import load_client_credentials
     from ..settlement.job import RunOptions, run_batch
 
     if not 1 <= args.chunk <= MAX_CHUNK:
         raise ConfigError(f"--chunk must be between 1 and {MAX_CHUNK}, not {args.chunk}")
-    who = _identity(args.home, args.as_)
-    cert, key = client_files(args.home, args.as_)
-    ca = env_or_stack("VAULTLINE_CA_FILE", args.home, "ca")
-    address = env_or_stack("VAULTLINE_GRPC_ADDRESS", args.home, "grpc_address")
     options = RunOptions(
         recipient=Path(args.recipient),
         output_dir=Path(args.output),
@@ -223,14 +220,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     tune_gc()
 
     async def main() -> Any:
-        credentials = load_client_credentials(ca, cert, key)
-        async with _store_and_audit(args.home) as (store, audit):
-            channel = grpc.aio.secure_channel(address, credentials)
-            try:
-                return await run_batch(store, audit, who, pb_grpc.TokenizationServiceStub(channel),
-                                       args.batch, options, _ProgressPrinter(sys.stderr))
-            finally:
-                await channel.close()
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            return await run_batch(_settlement_stub(channel),
+                                   pb_grpc.TokenizationServiceStub(channel), args.batch,
+                                   options, _ProgressPrinter(sys.stderr))
 
     result = asyncio.run(main())
     s = result.summary
@@ -244,44 +237,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe(row: Any) -> dict[str, Any]:
-    summary = json.loads(row["summary"]) if row["summary"] else None
-    return {
-        "id": row["id"],
-        "tenant": row["tenant"],
-        "state": row["state"],
-        "rows": row["row_count"],
-        "totals": json.loads(row["totals"]),
-        "input_sha256": row["input_sha256"],
-        "input_name": row["input_name"],
-        "created_by": row["created_by"],
-        "created_at": row["created_at"].isoformat(),
-        "approved_by": row["approved_by"],
-        "approved_at": row["approved_at"].isoformat() if row["approved_at"] else None,
-        "runs": row["runs"],
-        "running_on": (f"{row['run_host']} pid {row['run_pid']}"
-                       if row["state"] == "running" else None),
-        "done_at": row["done_at"].isoformat() if row["done_at"] else None,
-        "summary": summary,
-    }
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    async def main() -> Any:
-        async with _store_and_audit(args.home) as (store, _):
-            return await store.find_settlement_batch(args.batch)
+    from ..gen.settlement.v1 import settlement_pb2 as spb
+    from ..settlement.job import describe
 
-    row = asyncio.run(main())
-    if row is None:
-        print(f"vaultline: no batch {args.batch}", file=sys.stderr)
-        return 1
-    info = _describe(row)
+    async def main() -> Any:
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            return (await _settlement_stub(channel).GetBatch(
+                spb.GetBatchRequest(batch_id=args.batch))).batch
+
+    info = describe(asyncio.run(main()))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"batch {info['id']} ({info['tenant']}): {info['state']}")
     print(f"  rows       {info['rows']} ({_fmt_totals(info['totals'])})")
     print(f"  input      {info['input_name']} sha256 {info['input_sha256']}")
+    print(f"  rows sha256 {info['rows_sha256']}")
     print(f"  created    {info['created_at']} by {info['created_by']}")
     print(f"  approved   {info['approved_at'] or '-'} by {info['approved_by'] or '-'}")
     if info["running_on"]:
@@ -295,11 +267,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    async def main() -> Any:
-        async with _store_and_audit(args.home) as (store, _):
-            return await store.list_settlement_batches(args.limit)
+    from ..gen.settlement.v1 import settlement_pb2 as spb
+    from ..settlement.job import describe
 
-    rows = [_describe(r) for r in asyncio.run(main())]
+    if not 1 <= args.limit <= 1000:
+        raise ConfigError(f"--limit must be between 1 and 1000, not {args.limit}")
+
+    async def main() -> Any:
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            return (await _settlement_stub(channel).ListBatches(spb.ListBatchesRequest(
+                tenant=args.tenant, page_size=args.limit))).batches
+
+    rows = [describe(b) for b in asyncio.run(main())]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -320,16 +299,19 @@ def add_settle_commands(sub: Any) -> None:
         help="finance settlement: dual-controlled bulk detokenization into a processor file",
         description="Settlement batches: `create` from a capture CSV, `approve` by a second "
         "settlement identity (dual control), `run` into an OpenPGP-encrypted processor file "
-        "(format VLSF v1, see vaultline.settlement.fileformat), `status`, `list`. Every step "
-        "is an audit record; every revealed token is audited by the tokenizer with the batch "
-        "id as purpose.",
+        "(format VLSF v1, see vaultline.settlement.fileformat), `status`, `list`. The "
+        "tokenizer's SettlementService enforces dual control (the creator never approves, "
+        "the approver never runs, only a running batch's rows are revealed) and audits every "
+        "step and every revealed token, with the batch id as purpose. No database "
+        "credentials are needed.",
     )
     s = settle.add_subparsers(dest="settle_command", required=True, metavar="SUBCOMMAND")
 
     def identity_option(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument("--as", dest="as_", default=default, metavar="CLIENT",
                        help=f"the mTLS client identity to act as, a key of the dev stack's "
-                       f"`clients` (default: {default})")
+                       f"`clients`; VAULTLINE_CLIENT_CERT and VAULTLINE_CLIENT_KEY override "
+                       f"it (default: {default})")
 
     create = s.add_parser(
         "create", help="validate a capture CSV and store it as a batch awaiting approval",
@@ -337,8 +319,9 @@ def add_settle_commands(sub: Any) -> None:
         "required, UTF-8). Every row is checked (token shape, positive integer amount in minor "
         "units, ISO 4217 currency, unique reference); all problems are listed with their line "
         "numbers and nothing is created unless the whole file is valid. The file is streamed "
-        "in bounded memory, read twice: checked, then stored; if it changes in between, "
-        "nothing is created. Prints the batch id.")
+        "in bounded memory, read twice: checked, then streamed to the tokenizer; if it changes "
+        "in between, nothing is created. Prints the batch id and the SHA-256 of its rows, "
+        "which the approver names.")
     create.add_argument("--input", required=True, metavar="CSV", help="the capture file")
     create.add_argument("--tenant", default="default", help="tenant of the tokens")
     identity_option(create, "settlement")
@@ -347,14 +330,23 @@ def add_settle_commands(sub: Any) -> None:
     approve = s.add_parser(
         "approve", help="approve a batch (must be a different identity than its creator)",
         description="Dual control: a batch is approved by a settlement identity other than "
-        "the one that created it. Approving your own batch is refused and audited.")
+        "the one that created it, naming what it approves: the capture file it reviewed "
+        "(--input, whose rows' SHA-256 is computed here) or that digest (--rows-sha256). The "
+        "tokenizer refuses the approval unless the digest is that of the stored rows, and "
+        "refuses your own batch; both are audited.")
     approve.add_argument("batch", metavar="BATCH", help="batch id (sb_…)")
+    what = approve.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", metavar="CSV", help="the capture file you reviewed")
+    what.add_argument("--rows-sha256", metavar="HEX",
+                      help="the SHA-256 of the batch's rows (`settle create` prints it)")
     identity_option(approve, "settlement-2")
     approve.set_defaults(func=cmd_approve)
 
     run = s.add_parser(
         "run", help="detokenize an approved batch into an encrypted processor file",
-        description="Stream the batch through BatchDetokenize (mTLS, purpose = batch id), "
+        description="Start a run of the batch (only its creator, or an identity the policy "
+        "lets run batches, and never its approver), read its rows from the tokenizer and "
+        "stream them through BatchDetokenize naming the batch (audited under its id), "
         "write the VLSF file encrypted to the processor's OpenPGP key (gpg --decrypt reads it) "
         "into DIR through a temp file, fsync and atomic rename, with BATCH.rejects.csv "
         "(reference, token, reason) and BATCH.summary.json (rows, totals per currency, "
@@ -377,11 +369,14 @@ def add_settle_commands(sub: Any) -> None:
                           "creator, approver and, once done, the summary.")
     status.add_argument("batch", metavar="BATCH", help="batch id (sb_…)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    identity_option(status, "settlement")
     status.set_defaults(func=cmd_status)
 
     lst = s.add_parser("list", help="recent batches, newest first",
                        description="List recent batches with state, rows and totals.")
-    lst.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    lst.add_argument("--limit", type=int, default=50, help="how many, 1..1000 (default 50)")
+    lst.add_argument("--tenant", default="default", help="whose batches (default: default)")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
+    identity_option(lst, "settlement")
     lst.set_defaults(func=cmd_list)
 

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, client_files, env_or_stack
+from ..config import ConfigError, env_or_stack
+from .common import client_identity_files
 
 __all__ = ["add_tenant_commands"]
-
-
-def _client_files(home: str, who: str) -> tuple[Path, Path]:
-    cert, key = os.environ.get("VAULTLINE_CLIENT_CERT"), os.environ.get("VAULTLINE_CLIENT_KEY")
-    if cert and key:
-        return Path(cert), Path(key)
-    return client_files(home, who)
 
 
 def cmd_tenant_shred(args: argparse.Namespace) -> int:
@@ -39,7 +32,7 @@ def cmd_tenant_shred(args: argparse.Namespace) -> int:
         return 2
     ca = env_or_stack("VAULTLINE_CA_FILE", args.home, "ca")
     address = env_or_stack("VAULTLINE_GRPC_ADDRESS", args.home, "grpc_address")
-    cert, key = _client_files(args.home, args.as_)
+    cert, key = client_identity_files(args.home, args.as_)
     if not Path(ca).is_file():
         raise ConfigError(f"{ca} is not a file")
 

@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import VaultlineError
 
 ALL_TENANTS = "*"
+DEFAULT_DAILY = 100  # unary Detokenize calls per identity and UTC day
 KNOWN_METHODS = frozenset(
     {
         "Tokenize",
@@ -37,6 +38,10 @@ KNOWN_METHODS = frozenset(
         "ShredTenant",
         "ListAuditRecords",
         "VerifyAuditChain",
+        *(
+            "CreateBatch", "ApproveBatch", "GetBatch", "ListBatches", "ListBatchRows",
+            "StartRun", "RenewRun", "FinishRun", "AbandonRun",
+        ),
     }
 )
 # Methods that reveal card data: a purpose is required and a quota applies.
@@ -98,6 +103,9 @@ class Grant:
     revoked: bool = False
     quota: Quota | None = None  # detokenization
     tokenize_quota: Quota | None = None
+    daily_reveals: int | None = None  # unary Detokenize calls a UTC day; None: no budget
+    reveals_need_batch: bool = True  # BatchDetokenize only for a batch this identity runs
+    runs_batches: bool = False  # may run batches it did not create (never one it approved)
 
     def allows_tenant(self, tenant: str) -> bool:
         return ALL_TENANTS in self.tenants or tenant in self.tenants
@@ -107,6 +115,8 @@ class Grant:
 class Policy:
     roles: Mapping[str, frozenset[str]]
     grants: Mapping[str, Grant] = field(default_factory=dict)
+    # Roles whose bulk reveals need no settlement batch (`reveal_without_batch = true`).
+    unbatched_roles: frozenset[str] = frozenset()
 
 
 # ---- parsing -------------------------------------------------------------------------------
@@ -138,12 +148,18 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
     if not roles_doc:
         raise fail("roles", "at least one role is required")
     roles: dict[str, frozenset[str]] = {}
+    unbatched: set[str] = set()
     for role, spec in roles_doc.items():
         where = f"roles.{role}"
         if not _NAME.match(role):
             raise fail(where, "role names are lower-case letters, digits and '-'")
-        if not isinstance(spec, dict) or set(spec) - {"methods"}:
-            raise fail(where, "expected a table with only `methods`")
+        if not isinstance(spec, dict) or set(spec) - {"methods", "reveal_without_batch"}:
+            raise fail(where, "expected a table with `methods` (and `reveal_without_batch`)")
+        without_batch = spec.get("reveal_without_batch", False)
+        if not isinstance(without_batch, bool):
+            raise fail(f"{where}.reveal_without_batch", "must be true or false")
+        if without_batch:
+            unbatched.add(role)
         methods = spec.get("methods")
         if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
             raise fail(f"{where}.methods", "must be a list of RPC names")
@@ -157,6 +173,8 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         if f"{kind}_quota" in doc else None
         for kind in ("detokenize", "tokenize")
     }
+    daily_default = _daily(_table(doc, "detokenize_quota", fail).get("daily", DEFAULT_DAILY),
+                           "detokenize_quota.daily", fail)
 
     grants: dict[str, Grant] = {}
     for uri, spec in _table(doc, "identities", fail).items():
@@ -170,7 +188,8 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         if not isinstance(spec, dict):
             raise fail(where, "expected a table")
         extra = set(spec) - {"tenants", "revoked", "detokenize_rate", "detokenize_burst",
-                             "tokenize_rate", "tokenize_burst"}
+                             "tokenize_rate", "tokenize_burst", "detokenize_daily",
+                             "runs_batches"}
         if extra:
             raise fail(f"{where}.{sorted(extra)[0]}", "unknown field")
         tenants = spec.get("tenants")
@@ -184,9 +203,15 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
             raise fail(f"{where}.revoked", "must be true or false")
         quotas = {kind: _identity_quota(spec, kind, defaults[kind], where, fail)
                   for kind in ("detokenize", "tokenize")}
+        runs_batches = spec.get("runs_batches", False)
+        if not isinstance(runs_batches, bool):
+            raise fail(f"{where}.runs_batches", "must be true or false")
+        daily = (_daily(spec["detokenize_daily"], f"{where}.detokenize_daily", fail)
+                 if "detokenize_daily" in spec else daily_default)
         grants[uri] = Grant(uri, role, roles[role], frozenset(tenants), revoked,
-                            quotas["detokenize"], quotas["tokenize"])
-    return Policy(roles, grants)
+                            quotas["detokenize"], quotas["tokenize"], daily,
+                            role not in unbatched, runs_batches)
+    return Policy(roles, grants, frozenset(unbatched))
 
 
 def _table(
@@ -214,6 +239,13 @@ def _identity_quota(
         where,
         fail,
     )
+
+
+def _daily(value: Any, where: str, fail: Callable[[str, str], PolicyError]) -> int | None:
+    """A daily budget: a non-negative integer, or -1 for none."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise fail(where, "must be a whole number of calls a day (-1: no budget)")
+    return None if value == -1 else value
 
 
 def _quota(spec: dict[str, Any], where: str, fail: Callable[[str, str], PolicyError]) -> Quota:

@@ -19,14 +19,20 @@ import csv
 import hashlib
 import io
 import os
-import re
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from vaultline.card import has_digit_run
-from vaultline.tokens import TokenError, parse_token
+from vaultline.batches import (
+    ISO_4217,
+    MAX_AMOUNT,
+    RowsDigest,
+    auth_code_problem,
+    currency_problem,
+    reference_problem,
+    token_problem,
+)
 
 __all__ = [
     "ISO_4217",
@@ -46,22 +52,8 @@ __all__ = [
 
 COLUMNS: Final = ("reference", "token", "amount_minor", "currency")
 OPTIONAL_COLUMNS: Final = ("auth_code",)
-MAX_AMOUNT: Final = 10**15 - 1  # 15 digits: fits the file's fixed amount field
 _AMOUNT_DIGITS: Final = len(str(MAX_AMOUNT))
-_REFERENCE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
-_AUTH_CODE: Final = re.compile(r"[A-Za-z0-9]{1,12}")
 _MASK64: Final = (1 << 64) - 1
-
-# Active ISO 4217 alphabetic codes (funds and precious-metal codes excluded).
-ISO_4217: Final = frozenset("""
-AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP
-BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP
-GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR
-KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK
-MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR
-SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS
-UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG
-""".split())
 
 Source = Callable[[], Iterable[bytes]]
 """Each call returns the input's bytes from the start, in chunks of any size."""
@@ -203,6 +195,7 @@ class _Scan:
         self.row_count = 0
         self.totals: dict[str, int] = {}
         self.counts: dict[str, int] = {}
+        self.rows_digest = RowsDigest()
 
     @property
     def sha256(self) -> str:
@@ -286,7 +279,7 @@ class _Scan:
         width = len(header)
         seen, bad, problems = self._seen, self._bad, self.problems
         totals, counts = self.totals, self.counts
-        reference_ok, auth_code_ok = _REFERENCE.fullmatch, _AUTH_CODE.fullmatch
+        rows_digest = self.rows_digest
         line = 1
         while len(problems) < self._max_problems:
             try:
@@ -307,19 +300,16 @@ class _Scan:
             currency = fields[3].strip()
             auth_code = fields[4].strip() if width == 5 else ""
             ok = True
-            if not reference_ok(reference) or has_digit_run(reference):
+            if (problem := reference_problem(reference)) is not None:
                 ok = False
-                bad(line, "reference",
-                    "must be 1-64 of A-Z a-z 0-9 . _ : / - and not a card number")
+                bad(line, "reference", problem)
             elif (first_line := seen(reference, line)) != line:
                 ok = False
                 bad(line, "reference", f"duplicate of line {first_line}")
-            try:
-                token, _ = parse_token(fields[1].strip())
-            except TokenError:
+            token, problem = token_problem(fields[1].strip())
+            if problem is not None:
                 ok = False
-                token = ""
-                bad(line, "token", "not a vaultline token (" + TokenError.description + ")")
+                bad(line, "token", problem)
             amount = 0
             digits = amount_raw.lstrip("0")  # compared by length: no int() of a huge string
             if not (amount_raw.isascii() and amount_raw.isdigit()) or not digits:
@@ -330,16 +320,17 @@ class _Scan:
                 bad(line, "amount_minor", f"must be at most {MAX_AMOUNT}")
             else:
                 amount = int(digits)
-            if currency not in ISO_4217:
+            if (problem := currency_problem(currency)) is not None:
                 ok = False
-                bad(line, "currency", "not an ISO 4217 code (upper case, e.g. EUR)")
-            if auth_code and not auth_code_ok(auth_code):
+                bad(line, "currency", problem)
+            if (problem := auth_code_problem(auth_code)) is not None:
                 ok = False
-                bad(line, "auth_code", "must be 1-12 letters or digits")
+                bad(line, "auth_code", problem)
             if ok:
                 self.row_count += 1
                 totals[currency] = totals.get(currency, 0) + amount
                 counts[currency] = counts.get(currency, 0) + 1
+                rows_digest.update(reference, token, amount, currency, auth_code)
                 yield line, reference, token, amount, currency, auth_code
 
 
@@ -356,6 +347,7 @@ class CheckedBatch:
     totals: dict[str, int] = field(default_factory=dict)  # currency -> sum of amount_minor
     counts: dict[str, int] = field(default_factory=dict)  # currency -> rows
     references: _References | None = field(default=None, repr=False)
+    rows_sha256: str = ""  # `batches.RowsDigest` of the valid rows: what an approver names
 
     @property
     def ok(self) -> bool:
@@ -398,7 +390,7 @@ def check_captures(source: Source, *, max_problems: int = 1000,
         del references, scan
     return CheckedBatch(scan.problems, scan.sha256, scan.row_count,
                         dict(sorted(scan.totals.items())), dict(sorted(scan.counts.items())),
-                        references)
+                        references, scan.rows_digest.hexdigest())
 
 
 class RowStream:
@@ -450,6 +442,7 @@ class ParsedBatch:
     sha256: str
     totals: dict[str, int] = field(default_factory=dict)  # currency -> sum of amount_minor
     counts: dict[str, int] = field(default_factory=dict)  # currency -> rows
+    rows_sha256: str = ""
 
     @property
     def ok(self) -> bool:
@@ -469,4 +462,5 @@ def parse_captures(raw: bytes, *, max_problems: int = 1000,
         stream = checked.reread(source)
         rows = [BatchRow(*record) for record in stream]
         stream.verify()
-    return ParsedBatch(rows, checked.problems, checked.sha256, checked.totals, checked.counts)
+    return ParsedBatch(rows, checked.problems, checked.sha256, checked.totals, checked.counts,
+                       checked.rows_sha256)

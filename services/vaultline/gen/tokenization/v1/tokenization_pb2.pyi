@@ -184,7 +184,7 @@ class BatchTokenizeResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[BatchTokenizeResponse.Result, _Mapping]]] = ...) -> None: ...
 
 class BatchDetokenizeRequest(_message.Message):
-    __slots__ = ("tenant", "purpose", "items")
+    __slots__ = ("tenant", "purpose", "items", "batch_id")
     class Item(_message.Message):
         __slots__ = ("reference", "token")
         REFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -195,10 +195,12 @@ class BatchDetokenizeRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     purpose: str
     items: _containers.RepeatedCompositeFieldContainer[BatchDetokenizeRequest.Item]
-    def __init__(self, tenant: _Optional[str] = ..., purpose: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchDetokenizeRequest.Item, _Mapping]]] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, tenant: _Optional[str] = ..., purpose: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchDetokenizeRequest.Item, _Mapping]]] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class BatchDetokenizeResponse(_message.Message):
     __slots__ = ("results",)
