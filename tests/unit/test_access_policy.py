@@ -84,3 +84,50 @@ def test_the_shipped_policy_keeps_tokenizing_inside_the_card_data_zone() -> None
         guard.authorize("spiffe://vaultline/crm/crm-1", "crm", "Tokenize")
     for grant in policy.grants.values():
         assert grant.tokenize_quota is not None and grant.quota is not None
+
+
+def test_bulk_reveals_need_a_batch_unless_a_role_opts_out() -> None:
+    policy = parse_policy(POLICY.replace(
+        '[roles.settlement]\nmethods = ["Detokenize", "GetToken"]',
+        '[roles.settlement]\nmethods = ["Detokenize", "GetToken"]\n'
+        '[roles.bulk]\nmethods = ["BatchDetokenize"]\nreveal_without_batch = true\n'
+        '[identities."spiffe://vaultline/bulk/b-1"]\ntenants = ["*"]'))
+    assert policy.grants["spiffe://vaultline/settlement/s-1"].reveals_need_batch
+    assert not policy.grants["spiffe://vaultline/bulk/b-1"].reveals_need_batch
+    assert policy.unbatched_roles == {"bulk"}
+
+
+def test_the_daily_detokenize_budget_defaults_to_100_and_is_overridable() -> None:
+    policy = parse_policy(POLICY.replace(
+        '[identities."spiffe://vaultline/settlement/s-1"]\n',
+        '[identities."spiffe://vaultline/settlement/s-1"]\ndetokenize_daily = 7\n'
+        'runs_batches = true\n'))
+    assert policy.grants["spiffe://vaultline/ivr/ivr-1"].daily_reveals == 100
+    grant = policy.grants["spiffe://vaultline/settlement/s-1"]
+    assert (grant.daily_reveals, grant.runs_batches) == (7, True)
+    unlimited = parse_policy(POLICY.replace("burst = 100\n", "burst = 100\ndaily = -1\n"))
+    assert unlimited.grants["spiffe://vaultline/ivr/ivr-1"].daily_reveals is None
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    ("detokenize_daily = -2", "detokenize_daily"),
+    ('detokenize_daily = "lots"', "detokenize_daily"),
+    ("runs_batches = 1", "runs_batches"),
+])
+def test_bad_dual_control_fields_name_themselves(edit: str, field: str) -> None:
+    text = POLICY.replace('[identities."spiffe://vaultline/settlement/s-1"]\n',
+                          f'[identities."spiffe://vaultline/settlement/s-1"]\n{edit}\n')
+    with pytest.raises(PolicyError, match=field):
+        parse_policy(text)
+
+
+def test_the_shipped_policy_puts_bulk_reveals_under_dual_control() -> None:
+    policy = load_policy(ACCESS_POLICY)
+    assert policy.unbatched_roles == frozenset()
+    settlement = policy.roles["settlement"]
+    assert {"CreateBatch", "ApproveBatch", "StartRun", "BatchDetokenize"} <= settlement
+    for role, methods in policy.roles.items():
+        if role != "settlement":
+            assert not methods & {"CreateBatch", "ApproveBatch", "StartRun"}, role
+    for grant in policy.grants.values():
+        assert grant.daily_reveals == 100 and not grant.runs_batches
