@@ -245,9 +245,16 @@ def env_or_stack(
     return value
 
 
-def database_url(home: str | Path, env: Mapping[str, str] = os.environ) -> str:
-    """The service role's DSN: VAULTLINE_DATABASE_URL, else the running dev stack's."""
-    return env_or_stack("VAULTLINE_DATABASE_URL", home, "database_url", env)
+def auditor_database_url(home: str | Path, env: Mapping[str, str] = os.environ) -> str:
+    """The read-only auditor role's DSN (`vaultline audit`): VAULTLINE_AUDITOR_DATABASE_URL,
+    else the running dev stack's `auditor_database_url`."""
+    return env_or_stack("VAULTLINE_AUDITOR_DATABASE_URL", home, "auditor_database_url", env)
+
+
+def keys_database_url(home: str | Path, env: Mapping[str, str] = os.environ) -> str:
+    """The keys role's DSN (`vaultline keys`: wrapped data keys only):
+    VAULTLINE_KEYS_DATABASE_URL, else the running dev stack's `keys_database_url`."""
+    return env_or_stack("VAULTLINE_KEYS_DATABASE_URL", home, "keys_database_url", env)
 
 
 def client_files(home: str | Path, who: str) -> tuple[Path, Path]:

@@ -142,6 +142,7 @@ def test_external_openbao_and_postgres(home: Path, openbao, migrated) -> None:  
         "VAULTLINE_VAULT_SECRET_ID": openbao.tokenizer.secret_id,
         "VAULTLINE_DATABASE_URL": migrated.app_dsn,
         "VAULTLINE_DATABASE_OWNER_URL": migrated.owner_dsn,
+        "VAULTLINE_IVR_DATABASE_URL": migrated.ivr_dsn,
         "VAULTLINE_COMMIT_DELAY_MS": "6",
     })
     info = stack.up()

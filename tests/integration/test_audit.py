@@ -348,6 +348,7 @@ class Scratch:
     app_dsn: str = dataclasses.field(repr=False)
     superuser_dsn: str = dataclasses.field(repr=False)
     receipts: list[AuditReceipt]
+    auditor_dsn: str = dataclasses.field(repr=False, default="")  # read-only: the CLI's
 
     async def sql(self, *statements: str) -> None:
         """Run statements as a superuser with the append-only triggers off, as an attacker."""
@@ -386,7 +387,8 @@ async def scratch(migrated: PostgresHandle) -> AsyncIterator[Scratch]:
             ]
         finally:
             await store.close()
-        yield Scratch(app_dsn, _with_db(migrated.superuser_dsn, name), receipts)
+        yield Scratch(app_dsn, _with_db(migrated.superuser_dsn, name), receipts,
+                      _with_db(migrated.auditor_dsn, name))
     finally:
         await root.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await root.close()
@@ -400,7 +402,7 @@ def _verify_cli(dsn: str) -> tuple[int, str]:
 
 async def test_untouched_chain_verifies(scratch: Scratch) -> None:
     assert sorted(r.seq for r in scratch.receipts) == list(range(1, 31))
-    code, out = await asyncio.to_thread(_verify_cli, scratch.app_dsn)
+    code, out = await asyncio.to_thread(_verify_cli, scratch.auditor_dsn)
     assert code == 0
     assert out.startswith("chain intact: 30 records (head seq 30, sha256 ")
     report, head = await audit_cli.verify_database(scratch.app_dsn, page_size=4)
@@ -460,7 +462,7 @@ async def test_tampering_is_found_at_the_first_broken_record(scratch: Scratch, c
     assert not report.ok
     assert report.first_broken_seq == first_broken, report
     assert problem in report.problem
-    code, out = await asyncio.to_thread(_verify_cli, scratch.app_dsn)
+    code, out = await asyncio.to_thread(_verify_cli, scratch.auditor_dsn)
     assert code == 1
     assert out.startswith(f"chain BROKEN at record {first_broken}: ")
     assert "spiffe" not in out and "req-" not in out and "tok_" not in out
@@ -489,7 +491,7 @@ async def test_record_rewritten_with_recomputed_hashes_breaks_the_next_link(
 
 async def test_missing_head_is_reported(scratch: Scratch) -> None:
     await scratch.sql("DELETE FROM audit_head")
-    code, out = await asyncio.to_thread(_verify_cli, scratch.app_dsn)
+    code, out = await asyncio.to_thread(_verify_cli, scratch.auditor_dsn)
     assert code == 1 and "audit head is missing" in out
 
 
@@ -541,9 +543,10 @@ async def test_cli_tail_and_verify_from_the_dev_stack_file(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.delenv("VAULTLINE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("VAULTLINE_AUDITOR_DATABASE_URL", raising=False)
     (tmp_path / "dev").mkdir()
-    (tmp_path / "dev" / "stack.json").write_text(json.dumps({"database_url": scratch.app_dsn}))
+    (tmp_path / "dev" / "stack.json").write_text(
+        json.dumps({"auditor_database_url": scratch.auditor_dsn}))
     await scratch.sql("UPDATE audit_log SET request_id = E'evil\\x1b[2J' WHERE seq = 30")
 
     code, out = await _run(_parse(tmp_path, ["audit", "tail", "-n", "3", "--json"]), capsys)
@@ -566,11 +569,11 @@ async def test_cli_prefers_the_environment_and_the_top_level_home(
     scratch: Scratch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("VAULTLINE_DATABASE_URL", scratch.app_dsn)
+    monkeypatch.setenv("VAULTLINE_AUDITOR_DATABASE_URL", scratch.auditor_dsn)
     code, out = await _run(_parse(tmp_path / "nowhere", ["audit", "verify"]), capsys)
     assert code == 0 and out.startswith("chain intact: 30 records")
 
-    monkeypatch.delenv("VAULTLINE_DATABASE_URL")
+    monkeypatch.delenv("VAULTLINE_AUDITOR_DATABASE_URL")
     args = _parse(tmp_path / "nowhere", ["--home", str(tmp_path / "also-nowhere"), "audit", "tail"])
     with pytest.raises(audit_cli.ConfigError):
         await _run(args, capsys)

@@ -54,7 +54,7 @@ async def test_kek_rotation_rewraps_every_data_key_online(
     latest = admin.key_status().latest_version
     assert latest == before + 1
 
-    store = await Store.connect(migrated.app_dsn, min_size=1, max_size=2)
+    store = await Store.connect(migrated.keys_dsn, min_size=1, max_size=2)  # `keys`' own role
     try:
         report = await rewrap_all(store, admin, latest)
         assert report.rewrapped >= 2  # this tenant's pan and fingerprint keys at least

@@ -100,7 +100,7 @@ async def make_ivr(migrated: PostgresHandle, tokenizer: Any
         port = free_port()
         config = IvrConfig(
             public_base_url=PUBLIC, account_sid=sim.account_sid, auth_token=sim.auth_token,
-            database_url=migrated.app_dsn, session_secret=os.urandom(32),
+            database_url=migrated.ivr_dsn, session_secret=os.urandom(32),
             crm_secret=crm.secret, flows_dir=FLOWS, twilio_api_base_url=sim.rest_base_url,
             crm_callback_urls={"card_capture": crm.url, "agent_handoff": crm.url},
             crm_backoff=0.01, crm_timeout=1.0, twilio_timeout=2.0, tokenizer_timeout=2.0,

@@ -10,7 +10,9 @@ import asyncpg
 import grpc
 import pytest
 
+from tests.fixtures.infra import PostgresHandle
 from tests.ivr.conftest import IvrEnv
+from vaultline.store import Store
 from vaultline.twilio_sim import Delay, HangUp, Press, SimCall, Timeout, WaitForRedirect, sign
 
 pytestmark = pytest.mark.integration
@@ -300,13 +302,19 @@ async def test_no_pan_in_session_rows(env: IvrEnv, superuser_db: str) -> None:
             assert VISA.encode() not in blob, key
 
 
-async def test_the_capture_is_in_the_chained_audit_trail(env: IvrEnv) -> None:
+async def test_the_capture_is_in_the_chained_audit_trail(
+    env: IvrEnv, migrated: PostgresHandle
+) -> None:
     # Issue 14: the IVR's capture events were log lines only; now each is a chained audit
     # record, durable before the call goes on, naming the token (never a card number).
     call = await env.call("card_capture", card_script())
     [row] = await env.sessions(call.sid)
-    assert env.ivr.service.store is not None
-    records = await env.ivr.service.store.audit_appender().recent_audit(200)
+    # Read back as the auditor: the IVR's own role appends records but cannot read them.
+    auditor = await Store.connect(migrated.auditor_dsn, min_size=1, max_size=1)
+    try:
+        records = await auditor.recent_audit(200)
+    finally:
+        await auditor.close()
     mine = [(r["method"].rsplit("/", 1)[-1], r["outcome"], r["token"], r["role"], r["peer"])
             for r in records if r["request_id"] == row.id]
     token = env.crm.events[-1]["data"]["token"]

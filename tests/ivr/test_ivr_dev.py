@@ -21,7 +21,7 @@ FLOWS = Path(__file__).resolve().parents[2] / "ivr_flows"
 async def test_sim_call_command_prints_masked_transcript_and_token(
         tmp_path: Path, migrated: PostgresHandle, tokenizer: Any, capsys: Any) -> None:
     dev = tmp_path / "dev"
-    running = await start_dev_ivr(dev_dir=dev, database_url=migrated.app_dsn,
+    running = await start_dev_ivr(dev_dir=dev, database_url=migrated.ivr_dsn,
                                   channel=tokenizer.channel("ivr/ivr-1"), flows_dir=FLOWS)
     try:
         info = stack_info(running, dev)

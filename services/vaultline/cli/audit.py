@@ -1,7 +1,8 @@
 """`vaultline audit verify|tail`: check the audit hash chain and show recent records.
 
-Both read PostgreSQL with the service DSN (`VAULTLINE_DATABASE_URL`, or the running dev
-stack's `database_url`); the service role may read the audit tables. `verify` also checks
+Both read PostgreSQL as the read-only auditor role (`VAULTLINE_AUDITOR_DATABASE_URL`, or the
+running dev stack's `auditor_database_url`), which may read the audit tables and nothing
+else: the auditor checks the chain independently of the tokenizer it audits. `verify` also checks
 the chain against the checkpoints the tokenizer files in OpenBao, as the auditor AppRole
 (`VAULTLINE_AUDITOR_APPROLE_FILE` and `VAULTLINE_VAULT_ADDR`, or the dev stack's). It never
 prints a record's fields, only which record is broken and how.
@@ -23,7 +24,7 @@ from typing import Any, TextIO
 from ..config import (
     ConfigError,
     audit_chain_from_env,
-    database_url,
+    auditor_database_url,
     env_or_stack,
     stack_value,
 )
@@ -113,7 +114,7 @@ def cmd_audit_verify(args: argparse.Namespace, home_default: str | Path = ".vaul
     home = _home(args, home_default)
     ledger = auditor_ledger(home)
     try:
-        return run_verify(database_url(home), out=sys.stdout, err=sys.stderr,
+        return run_verify(auditor_database_url(home), out=sys.stdout, err=sys.stderr,
                           page_size=args.page_size, ledger=ledger)
     finally:
         if ledger is not None:
@@ -192,7 +193,7 @@ def run_tail(dsn: str, limit: int, *, as_json: bool, out: TextIO) -> int:
 def cmd_audit_tail(args: argparse.Namespace, home_default: str | Path = ".vaultline") -> int:
     if args.n < 1:
         raise ConfigError("-n must be at least 1")
-    dsn = database_url(_home(args, home_default))
+    dsn = auditor_database_url(_home(args, home_default))
     return run_tail(dsn, args.n, as_json=args.json, out=sys.stdout)
 
 

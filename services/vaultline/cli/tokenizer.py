@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import config as config_module
-from ..config import ConfigError, TokenizerConfig, database_url, env_or_stack
+from ..config import ConfigError, TokenizerConfig, env_or_stack, keys_database_url
 from ..runtime import tune_gc
 from .common import run_until_signalled
 
@@ -100,7 +100,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         status = await asyncio.to_thread(admin.key_status)
-        store = await Store.connect(database_url(args.home), min_size=1, max_size=1)
+        store = await Store.connect(keys_database_url(args.home), min_size=1, max_size=1)
         try:
             counts = await store.count_data_keys_by_kek_version()
         finally:
@@ -152,7 +152,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             await asyncio.to_thread(admin.rotate_key)
         latest = (await asyncio.to_thread(admin.key_status)).latest_version
         print(f"KEK version {before} -> {latest}; rewrapping stored data keys…", flush=True)
-        store = await Store.connect(database_url(args.home), min_size=1, max_size=2)
+        store = await Store.connect(keys_database_url(args.home), min_size=1, max_size=2)
         try:
             report = await rewrap_all(
                 store,

@@ -53,7 +53,12 @@ _log = logging.getLogger(__name__)
 
 DATABASE: Final = "vaultline"
 OWNER_ROLE: Final = "vaultline_owner"  # owns database and schema; runs migrations only
-APP_ROLE: Final = "vaultline_app"  # the services' runtime role; grants come from migrations
+APP_ROLE: Final = "vaultline_app"  # the tokenizer's runtime role; grants come from migrations
+IVR_ROLE: Final = "vaultline_ivr"  # the IVR's: its capture sessions and audit appends only
+AUDITOR_ROLE: Final = "vaultline_auditor"  # `vaultline audit verify|tail`: reads the trail only
+KEYS_ROLE: Final = "vaultline_keys"  # `vaultline keys`: reads and rewraps wrapped data keys only
+# One login role per process (issue 14); the superuser only ever bootstraps.
+LOGIN_ROLES: Final = (OWNER_ROLE, APP_ROLE, IVR_ROLE, AUDITOR_ROLE, KEYS_ROLE)
 SUPERUSER: Final = "postgres"
 SYSTEM_USER: Final = "vaultline-pg"  # OS account for the server when we run as root
 SUPERUSER_FILE: Final = "postgres-superuser.json"
@@ -109,11 +114,14 @@ def pg_bin_dir() -> Path:
 
 @dataclass(frozen=True)
 class PostgresBootstrap:
-    """Connection strings for the three roles. They embed passwords, so repr() hides them."""
+    """Connection strings of the roles. They embed passwords, so repr() hides them."""
 
     owner_dsn: str = field(repr=False)
     app_dsn: str = field(repr=False)
     superuser_dsn: str = field(repr=False)
+    ivr_dsn: str = field(repr=False, default="")
+    auditor_dsn: str = field(repr=False, default="")
+    keys_dsn: str = field(repr=False, default="")
     host: str = HOST
     port: int = 5432
     database: str = DATABASE
@@ -371,9 +379,10 @@ def _run_async(fn: Callable[[], Awaitable[_T]]) -> _T:
 
 
 def bootstrap_database(superuser_dsn: str, dev_dir: Path) -> PostgresBootstrap:
-    """Idempotently create roles ``vaultline_owner`` and ``vaultline_app`` (passwords kept in
-    ``dev_dir/postgres-roles.json``) and database ``vaultline`` owned by the owner role, whose
-    schema public only the owner may create in. Works on any server given a superuser DSN."""
+    """Idempotently create the login roles (`LOGIN_ROLES`: the owner, and one per process;
+    passwords kept in ``dev_dir/postgres-roles.json``) and database ``vaultline`` owned by the
+    owner role, whose schema public only the owner may create in. Works on any server given a
+    superuser DSN."""
     import asyncpg
 
     parts = urllib.parse.urlsplit(superuser_dsn)
@@ -383,12 +392,13 @@ def bootstrap_database(superuser_dsn: str, dev_dir: Path) -> PostgresBootstrap:
     passwords: dict[str, str] = {}
     with contextlib.suppress(OSError, ValueError, DevstackError):
         saved = read_json(roles_file)
-        for role in (OWNER_ROLE, APP_ROLE):
+        for role in LOGIN_ROLES:
             entry = saved.get(role)
             if isinstance(entry, dict) and isinstance(entry.get("password"), str):
                 passwords[role] = entry["password"]
-    if set(passwords) != {OWNER_ROLE, APP_ROLE}:
-        passwords = {role: secrets.token_urlsafe(32) for role in (OWNER_ROLE, APP_ROLE)}
+    if set(passwords) != set(LOGIN_ROLES):  # new roles (an older home) get a password each
+        passwords = {role: passwords.get(role) or secrets.token_urlsafe(32)
+                     for role in LOGIN_ROLES}
         write_secret_json(roles_file, {role: {"password": pw} for role, pw in passwords.items()})
 
     db_dsn = urllib.parse.urlunsplit(parts._replace(path=f"/{DATABASE}"))
@@ -408,11 +418,12 @@ def bootstrap_database(superuser_dsn: str, dev_dir: Path) -> PostgresBootstrap:
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
                 await conn.execute(f"CREATE DATABASE {_quote_ident(DATABASE)} TEMPLATE template0 "
                                    f"ENCODING 'UTF8' OWNER {_quote_ident(OWNER_ROLE)}")
-            db, owner, app = map(_quote_ident, (DATABASE, OWNER_ROLE, APP_ROLE))
+            db, owner = map(_quote_ident, (DATABASE, OWNER_ROLE))
             await conn.execute(f"ALTER DATABASE {db} OWNER TO {owner}")
             # Nobody but the owner connects or makes temp tables unless granted explicitly.
             await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM PUBLIC")
-            await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {app}")
+            for role in LOGIN_ROLES[1:]:
+                await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {_quote_ident(role)}")
         finally:
             await conn.close()
         conn = await asyncpg.connect(db_dsn, timeout=30)
@@ -433,5 +444,8 @@ def bootstrap_database(superuser_dsn: str, dev_dir: Path) -> PostgresBootstrap:
         owner_dsn=_dsn(OWNER_ROLE, passwords[OWNER_ROLE], host, port, DATABASE, query),
         app_dsn=_dsn(APP_ROLE, passwords[APP_ROLE], host, port, DATABASE, query),
         superuser_dsn=superuser_dsn,
+        ivr_dsn=_dsn(IVR_ROLE, passwords[IVR_ROLE], host, port, DATABASE, query),
+        auditor_dsn=_dsn(AUDITOR_ROLE, passwords[AUDITOR_ROLE], host, port, DATABASE, query),
+        keys_dsn=_dsn(KEYS_ROLE, passwords[KEYS_ROLE], host, port, DATABASE, query),
         host=host, port=port, database=DATABASE,
     )

@@ -91,8 +91,9 @@ class DevStack:
             pki = await asyncio.to_thread(init_dev_pki, self.home / "pki")
             vault_addr, tokenizer_creds, admin_file, auditor_file = await asyncio.to_thread(
                 self._start_openbao)
-            app_dsn, owner_dsn = await asyncio.to_thread(self._start_postgres)
-            applied = await migrate(owner_dsn)
+            dsns = await asyncio.to_thread(self._start_postgres)
+            app_dsn = dsns["database_url"]
+            applied = await migrate(dsns["owner_dsn"])
             self.tokenizer = TokenizerServer(
                 TokenizerConfig(
                     database_url=app_dsn,
@@ -110,15 +111,15 @@ class DevStack:
                 )
             )
             grpc_address = await self.tokenizer.start()
-            ivr_info = await self._start_ivr(grpc_address, pki, app_dsn)
+            ivr_info = await self._start_ivr(grpc_address, pki, dsns["ivr_database_url"])
         except BaseException:
             await self.stop()
             raise
         self.info = {
             "grpc_address": grpc_address,
             "vault_addr": vault_addr,
-            "database_url": app_dsn,
-            "owner_dsn": owner_dsn,
+            # One role per process: the tokenizer's, the IVR's, and the two admin commands'.
+            **{key: dsn for key, dsn in dsns.items() if dsn},
             "migrations_applied": applied,
             "ca": str(pki.ca_cert),
             "clients": pki.clients,
@@ -133,7 +134,7 @@ class DevStack:
         }
         write_json(self.stack_file, self.info, mode=0o600)
 
-    async def _start_ivr(self, grpc_address: str, pki: Any, app_dsn: str) -> dict[str, Any]:
+    async def _start_ivr(self, grpc_address: str, pki: Any, ivr_dsn: str) -> dict[str, Any]:
         """The payment IVR webhook service and the Twilio simulator's REST side it calls."""
         from ..security.tls import load_client_credentials
         from .ivr import stack_info, start_dev_ivr
@@ -141,7 +142,7 @@ class DevStack:
         ivr_client = pki.clients["ivr"]
         self._ivr_channel = grpc.aio.secure_channel(grpc_address, load_client_credentials(
             pki.ca_cert, ivr_client["cert"], ivr_client["key"]))
-        self.ivr = await start_dev_ivr(dev_dir=self.dev_dir, database_url=app_dsn,
+        self.ivr = await start_dev_ivr(dev_dir=self.dev_dir, database_url=ivr_dsn,
                                        channel=self._ivr_channel)
         return dict(stack_info(self.ivr, self.dev_dir))
 
@@ -159,20 +160,31 @@ class DevStack:
         return (self.openbao.addr, boot.tokenizer, str(boot.keys_admin_file),
                 str(boot.auditor_file) if boot.auditor_file else None)
 
-    def _start_postgres(self) -> tuple[str, str]:
+    def _start_postgres(self) -> dict[str, str]:
+        """The DSN of each role, by its stack.json key (an external server's from the
+        environment: the tokenizer's, the owner's and the IVR's are required)."""
         url = os.environ.get("VAULTLINE_DATABASE_URL")
         if url:
-            owner = os.environ.get("VAULTLINE_DATABASE_OWNER_URL")
-            if not owner:
+            external = {
+                "database_url": url,
+                "owner_dsn": os.environ.get("VAULTLINE_DATABASE_OWNER_URL", ""),
+                "ivr_database_url": os.environ.get("VAULTLINE_IVR_DATABASE_URL", ""),
+                "auditor_database_url": os.environ.get("VAULTLINE_AUDITOR_DATABASE_URL", ""),
+                "keys_database_url": os.environ.get("VAULTLINE_KEYS_DATABASE_URL", ""),
+            }
+            if not external["owner_dsn"] or not external["ivr_database_url"]:
                 raise ConfigError(
-                    "VAULTLINE_DATABASE_URL is set: set VAULTLINE_DATABASE_OWNER_URL too "
-                    "(the schema owner that runs migrations)"
+                    "VAULTLINE_DATABASE_URL is set: set VAULTLINE_DATABASE_OWNER_URL (the schema "
+                    "owner that runs migrations) and VAULTLINE_IVR_DATABASE_URL (the IVR's own "
+                    "role) too"
                 )
-            return url, owner
+            return external
         self.postgres = PostgresServer(self.home / "postgres", dev_dir=self.dev_dir)
         self.postgres.start()
         boot = self.postgres.bootstrap()
-        return boot.app_dsn, boot.owner_dsn
+        return {"database_url": boot.app_dsn, "owner_dsn": boot.owner_dsn,
+                "ivr_database_url": boot.ivr_dsn, "auditor_database_url": boot.auditor_dsn,
+                "keys_database_url": boot.keys_dsn}
 
     async def stop(self) -> None:
         if self._lock_fd is None:
