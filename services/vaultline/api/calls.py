@@ -5,10 +5,11 @@ table, and observe metrics. Servicers decorate methods with `unary` or `streamin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -81,6 +82,37 @@ async def _audit_failure(
         log.error("could not audit a refused or failed call", exc_info=True)
 
 
+class _Answer:
+    """How a call ended (its status code name), for the metric `_observed` records."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code = "OK"
+
+    async def fail(self, exc: BaseException, gate: Gate, call: CallContext,
+                   context: grpc.aio.ServicerContext, *, tenant: str, token: str = "",
+                   purpose: str = "") -> None:
+        """Audit a refused or failed call and abort it with the translated status."""
+        self.code = _code_name(exc)
+        # current_call: the identity is known even when authorization refused the call.
+        await _audit_failure(gate, current_call.get() or call, self.code, tenant, token,
+                             purpose)
+        await _abort(context, exc)
+
+
+@contextlib.contextmanager
+def _observed(gate: Gate, method: str) -> Iterator[_Answer]:
+    """Times a call and records its metric with the code it ended with."""
+    answer = _Answer()
+    started = time.perf_counter()
+    try:
+        yield answer
+    finally:
+        if gate.metrics is not None:
+            gate.metrics.observe_call(method, answer.code, time.perf_counter() - started)
+
+
 def unary(fn: F) -> F:
     """The wrapper of a unary method; it writes the audit record of every answer."""
     return _unary(fn, audits_success=True)
@@ -102,39 +134,33 @@ def _unary(fn: F, *, audits_success: bool) -> F:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         gate: Gate = self._gate
         call = open_call(method, context)
-        started = time.perf_counter()
-        code = "OK"
         # Administration requests name no tenant: the policy's tenant binding does not apply.
         scoped = hasattr(request, "tenant")
         tenant = (request.tenant or "default") if scoped else ""
-        try:
-            call = gate.admit(call, context)
-            if request.ByteSize() > gate.max_unary_bytes:
-                raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
-                    "", "the request is larger than this server accepts"),))
-            if scoped:
-                gate.check_tenant(call, tenant)
-            if metered:
-                gate.take_quota(call, 1)
-            response = await fn(self, request, context)
-            if audits_success:
-                token = getattr(request, "token", "") or getattr(
-                    getattr(response, "token", None), "token", "")
-                await gate.audit([gate.event(
-                    call, "OK", tenant=tenant or _batch_tenant(response), token=token,
-                    purpose=_audited_purpose(_purpose_of(request)))])
-            if reveals:
-                gate.count_reveals(call, 1)
-            return response
-        except Exception as exc:  # noqa: BLE001 - the translation table decides
-            code = _code_name(exc)
-            # current_call: the identity is known even when authorization refused the call.
-            await _audit_failure(gate, current_call.get() or call, code, tenant,
-                                 getattr(request, "token", ""), _purpose_of(request))
-            await _abort(context, exc)
-        finally:
-            if gate.metrics is not None:
-                gate.metrics.observe_call(method, code, time.perf_counter() - started)
+        with _observed(gate, method) as answer:
+            try:
+                call = gate.admit(call, context)
+                if request.ByteSize() > gate.max_unary_bytes:
+                    raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
+                        "", "the request is larger than this server accepts"),))
+                if scoped:
+                    gate.check_tenant(call, tenant)
+                if metered:
+                    gate.take_quota(call, 1)
+                response = await fn(self, request, context)
+                if audits_success:
+                    token = getattr(request, "token", "") or getattr(
+                        getattr(response, "token", None), "token", "")
+                    await gate.audit([gate.event(
+                        call, "OK", tenant=tenant or _batch_tenant(response), token=token,
+                        purpose=_audited_purpose(_purpose_of(request)))])
+                if reveals:
+                    gate.count_reveals(call, 1)
+                return response
+            except Exception as exc:  # noqa: BLE001 - the translation table decides
+                await answer.fail(exc, gate, call, context, tenant=tenant,
+                                  token=getattr(request, "token", ""),
+                                  purpose=_purpose_of(request))
 
     return wrapper  # type: ignore[return-value]
 
@@ -160,23 +186,17 @@ def client_streaming(fn: F) -> F:
     async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
         gate: Gate = self._gate
         call = open_call(method, context)
-        started = time.perf_counter()
-        code = "OK"
         seen = _StreamTrace()
-        try:
-            call = gate.admit(call, context)
-            response = await fn(self, _traced(requests, seen), context)
-            await gate.audit([gate.event(
-                call, "OK", tenant=_batch_tenant(response) or _audited_tenant(seen.tenant),
-                purpose=response.batch.batch_id)])
-            return response
-        except Exception as exc:  # noqa: BLE001 - the translation table decides
-            code = _code_name(exc)
-            await _audit_failure(gate, current_call.get() or call, code, seen.tenant, "", "")
-            await _abort(context, exc)
-        finally:
-            if gate.metrics is not None:
-                gate.metrics.observe_call(method, code, time.perf_counter() - started)
+        with _observed(gate, method) as answer:
+            try:
+                call = gate.admit(call, context)
+                response = await fn(self, _traced(requests, seen), context)
+                await gate.audit([gate.event(
+                    call, "OK", tenant=_batch_tenant(response) or _audited_tenant(seen.tenant),
+                    purpose=response.batch.batch_id)])
+                return response
+            except Exception as exc:  # noqa: BLE001 - the translation table decides
+                await answer.fail(exc, gate, call, context, tenant=seen.tenant)
 
     return wrapper  # type: ignore[return-value]
 
@@ -188,24 +208,18 @@ def streaming(fn: F) -> F:
     async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
         gate: Gate = self._gate
         call = open_call(method, context)
-        started = time.perf_counter()
-        code = "OK"
         seen = _StreamTrace()
-        try:
-            call = gate.admit(call, context)
-            async for response in fn(self, _traced(requests, seen), context):
-                yield response
-            await gate.audit([gate.event(
-                call, "OK", tenant=_audited_tenant(seen.tenant),
-                purpose=_audited_purpose(seen.purpose))])
-        except Exception as exc:  # noqa: BLE001 - the translation table decides
-            code = _code_name(exc)
-            await _audit_failure(gate, current_call.get() or call, code, seen.tenant, "",
-                                 seen.purpose)
-            await _abort(context, exc)
-        finally:
-            if gate.metrics is not None:
-                gate.metrics.observe_call(method, code, time.perf_counter() - started)
+        with _observed(gate, method) as answer:
+            try:
+                call = gate.admit(call, context)
+                async for response in fn(self, _traced(requests, seen), context):
+                    yield response
+                await gate.audit([gate.event(
+                    call, "OK", tenant=_audited_tenant(seen.tenant),
+                    purpose=_audited_purpose(seen.purpose))])
+            except Exception as exc:  # noqa: BLE001 - the translation table decides
+                await answer.fail(exc, gate, call, context, tenant=seen.tenant,
+                                  purpose=seen.purpose)
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,9 +1,12 @@
-"""Finance settlement: dual-controlled bulk detokenization into an OpenPGP-encrypted file.
+"""Finance settlement, client side: dual-controlled bulk detokenization into an
+OpenPGP-encrypted file. Dual control itself is the tokenizer's (`vaultline.dual_control`,
+served as `SettlementService`); nothing here touches the database.
 
 - ``batch``: pure CSV validation of a capture file (``vaultline settle create``)
 - ``fileformat``: the pure processor-file format (VLSF v1) with check values and totals
 - ``openpgp``: the only module that runs ``gpg`` (streaming encryption)
-- ``job``: the run — BatchDetokenize over mTLS, temp file + fsync + rename, rejects, summary
+- ``job``: create/approve/run through SettlementService and BatchDetokenize over mTLS; the
+  file through temp file + fsync + rename, rejects, summary
 
 Its commands, ``vaultline settle create|approve|run|status|list``, are ``vaultline.cli.settle``.
 """
