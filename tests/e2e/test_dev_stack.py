@@ -38,7 +38,12 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
     stack = Stack(home)
     info = stack.up()
     try:
-        assert {"grpc_address", "vault_addr", "database_url"} <= info.keys()
+        assert {"grpc_address", "vault_addr", "database_url", "ivr_database_url",
+                "auditor_database_url", "keys_database_url", "pay_connector_url",
+                "pay_connector_credentials_file"} <= info.keys()
+        connector_file = Path(info["pay_connector_credentials_file"])
+        assert connector_file.stat().st_mode & 0o077 == 0  # the connector's password
+        assert info["pay_connector_url"] == info["ivr_base_url"].rstrip("/") + "/pay/connector"
         assert info["grpc_address"].startswith("127.0.0.1:")
         # Unseal material is kept, dev-only and labelled so, and private.
         init_file = home / "dev" / "openbao-init.json"

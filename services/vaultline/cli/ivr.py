@@ -5,12 +5,17 @@
   IVR_PUBLIC_BASE_URL      the URL Twilio calls (signatures are checked against it)
   IVR_LISTEN               host:port to listen on (default 127.0.0.1:8080)
   TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN_FILE, TWILIO_API_BASE_URL (default Twilio's)
-  DATABASE_URL             the service role's DSN
+  DATABASE_URL             the IVR role's DSN (vaultline_ivr: its sessions only)
   IVR_SESSION_SECRET_FILE  >= 32 bytes; the same file on every replica
   IVR_CRM_SECRET_FILE      the CRM callbacks' HMAC key
   TOKENIZER_ADDRESS        host:port of the tokenizer; with TOKENIZER_CA, TOKENIZER_CERT,
                            TOKENIZER_KEY (the `ivr` client certificate) for mTLS
   IVR_FLOWS_DIR            default: the flows shipped with vaultline (ivr_flows/)
+  PAY_CONNECTOR_CREDENTIALS_FILE
+                           {"username", "password"} Twilio's Generic Pay Connector sends to
+                           POST /pay/connector (HTTP Basic); unset: the endpoint answers 401
+  PAY_CONNECTOR_TENANT     the tenant its cards are tokenized into (default: default)
+  PAY_CONNECTOR_TOKEN_FORMAT  opaque (default), numeric or numeric_keep_bin
 """
 
 from __future__ import annotations
@@ -43,8 +48,15 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
     import grpc
 
     from ..ivr.app import IvrConfig, start_ivr
+    from ..ivr.connector import ConnectorCredentials
 
     host, _, port = _env("IVR_LISTEN", "127.0.0.1:8080").rpartition(":")
+    connector_file = os.environ.get("VAULTLINE_PAY_CONNECTOR_CREDENTIALS_FILE")
+    try:
+        connector = (ConnectorCredentials.from_file(Path(connector_file))
+                     if connector_file else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     config = IvrConfig(
         public_base_url=_env("IVR_PUBLIC_BASE_URL"),
         account_sid=_env("TWILIO_ACCOUNT_SID"),
@@ -54,6 +66,9 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         session_secret=read_secret_file(Path(_env("IVR_SESSION_SECRET_FILE"))),
         crm_secret=read_secret_file(Path(_env("IVR_CRM_SECRET_FILE"))),
         flows_dir=Path(_env("IVR_FLOWS_DIR", str(IVR_FLOWS_DIR))),
+        connector_credentials=connector,
+        connector_tenant=_env("PAY_CONNECTOR_TENANT", "default"),
+        connector_token_format=_env("PAY_CONNECTOR_TOKEN_FORMAT", "opaque"),
     )
 
     async def main() -> None:
@@ -135,7 +150,12 @@ def add_ivr_commands(subparsers: Any) -> None:
     # The state directory is the main parser's --home (a subparser default would override it).
     ivr = subparsers.add_parser("ivr", help="the secure payment IVR webhook service")
     ivr_sub = ivr.add_subparsers(dest="ivr_command", required=True, metavar="SUBCOMMAND")
-    serve = ivr_sub.add_parser("serve", help="serve Twilio webhooks (config from VAULTLINE_*)")
+    serve = ivr_sub.add_parser(
+        "serve", help="serve Twilio webhooks (config from VAULTLINE_*)",
+        description="Serve the payment IVR's Twilio webhooks and the Generic Pay Connector "
+        "endpoint. Configuration comes from the environment:\n\n"
+        + "  " + __doc__.split("(all `VAULTLINE_`-prefixed):\n", 1)[1].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.set_defaults(func=cmd_ivr_serve)
 
     sim = subparsers.add_parser("sim", help="the Twilio simulator of the dev stack")

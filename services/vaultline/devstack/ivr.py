@@ -7,6 +7,7 @@ secrets (Twilio auth token, session secret, CRM signing secret) are 0600 files i
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -15,12 +16,15 @@ from typing import Any
 import grpc
 
 from ..ivr.app import IvrConfig, RunningIvr, start_ivr
+from ..ivr.connector import ConnectorCredentials
 from ..ivr.flows import load_flows
 from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import TwilioSim
 from . import free_port
 
-__all__ = ["start_dev_ivr", "stack_info"]
+__all__ = ["CONNECTOR_FILE", "start_dev_ivr", "stack_info"]
+
+CONNECTOR_FILE = "pay-connector.json"  # the Generic Pay Connector's HTTP Basic credentials
 
 
 def _secret_file(path: Path, make: bytes) -> bytes:
@@ -45,6 +49,9 @@ async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.C
         sim.auth_token = _secret_file(token_file, secrets.token_hex(16).encode()).decode()
         session_secret = _secret_file(dev_dir / "ivr-session-secret", os.urandom(32))
         crm_secret = _secret_file(dev_dir / "ivr-crm-secret", os.urandom(32))
+        connector_file = dev_dir / CONNECTOR_FILE
+        _secret_file(connector_file, json.dumps(
+            {"username": "twilio", "password": secrets.token_urlsafe(24)}).encode())
         port = port or free_port(host)
         base = f"http://{host}:{port}"
         flows = load_flows(flows_dir)
@@ -53,6 +60,7 @@ async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.C
             database_url=database_url, session_secret=session_secret, crm_secret=crm_secret,
             flows_dir=flows_dir, twilio_api_base_url=sim.rest_base_url,
             crm_callback_urls={name: sim.rest_base_url + "/_sim/crm" for name in flows},
+            connector_credentials=ConnectorCredentials.from_file(connector_file),
         )
         running = await start_ivr(config, channel, host=host, port=port, flows=flows)
     except BaseException:
@@ -69,4 +77,6 @@ def stack_info(running: RunningIvr, dev_dir: Path) -> dict[str, Any]:
         "twilio_api_base_url": running.service.config.twilio_api_base_url,
         "twilio_auth_token_file": str(dev_dir / "twilio-auth-token"),
         "twilio_account_sid": running.service.config.account_sid,
+        "pay_connector_url": running.ivr_base_url.rstrip("/") + "/pay/connector",
+        "pay_connector_credentials_file": str(dev_dir / CONNECTOR_FILE),
     }

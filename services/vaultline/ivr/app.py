@@ -9,6 +9,7 @@ proxy in front changes nothing; a bad or missing signature is a bare 403 and an 
     /voice/{flow}/input?seq=N  a <Gather> result
     /voice/status              call status callbacks: a finished call ends its capture
     /voice/queue/{name}        hold message + <Enqueue> (a flow's failure path)
+    /pay/connector             Twilio's Generic Pay Connector (HTTP Basic, JSON; `connector`)
 
 Each request: load the call's session row, open its sealed fields, run the interpreter,
 perform each side effect and feed the result back, then save with compare-and-set on the
@@ -38,6 +39,7 @@ from ..ivr_store import IvrStore, SessionExists, SessionRow
 from ..resources import IVR_FLOWS_DIR
 from ..security.audit import AuditEvent, AuditWriter
 from . import interpreter as ivr
+from .connector import ConnectorCredentials, PayConnector
 from .crm import CrmNotifier, capture_event
 from .flows import Flow, load_flows
 from .sealing import OpenFailed, SessionSealer
@@ -82,6 +84,10 @@ class IvrConfig:
     # however slowly it sends (Twilio gives a webhook 15 s).
     max_connections: int = 512
     connection_lifetime: float = 60.0
+    # The Generic Pay Connector endpoint: None answers every request 401.
+    connector_credentials: ConnectorCredentials | None = None
+    connector_tenant: str = "default"
+    connector_token_format: str = "opaque"  # noqa: S105 - a token format, not a secret
 
     def __post_init__(self) -> None:
         if self.session_ttl > dt.timedelta(minutes=15):
@@ -107,8 +113,13 @@ class IvrService:
         self._crm: CrmNotifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._audit: AuditWriter | None = None
+        self.connector = PayConnector(
+            config.connector_credentials, self._tokenizer, self._sealer,
+            tenant=config.connector_tenant, token_format=config.connector_token_format)
+        self.connector.audit_identity = config.audit_identity
         self.app = web.Application()
         self.app.add_routes([
+            web.post("/pay/connector", self.connector.handle),
             web.post("/voice/status", self.status_callback),
             web.post("/voice/queue/{queue}", self.queue),
             web.post("/voice/{flow}", self.call_enters),
@@ -120,6 +131,7 @@ class IvrService:
         c = self.config
         self.store = await IvrStore.connect(c.database_url, max_size=c.db_pool_size)
         self._audit = AuditWriter(self.store.audit_appender())
+        self.connector.audit = self._audit
         self._rest = TwilioRest(c.account_sid, c.auth_token, c.twilio_api_base_url,
                                 timeout=c.twilio_timeout)
         self._http = aiohttp.ClientSession()

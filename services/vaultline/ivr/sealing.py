@@ -41,8 +41,15 @@ class SessionSealer:
         """The Tokenize request id of a capture step: the same on every replica (a retry gets
         the first token), unguessable without the session secret, and unrelated to anything
         the CRM sees (the session id reaches it in the capture event)."""
-        mac = hmac.new(self._secret, f"tokenize-request:{session_id}:{seq}".encode("ascii"),
-                       hashlib.sha256)
+        return self._request_id(f"tokenize-request:{session_id}:{seq}")
+
+    def connector_request_id(self, transaction_id: str) -> str:
+        """The Tokenize request id of a Pay Connector transaction: Twilio's retry (same
+        `transaction_id`) gets the first token; the transaction id itself is never stored."""
+        return self._request_id("pay-connector:" + transaction_id)
+
+    def _request_id(self, label: str) -> str:
+        mac = hmac.new(self._secret, label.encode("utf-8"), hashlib.sha256)
         return "ivr_" + mac.hexdigest()[:32]
 
     def _key(self, call_sid: str) -> SealingKey:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .interpreter import Secrets
 
-__all__ = ["IvrTokenizer", "TokenizeResult", "TokenizerUnavailable"]
+__all__ = ["IvrTokenizer", "TokenizeRefused", "TokenizeResult", "TokenizerUnavailable"]
 
 _FORMATS = {
     "numeric": pb.TOKEN_FORMAT_NUMERIC,
@@ -26,9 +28,28 @@ _FORMATS = {
 class TokenizerUnavailable(Exception):
     """Tokenize failed; carries the gRPC status code name only."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, reason: str = "") -> None:
         super().__init__(f"tokenize failed: {code}")
         self.code = code
+        self.reason = reason  # the tokenizer's ErrorInfo reason, e.g. INVALID_PAN
+
+
+class TokenizeRefused(TokenizerUnavailable):
+    """The tokenizer refused this card or request (INVALID_ARGUMENT, ALREADY_EXISTS): retrying
+    the same request will not help; `reason` says why."""
+
+
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS})
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +79,8 @@ class IvrTokenizer:
         try:
             response = await self._stub.Tokenize(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            raise TokenizerUnavailable(exc.code().name) from None
+            cls = TokenizeRefused if exc.code() in _REFUSALS else TokenizerUnavailable
+            raise cls(exc.code().name, _reason(exc)) from None
         token = response.token
         return TokenizeResult(token.token, pb.CardBrand.Name(token.brand).removeprefix(
             "CARD_BRAND_"), token.last4, token.expiry_month, token.expiry_year)
