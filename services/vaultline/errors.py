@@ -15,6 +15,9 @@ input, the fields at fault — never the value that was sent. The gRPC layer tur
      ├── BatchStateConflict    the batch is not in a state that allows it   -> FAILED_PRECONDITION
      ├── DualControlRefused    dual control forbids this caller or chunk    -> PERMISSION_DENIED
      ├── DailyBudgetExceeded   the identity's Detokenize budget for today   -> RESOURCE_EXHAUSTED
+     ├── CaptureNotFound       no such capture (or not the caller's tenant) -> NOT_FOUND
+     ├── CaptureInProgress     the call already has a capture in progress   -> ALREADY_EXISTS
+     ├── CaptureEnded          the capture has ended; nothing to change     -> FAILED_PRECONDITION
      └── DependencyUnavailable OpenBao or PostgreSQL cannot be reached      -> UNAVAILABLE
           ├── KeyServiceUnavailable
           └── DatabaseUnavailable
@@ -131,3 +134,18 @@ class DualControlRefused(_WithReason):
 class DailyBudgetExceeded(VaultlineError):
     reason = "DETOKENIZE_DAILY_BUDGET_EXCEEDED"
     message = "this identity's Detokenize budget for today is spent; use a settlement batch"
+
+
+class CaptureNotFound(VaultlineError):
+    reason = "CAPTURE_NOT_FOUND"
+    message = "no such capture"
+
+
+class CaptureInProgress(VaultlineError):
+    reason = "CAPTURE_IN_PROGRESS"
+    message = "this call already has a capture in progress"
+
+
+class CaptureEnded(VaultlineError):
+    reason = "CAPTURE_ENDED"
+    message = "the capture has ended"

@@ -16,15 +16,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.admin import AuditServicer, KeyServicer
+from .api.capture import CaptureServicer
 from .api.gate import Gate
 from .api.settlement import SettlementServicer
 from .api.tokenization import TokenizationServicer
+from .captures import CaptureHub, CaptureService
 from .commit_delay import CommitDelay
 from .config import TokenizerConfig
 from .dual_control import BatchService, DailyRevealBudget
 from .errors import DependencyUnavailable
 from .gen.admin.v1 import admin_service_pb2 as admin_svc_pb
 from .gen.admin.v1 import admin_service_pb2_grpc as admin_grpc
+from .gen.capture.v1 import capture_service_pb2 as capture_svc_pb
+from .gen.capture.v1 import capture_service_pb2_grpc as capture_grpc
 from .gen.settlement.v1 import settlement_service_pb2 as settlement_svc_pb
 from .gen.settlement.v1 import settlement_service_pb2_grpc as settlement_grpc
 from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = svc_pb.DESCRIPTOR.services_by_name["TokenizationService"].full_name
 ADMIN_SERVICES = tuple(s.full_name for s in admin_svc_pb.DESCRIPTOR.services_by_name.values())
 SETTLEMENT_SERVICE = settlement_svc_pb.DESCRIPTOR.services_by_name["SettlementService"].full_name
+CAPTURE_SERVICE = capture_svc_pb.DESCRIPTOR.services_by_name["CaptureService"].full_name
 HEALTH_PERIOD_S = 5.0
 # What we send is bounded by the chunk limit (20,000 items; a few MB even if every item is an
 # error); what we receive by the configured limits.
@@ -69,6 +74,7 @@ class TokenizerServer:
         self.purger: Purger | None = None
         self._purging: asyncio.Task[None] | None = None
         self.metrics = Metrics()
+        self.capture_hub = CaptureHub()
         self.metrics_address = ""
         self._metrics_server: object | None = None
 
@@ -112,6 +118,8 @@ class TokenizerServer:
         )
         settlement_grpc.add_SettlementServiceServicer_to_server(
             SettlementServicer(batches, gate), server)
+        capture_grpc.add_CaptureServiceServicer_to_server(
+            CaptureServicer(CaptureService(self.store, self.capture_hub), gate), server)
         admin = (
             TransitClient(config.vault_addr, config.keys_admin_credentials,
                           key_name=config.vault_key_name)
@@ -129,6 +137,7 @@ class TokenizerServer:
                 SERVICE_NAME,
                 *ADMIN_SERVICES,
                 SETTLEMENT_SERVICE,
+                CAPTURE_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -141,6 +150,7 @@ class TokenizerServer:
         self.address = f"{host}:{port}"
         await server.start()
         self._server = server
+        await self.capture_hub.start(self.store)
         self._probe = asyncio.create_task(self._probe_health())
         self.checkpointer = AuditCheckpointer(
             self.store, self._vault, every_seconds=config.audit_checkpoint_seconds,
@@ -197,6 +207,7 @@ class TokenizerServer:
             await self._server.stop(grace)
             self._server = None
             log.info("tokenizer stopped")
+        await self.capture_hub.stop()
         if self.checkpointer is not None and self.store is not None:
             # The records of the last moments get their checkpoint too, if OpenBao answers.
             try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -694,6 +694,98 @@ class Store:
                 " WHERE detokenize_budget.used < $2 RETURNING used",
                 identity, limit)
         return used is not None
+
+
+    # ---- captures --------------------------------------------------------------------------
+    # Agent-assisted captures (0012_captures.sql): started and commanded here, driven by the
+    # IVR, followed through their events. No card data: tokens and masked progress only.
+
+    _CAPTURE_COLUMNS = (
+        "id, tenant, call_sid, agent_id, requested_by, request_id, security_code, postal_code,"
+        " token_format, state, field, command, payment_sid, token, brand, last4, expiry_month,"
+        " expiry_year, failure_reason, last_seq, created_at, updated_at"
+    )
+    _EVENT_COLUMNS = (
+        "capture_id, seq, at, state, field, digits_entered, field_outcome, attempt, token,"
+        " brand, last4, expiry_month, expiry_year, failure_reason"
+    )
+
+    async def insert_capture(
+        self, capture_id: str, tenant: str, call_sid: str, agent_id: str, requested_by: str,
+        request_id: str, security_code: bool, postal_code: bool, token_format: int,
+    ) -> asyncpg.Record:
+        """A new capture in state started, with its first event; raises UniqueViolationError
+        (constraint name tells which) for a reused request id or a call already capturing."""
+        async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO captures (id, tenant, call_sid, agent_id, requested_by,"
+                " request_id, security_code, postal_code, token_format)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                capture_id, tenant, call_sid, agent_id, requested_by, request_id,
+                security_code, postal_code, token_format)
+            await conn.execute(
+                "SELECT capture_append_event($1, 'started', '', 0, '', 0, NULL, NULL, NULL,"
+                " NULL, NULL, '')", capture_id)
+            await conn.execute("SELECT pg_notify('vaultline_capture_command', $1)", capture_id)
+            row = await conn.fetchrow(
+                f"SELECT {self._CAPTURE_COLUMNS} FROM captures WHERE id = $1", capture_id)
+            assert row is not None
+            return row
+
+    async def find_capture(self, capture_id: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            f"SELECT {self._CAPTURE_COLUMNS} FROM captures WHERE id = $1", capture_id)
+
+    async def find_capture_by_request(self, requested_by: str, request_id: str
+                                      ) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            f"SELECT {self._CAPTURE_COLUMNS} FROM captures"
+            " WHERE requested_by = $1 AND request_id = $2", requested_by, request_id)
+
+    async def capture_events_after(self, capture_id: str, after_seq: int, limit: int
+                                   ) -> list[asyncpg.Record]:
+        return await self._fetch(
+            f"SELECT {self._EVENT_COLUMNS} FROM capture_events"
+            " WHERE capture_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            capture_id, after_seq, limit)
+
+    async def command_capture(self, capture_id: str, command: str) -> asyncpg.Record | None:
+        """Leave a command for the IVR (cancel, restart:<field>) on a capture in progress and
+        wake the IVR replicas; None if the capture has ended."""
+        async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE captures SET command = $2, updated_at = now() WHERE id = $1"
+                f" AND state IN ('started', 'capturing') RETURNING {self._CAPTURE_COLUMNS}",
+                capture_id, command)
+            if row is not None:
+                await conn.execute("SELECT pg_notify('vaultline_capture_command', $1)",
+                                   capture_id)
+            return row
+
+    async def listen(self, channel: str, on_notify: Callable[[str], None]
+                     ) -> Callable[[], Awaitable[None]]:
+        """Call `on_notify(payload)` for each NOTIFY on `channel`, on a connection held for
+        it; returns the coroutine function that stops listening."""
+        async with _translated():
+            conn = await self._pool.acquire()
+
+        def relay(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            on_notify(payload)
+
+        try:
+            async with _translated():
+                await conn.add_listener(channel, relay)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(channel, relay)
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+        return stop
 
 
 async def _with_batch(

@@ -78,7 +78,8 @@ def test_the_shipped_policy_keeps_tokenizing_inside_the_card_data_zone() -> None
     tokenizers = {role for role, methods in policy.roles.items()
                   if methods & {"Tokenize", "BatchTokenize"}}
     assert tokenizers == {"ivr", "intake"}  # never the CRM: it would be a PAN oracle
-    assert policy.roles["crm"] == {"GetToken", "DeleteToken"}
+    assert policy.roles["crm"] == {"GetToken", "DeleteToken", "StartCapture", "WatchCapture",
+                                   "GetCapture", "CancelCapture", "RestartCaptureField"}
     guard = Guard(policy)
     with pytest.raises(AccessDenied):
         guard.authorize("spiffe://vaultline/crm/crm-1", "crm", "Tokenize")

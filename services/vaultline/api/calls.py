@@ -166,15 +166,46 @@ def _unary(fn: F, *, audits_success: bool) -> F:
 
 
 def _purpose_of(request: Any) -> str:
-    """What the audit record names as purpose: the settlement batch the request is about (a
-    batch id never holds a digit run), else its purpose."""
-    return getattr(request, "batch_id", "") or getattr(request, "purpose", "")
+    """What the audit record names as purpose: the settlement batch or capture the request is
+    about (their ids never hold a digit run), else its purpose."""
+    return (getattr(request, "batch_id", "") or getattr(request, "capture_id", "")
+            or getattr(request, "purpose", ""))
 
 
 def _batch_tenant(response: Any) -> str:
-    """The tenant of a settlement batch a response carries (its requests name only the id)."""
-    batch = getattr(response, "batch", None)
-    return batch.tenant if batch is not None else ""
+    """The tenant of a settlement batch or capture a response carries (their requests name
+    only the id)."""
+    for name in ("batch", "capture"):
+        value = getattr(response, name, None)
+        if value is not None:
+            return str(value.tenant)
+    return ""
+
+
+def server_streaming(fn: F) -> F:
+    """The wrapper of a server-streaming method (one request, many answers): admitted and
+    checked as a unary call; one audit record when the stream ends, however it ends."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        gate: Gate = self._gate
+        call = open_call(method, context)
+        purpose = _purpose_of(request)
+        with _observed(gate, method) as answer:
+            try:
+                call = gate.admit(call, context)
+                if request.ByteSize() > gate.max_unary_bytes:
+                    raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
+                        "", "the request is larger than this server accepts"),))
+                async for response in fn(self, request, context):
+                    yield response
+                await gate.audit([gate.event(call, "OK", tenant="",
+                                             purpose=_audited_purpose(purpose))])
+            except Exception as exc:  # noqa: BLE001 - the translation table decides
+                await answer.fail(exc, gate, call, context, tenant="", purpose=purpose)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def client_streaming(fn: F) -> F:

@@ -17,6 +17,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from ..errors import (
     BatchNotFound,
     BatchStateConflict,
+    CaptureEnded,
+    CaptureInProgress,
+    CaptureNotFound,
     DailyBudgetExceeded,
     DependencyUnavailable,
     DualControlRefused,
@@ -52,6 +55,9 @@ _TABLE: tuple[tuple[type[VaultlineError], grpc.StatusCode], ...] = (
     (BatchStateConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (DualControlRefused, grpc.StatusCode.PERMISSION_DENIED),
     (DailyBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CaptureNotFound, grpc.StatusCode.NOT_FOUND),
+    (CaptureInProgress, grpc.StatusCode.ALREADY_EXISTS),
+    (CaptureEnded, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 INTERNAL_MESSAGE = "internal error"

@@ -42,6 +42,10 @@ KNOWN_METHODS = frozenset(
             "CreateBatch", "ApproveBatch", "GetBatch", "ListBatches", "ListBatchRows",
             "StartRun", "RenewRun", "FinishRun", "AbandonRun",
         ),
+        *(
+            "StartCapture", "WatchCapture", "GetCapture", "CancelCapture",
+            "RestartCaptureField",
+        ),
     }
 )
 # Methods that reveal card data: a purpose is required and a quota applies.
