@@ -33,6 +33,9 @@ CREATE TABLE captures (
     expiry_year     smallint,
     failure_reason  text        NOT NULL DEFAULT '',
     last_seq        bigint      NOT NULL DEFAULT 0,
+    -- The IVR's Payment driver state (ivr/payment.py), compare-and-set on driver_version.
+    driver          jsonb       NOT NULL DEFAULT '{}',
+    driver_version  integer     NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (requested_by, request_id)

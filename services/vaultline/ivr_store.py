@@ -71,6 +71,19 @@ def _row(r: asyncpg.Record) -> SessionRow:
                       r["expiry_month"], r["expiry_year"])
 
 
+_CAPTURE_COLUMNS = ("id, tenant, call_sid, agent_id, security_code, postal_code, token_format,"
+                    " state, payment_sid, driver, driver_version, last_seq")
+_CLAIM_COMMANDS = (
+    "WITH picked AS (SELECT id, command FROM captures WHERE command <> ''"
+    " AND state IN ('started', 'capturing') ORDER BY updated_at LIMIT $1"
+    " FOR UPDATE SKIP LOCKED)"
+    " UPDATE captures c SET command = '' FROM picked p WHERE c.id = p.id"
+    " RETURNING c.id, c.tenant, c.call_sid, c.agent_id, c.security_code, c.postal_code,"
+    " c.token_format, c.state, c.payment_sid, c.driver, c.driver_version, c.last_seq,"
+    " p.command AS taken"
+)
+
+
 class IvrStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -138,6 +151,55 @@ class IvrStore:
                 uuid.UUID(session_id), version, json.dumps(state), outcome, token, brand,
                 last4, expiry_month, expiry_year)
         return status == "UPDATE 1"
+
+    # ---- agent-assisted captures (0012_captures.sql) --------------------------------------
+
+    async def claim_capture_commands(self, limit: int = 20) -> list[tuple[Any, str]]:
+        """Take the pending agent commands (start, cancel, restart:<field>) of captures in
+        progress: each is taken by one replica only. (capture row, command) pairs."""
+        async with _translated():
+            rows = await self._pool.fetch(_CLAIM_COMMANDS, limit)
+        return [(r, r["taken"]) for r in rows]
+
+    async def find_capture(self, capture_id: str) -> Any | None:
+        async with _translated():
+            return await self._pool.fetchrow(
+                f"SELECT {_CAPTURE_COLUMNS} FROM captures WHERE id = $1",  # noqa: S608 constant
+                capture_id)
+
+    async def save_capture_driver(self, capture_id: str, version: int,
+                                  driver: Mapping[str, Any], payment_sid: str | None = None
+                                  ) -> bool:
+        """Compare-and-set the driver state on `driver_version`."""
+        async with _translated():
+            status = await self._pool.execute(
+                "UPDATE captures SET driver = $3::jsonb, driver_version = driver_version + 1,"
+                " payment_sid = coalesce($4, payment_sid), updated_at = now()"
+                " WHERE id = $1 AND driver_version = $2",
+                capture_id, version, json.dumps(driver), payment_sid)
+        return status == "UPDATE 1"
+
+    async def set_capture_payment(self, capture_id: str, payment_sid: str) -> None:
+        async with _translated():
+            await self._pool.execute(
+                "UPDATE captures SET payment_sid = $2 WHERE id = $1", capture_id, payment_sid)
+
+    async def append_capture_event(
+        self, capture_id: str, state: str, field: str = "", digits: int = 0,
+        outcome: str = "", attempt: int = 0, *, token: str | None = None,
+        brand: int | None = None, last4: str | None = None, expiry_month: int | None = None,
+        expiry_year: int | None = None, failure: str = "",
+    ) -> int:
+        async with _translated():
+            seq: int = await self._pool.fetchval(
+                "SELECT capture_append_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                capture_id, state, field, digits, outcome, attempt, token, brand, last4,
+                expiry_month, expiry_year, failure)
+        return seq
+
+    async def listen_commands(self, on_notify: Any) -> Any:
+        """NOTIFY vaultline_capture_command wakes `on_notify(capture_id)`; returns stop()."""
+        return await Store(self._pool).listen("vaultline_capture_command", on_notify)
 
     async def end_expired_sessions(self) -> int:
         """Erase and close captures past their deadline that nobody finished (the sweeper)."""

@@ -104,7 +104,7 @@ async def make_ivr(migrated: PostgresHandle, tokenizer: Any
             crm_secret=crm.secret, flows_dir=FLOWS, twilio_api_base_url=sim.rest_base_url,
             crm_callback_urls={"card_capture": crm.url, "agent_handoff": crm.url},
             crm_backoff=0.01, crm_timeout=1.0, twilio_timeout=2.0, tokenizer_timeout=2.0,
-            db_pool_size=4,
+            db_pool_size=4, capture_crm_callback_url=crm.url,
         )
         config = replace(config, **overrides)
         ivr = await start_ivr(config, channel or tokenizer.channel("ivr/ivr-1"), port=port)

@@ -10,6 +10,8 @@ proxy in front changes nothing; a bad or missing signature is a bare 403 and an 
     /voice/status              call status callbacks: a finished call ends its capture
     /voice/queue/{name}        hold message + <Enqueue> (a flow's failure path)
     /pay/connector             Twilio's Generic Pay Connector (HTTP Basic, JSON; `connector`)
+    /pay/status/{capture}      an agent-assisted capture's Payment StatusCallbacks
+                               (`agent_capture`, which also takes the agents' commands)
 
 Each request: load the call's session row, open its sealed fields, run the interpreter,
 perform each side effect and feed the result back, then save with compare-and-set on the
@@ -39,6 +41,7 @@ from ..ivr_store import IvrStore, SessionExists, SessionRow
 from ..resources import IVR_FLOWS_DIR
 from ..security.audit import AuditEvent, AuditWriter
 from . import interpreter as ivr
+from .agent_capture import AgentCaptures
 from .connector import ConnectorCredentials, PayConnector
 from .crm import CrmNotifier, capture_event
 from .flows import Flow, load_flows
@@ -87,6 +90,10 @@ class IvrConfig:
     # The Generic Pay Connector endpoint: None answers every request 401.
     connector_credentials: ConnectorCredentials | None = None
     connector_tenant: str = "default"
+    # Agent-assisted captures: the Pay Connector's unique name on the Twilio account (the one
+    # pointing at /pay/connector), and where finished captures are announced.
+    pay_connector_name: str = "vaultline"
+    capture_crm_callback_url: str = ""
     connector_token_format: str = "opaque"  # noqa: S105 - a token format, not a secret
 
     def __post_init__(self) -> None:
@@ -112,6 +119,8 @@ class IvrService:
         self._http: aiohttp.ClientSession | None = None
         self._crm: CrmNotifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._agent_loop: asyncio.Task[None] | None = None
+        self.agent: AgentCaptures | None = None
         self._audit: AuditWriter | None = None
         self.connector = PayConnector(
             config.connector_credentials, self._tokenizer, self._sealer,
@@ -120,6 +129,7 @@ class IvrService:
         self.app = web.Application()
         self.app.add_routes([
             web.post("/pay/connector", self.connector.handle),
+            web.post("/pay/status/{capture}", self.payment_status),
             web.post("/voice/status", self.status_callback),
             web.post("/voice/queue/{queue}", self.queue),
             web.post("/voice/{flow}", self.call_enters),
@@ -138,12 +148,18 @@ class IvrService:
         self._crm = CrmNotifier(c.crm_secret, self._http, attempts=c.crm_attempts,
                                 backoff=c.crm_backoff, timeout=c.crm_timeout)
         self._sweeper = asyncio.create_task(self._sweep())
+        self.agent = AgentCaptures(
+            self.store, self._rest, self._tokenizer, self._crm, self._audit,
+            base_url=self._base, connector=c.pay_connector_name,
+            crm_url=c.capture_crm_callback_url, audit_identity=c.audit_identity)
+        self._agent_loop = asyncio.create_task(self.agent.run())
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._agent_loop):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._rest is not None:
             await self._rest.close()
         if self._http is not None:
@@ -249,6 +265,14 @@ class IvrService:
             if row is not None and flow is not None:
                 await self._run(flow, row, self._load(row), ivr.HungUp())
         return web.Response(status=204)
+
+    async def payment_status(self, request: web.Request) -> web.StreamResponse:
+        form = await self._signed_form(request)
+        if form is None:
+            return self._forbidden()
+        assert self.agent is not None
+        status = await self.agent.status_callback(request.match_info["capture"], form)
+        return web.Response(status=status)
 
     async def queue(self, request: web.Request) -> web.StreamResponse:
         form = await self._signed_form(request)

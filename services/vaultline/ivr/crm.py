@@ -19,7 +19,7 @@ import aiohttp
 
 from . import signing
 
-__all__ = ["CrmNotifier", "capture_event"]
+__all__ = ["CrmNotifier", "agent_capture_event", "capture_event"]
 
 log = logging.getLogger("vaultline.ivr.crm")
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -28,6 +28,13 @@ _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 def capture_event(session_id: str, data: Mapping[str, Any], created: int) -> dict[str, Any]:
     return {"id": f"evt_{session_id.replace('-', '')}", "type": "ivr.capture.completed",
             "created": created, "data": dict(data)}
+
+
+def agent_capture_event(capture_id: str, data: Mapping[str, Any], created: int
+                        ) -> dict[str, Any]:
+    """The event of a finished agent-assisted capture (one id per capture, for dedup)."""
+    return {"id": f"evt_{capture_id}", "type": "capture.completed", "created": created,
+            "data": dict(data)}
 
 
 class CrmNotifier:

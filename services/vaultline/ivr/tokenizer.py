@@ -84,3 +84,15 @@ class IvrTokenizer:
         token = response.token
         return TokenizeResult(token.token, pb.CardBrand.Name(token.brand).removeprefix(
             "CARD_BRAND_"), token.last4, token.expiry_month, token.expiry_year)
+
+    async def get_token(self, tenant: str, token: str) -> TokenizeResult:
+        """A token's metadata (brand, last four, expiry), as GetToken shows it."""
+        try:
+            response = await self._stub.GetToken(pb.GetTokenRequest(tenant=tenant, token=token),
+                                                 timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            cls = TokenizeRefused if exc.code() in _REFUSALS else TokenizerUnavailable
+            raise cls(exc.code().name, _reason(exc)) from None
+        found = response.token
+        return TokenizeResult(found.token, pb.CardBrand.Name(found.brand).removeprefix(
+            "CARD_BRAND_"), found.last4, found.expiry_month, found.expiry_year)

@@ -1,4 +1,5 @@
-"""Twilio REST calls the IVR makes (recording pause/resume, call redirects), through the
+"""Twilio REST calls the IVR makes (recording pause/resume, call redirects, agent-assisted
+Payments), through the
 twilio package's async client, pointed at a configurable API base URL.
 
 The base URL is applied in the client's HTTP layer (`BaseUrlHttpClient`), so the twilio
@@ -107,3 +108,45 @@ class TwilioRest:
             raise TwilioUnavailable("call redirect", exc.status) from None
         except (aiohttp.ClientError, TimeoutError, OSError):
             raise TwilioUnavailable("call redirect", None) from None
+
+
+    # ---- agent-assisted Payments (a Payment on the customer's live leg) ------------------
+
+    async def create_payment(self, call_sid: str, *, idempotency_key: str,
+                             status_callback: str, connector: str, security_code: bool,
+                             postal_code: bool, valid_card_types: str = "") -> str:
+        """Start a Payment on the call (tokenize only: ChargeAmount 0); its sid (PK…)."""
+        extra: dict[str, Any] = {"valid_card_types": valid_card_types} if valid_card_types \
+            else {}
+        try:
+            payment = await self._client.calls(call_sid).payments.create_async(
+                idempotency_key=idempotency_key, status_callback=status_callback,
+                payment_connector=connector,
+                token_type="reusable",  # noqa: S106 - Twilio's token kind, not a secret
+                charge_amount=0,
+                payment_method="credit-card", security_code=security_code,
+                postal_code=postal_code, **extra)
+        except TwilioRestException as exc:
+            raise TwilioUnavailable("payment create", exc.status) from None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            raise TwilioUnavailable("payment create", None) from None
+        if not (payment.sid or "").startswith("PK"):
+            raise TwilioUnavailable("payment create", None)
+        return str(payment.sid)
+
+    async def update_payment(self, call_sid: str, payment_sid: str, *, idempotency_key: str,
+                             status_callback: str, capture: str = "", status: str = "") -> None:
+        """`Capture=<field>` (ask the caller for it) or `Status=complete|cancel`."""
+        extra: dict[str, Any] = {}
+        if capture:
+            extra["capture"] = capture
+        if status:
+            extra["status"] = status
+        operation = f"payment {status or capture}"
+        try:
+            await self._client.calls(call_sid).payments(payment_sid).update_async(
+                idempotency_key=idempotency_key, status_callback=status_callback, **extra)
+        except TwilioRestException as exc:
+            raise TwilioUnavailable(operation, exc.status) from None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            raise TwilioUnavailable(operation, None) from None

@@ -12,6 +12,10 @@ REST paths served (HTTP Basic auth: Account SID / Auth Token, Twilio's error JSO
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings.json         start
     GET  /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings.json         list
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Recordings/{Sid}.json   update
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Payments.json           create
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Payments/{Sid}.json     update
+
+Agent-assisted calls (`agent_call`) and the Payment resource are in `payments.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from urllib.parse import urljoin
 import aiohttp
 from aiohttp import web
 
+from .payments import PaymentScript, SimPayments, twilio_error
 from .signature import sign
 
 __all__ = ["Call", "Delay", "Event", "HangUp", "Press", "SimCall", "Timeout", "TwilioSim",
@@ -111,6 +116,11 @@ class SimCall:
     timeline: list[Event] = field(default_factory=list)
     redirects: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
     responses: list[str] = field(default_factory=list)  # every TwiML document received
+    agent: SimCall | None = None  # the agent's leg of a conference with this (customer) call
+
+    def tones_heard_by_agent(self) -> int:
+        """Keypad tones the agent's leg heard: Twilio suppresses them during a Payment."""
+        return 0 if self.agent is None else len(self.agent.events("tone"))
 
     def add(self, kind: str, detail: str = "", *, sensitive: bool = False) -> None:
         self.timeline.append(Event(self.clock, kind, detail, self.recording, sensitive))
@@ -150,12 +160,6 @@ def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
-def _twilio_error(status: int, code: int, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message, "status": status,
-                              "more_info": f"https://www.twilio.com/docs/errors/{code}"},
-                             status=status)
-
-
 def _rfc2822() -> str:
     return email.utils.formatdate(usegmt=True).replace("GMT", "+0000")
 
@@ -183,6 +187,7 @@ class TwilioSim:
         self._http: aiohttp.ClientSession | None = None
         self.rest_base_url = ""
         self.crm_events: list[dict[str, Any]] = []  # what the demo CRM sink received
+        self.payments = SimPayments(self)
 
     def __repr__(self) -> str:
         return f"TwilioSim(account_sid={self.account_sid}, rest={self.rest_base_url})"
@@ -198,6 +203,8 @@ class TwilioSim:
             web.post(base + "/Recordings.json", self._rest_recording_create),
             web.get(base + "/Recordings.json", self._rest_recording_list),
             web.post(base + ".json", self._rest_call_update),
+            web.post(base + "/Payments.json", self.payments.create),
+            web.post(base + "/Payments/{payment}.json", self.payments.update),
             # Not Twilio: control paths so `vaultline sim call` (another process) can place a
             # call through this simulator, and a demo CRM sink for the dev stack.
             web.post("/_sim/calls", self._control_call),
@@ -212,6 +219,7 @@ class TwilioSim:
         return self.rest_base_url
 
     async def stop(self) -> None:
+        await self.payments.drain()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._http is not None:
@@ -256,6 +264,31 @@ class TwilioSim:
         call = self.new_call(from_=from_, to=to, record=record)
         await self.run(call, url, script, twiml=twiml, status_callback=status_callback)
         return call
+
+    def agent_call(self, script: PaymentScript, *, record: bool = True,
+                   from_: str = "+14155550100", to: str = "+18005550199") -> SimCall:
+        """A live conference: the customer's PSTN leg (recorded, in progress; returned) and
+        an agent's leg (`call.agent`). The customer keys what `script` says when a Payment
+        asks for each field."""
+        call = self.new_call(from_=from_, to=to, record=record)
+        call.status = "in-progress"
+        call.add("conference", "customer joined")
+        agent = SimCall(_sid("CA"), self.account_sid, "client:agent", to, status="in-progress")
+        agent.add("conference", "agent joined")
+        call.agent = agent
+        self.calls[agent.sid] = agent
+        self.payments.scripts[call.sid] = script
+        return call
+
+    def press_in_conference(self, call: SimCall, keys: str) -> None:
+        """The customer presses keys with no Payment capturing them: a conference carries
+        the tones to everyone on it, the agent included (what a Payment prevents)."""
+        for key in keys:
+            call.clock += KEY_SECONDS
+            call.add("pressed", key, sensitive=False)
+            if call.agent is not None:
+                call.agent.clock = call.clock
+                call.agent.add("tone", "*")  # the tone, never which key
 
     def new_call(self, *, from_: str = "+14155550100", to: str = "+18005550199",
                  record: bool = True) -> SimCall:
@@ -455,10 +488,10 @@ class TwilioSim:
         form = {k: str(v) for k, v in (await request.post()).items()}
         self.rest_requests.append((request.method, request.path, form))
         if not self._authorised(request):
-            return None, form, _twilio_error(401, 20003, "Authenticate")
+            return None, form, twilio_error(401, 20003, "Authenticate")
         call = self.calls.get(request.match_info["call"])
         if call is None:
-            return None, form, _twilio_error(404, 20404, "The requested resource "
+            return None, form, twilio_error(404, 20404, "The requested resource "
                                              f"{request.path} was not found")
         call.add("rest", f"{request.method} {request.path.split('/Calls/')[1]} "
                          + " ".join(f"{k}={v}" for k, v in sorted(form.items())))
@@ -496,18 +529,18 @@ class TwilioSim:
             return error
         assert call is not None
         if self.recording_fault is not None:
-            return _twilio_error(self.recording_fault, 20500 if self.recording_fault != 404
+            return twilio_error(self.recording_fault, 20500 if self.recording_fault != 404
                                  else 20404, "Internal Server Error")
         rec = request.match_info["rec"]
         if call.recording is None or call.recording == "stopped" or (
                 rec != "Twilio.CURRENT" and rec != call.recording_sid):
-            return _twilio_error(404, 20404, "The requested resource was not found")
+            return twilio_error(404, 20404, "The requested resource was not found")
         status = form.get("Status", "")
         behavior = form.get("PauseBehavior")
         if status not in ("paused", "in-progress", "stopped"):
-            return _twilio_error(400, 21220, "Invalid Status")
+            return twilio_error(400, 21220, "Invalid Status")
         if behavior is not None and (status != "paused" or behavior not in ("skip", "silence")):
-            return _twilio_error(400, 21220, "Invalid PauseBehavior")
+            return twilio_error(400, 21220, "Invalid PauseBehavior")
         call.recording = status
         call.pause_behavior = (behavior or "silence") if status == "paused" else None
         call.add("recording", status + (f" ({call.pause_behavior})" if status == "paused"

@@ -1,0 +1,326 @@
+"""The simulator's agent-assisted Payments: a conference leg for the agent, the Payment
+resource on the customer's leg, the customer's keypad, masked StatusCallbacks and the Generic
+Pay Connector call.
+
+REST (HTTP Basic, as every simulator path):
+
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Payments.json          create
+    POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Payments/{Sid}.json    update
+
+A `Capture=<field>` update makes the customer key that field's next attempt from their
+`PaymentScript` (one key every 0.3 simulated seconds, recorded on the customer's timeline with
+the recording's state; the agent's leg hears none of them, as Twilio suppresses the tones), and
+posts StatusCallbacks as Twilio does: `PartialResult=true` with a masked value while digits
+arrive, then the field's outcome (`ErrorType` when invalid, else `Required` listing what is
+still missing). `Status=complete` sends the card to the Pay Connector (HTTP Basic, Twilio's
+JSON, retried with the same `transaction_id` on a timeout or a 5xx) and posts the `Result` with
+the `PaymentToken`. A `*` pressed ends the Payment (`caller-interrupted-with-star`); a hang-up
+in the script ends the call (`caller-hung-up`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..card import luhn_ok
+
+__all__ = ["ConnectorConfig", "PaymentScript", "SimPayment", "SimPayments", "twilio_error"]
+
+KEY_SECONDS = 0.3
+FIELDS = ("payment-card-number", "expiration-date", "security-code", "postal-code")
+_ERRORS = {
+    "payment-card-number": "invalid-card-number",
+    "expiration-date": "invalid-date",
+    "security-code": "invalid-security-code",
+    "postal-code": "invalid-postal-code",
+}
+_VALUE_PARAM = {
+    "payment-card-number": "PaymentCardNumber",
+    "expiration-date": "ExpirationDate",
+    "security-code": "SecurityCode",
+    "postal-code": "PaymentCardPostalCode",
+}
+
+
+def twilio_error(status: int, code: int, message: str) -> web.Response:
+    """An error answer as Twilio's REST API gives it."""
+    return web.json_response({"code": code, "message": message, "status": status,
+                              "more_info": f"https://www.twilio.com/docs/errors/{code}"},
+                             status=status)
+
+
+@dataclass
+class PaymentScript:
+    """What the customer keys for each field (Twilio's names), one string per attempt.
+    `HANGUP` as an attempt hangs up there; a `*` anywhere ends the Payment."""
+
+    attempts: dict[str, list[str]] = field(default_factory=dict)
+    # Real seconds between keys, per field (a customer slower than the agent's next click).
+    key_delays: dict[str, float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"PaymentScript(<{sum(map(len, self.attempts.values()))} attempts>)"
+
+    @classmethod
+    def card(cls, pan: str, expiry: str, cvv: str = "", postal: str = "") -> PaymentScript:
+        attempts = {"payment-card-number": [pan], "expiration-date": [expiry]}
+        if cvv:
+            attempts["security-code"] = [cvv]
+        if postal:
+            attempts["postal-code"] = [postal]
+        return cls(attempts)
+
+
+HANGUP = "<hangup>"
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    url: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass
+class SimPayment:
+    sid: str
+    call_sid: str
+    status_callback: str
+    connector: str
+    security_code: bool
+    postal_code: bool
+    status: str = "capturing"  # capturing | completing | complete | cancelled | failed
+    entered: dict[str, str] = field(default_factory=dict, repr=False)  # digits, in memory
+    transaction_id: str = ""
+    connector_attempts: int = 0
+    callbacks: list[dict[str, str]] = field(default_factory=list)  # what was posted (masked)
+
+    def required(self) -> list[str]:
+        wanted = ["payment-card-number", "expiration-date"]
+        wanted += ["security-code"] if self.security_code else []
+        wanted += ["postal-code"] if self.postal_code else []
+        return [f for f in wanted if f not in self.entered]
+
+
+def _valid(name: str, digits: str) -> bool:
+    if name == "payment-card-number":
+        return 12 <= len(digits) <= 19 and digits.isdigit() and luhn_ok(digits)
+    if name == "expiration-date":
+        if len(digits) != 4 or not digits.isdigit() or not 1 <= int(digits[:2]) <= 12:
+            return False
+        today = dt.datetime.now(dt.UTC).date()
+        return (2000 + int(digits[2:]), int(digits[:2])) >= (today.year, today.month)
+    if name == "security-code":
+        return digits.isdigit() and 3 <= len(digits) <= 4
+    return digits.isalnum() and 3 <= len(digits) <= 10
+
+
+class SimPayments:
+    """Owned by a `TwilioSim`; its REST handlers are registered there."""
+
+    def __init__(self, sim: Any) -> None:  # the owning TwilioSim (sim.py imports this module)
+        self._sim = sim
+        self.payments: dict[str, SimPayment] = {}
+        self.by_idempotency: dict[str, str] = {}
+        self.connectors: dict[str, ConnectorConfig] = {}
+        self.scripts: dict[str, PaymentScript] = {}  # by customer call sid
+        self.connector_timeout = 5.0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- REST ---------------------------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        call, form, error = await self._sim._rest_common(request)
+        if error is not None:
+            return error
+        assert call is not None
+        if not form.get("IdempotencyKey") or not form.get("StatusCallback"):
+            return twilio_error(400, 21201, "IdempotencyKey and StatusCallback are required")
+        known = self.by_idempotency.get(form["IdempotencyKey"])
+        if known is not None:
+            return web.json_response(self._json(self.payments[known]), status=201)
+        if call.status != "in-progress":
+            return twilio_error(400, 21220, "Call is not in-progress")
+        if any(p.call_sid == call.sid and p.status in ("capturing", "completing")
+               for p in self.payments.values()):
+            return twilio_error(409, 64021, "A payment session is already in progress")
+        connector = form.get("PaymentConnector", "Default")
+        if connector not in self.connectors:
+            return twilio_error(400, 64004, "Unknown Pay Connector")
+        if form.get("ChargeAmount", "0") not in ("0", "0.0", "0.00", ""):
+            return twilio_error(400, 64007, "This connector cannot charge")
+        payment = SimPayment(
+            "PK" + secrets.token_hex(16), call.sid, form["StatusCallback"], connector,
+            form.get("SecurityCode", "true") == "true", form.get("PostalCode", "true") == "true")
+        payment.transaction_id = "tx_" + payment.sid
+        self.payments[payment.sid] = payment
+        self.by_idempotency[form["IdempotencyKey"]] = payment.sid
+        call.add("payment", f"created {payment.sid}")
+        return web.json_response(self._json(payment), status=201)
+
+    async def update(self, request: web.Request) -> web.Response:
+        call, form, error = await self._sim._rest_common(request)
+        if error is not None:
+            return error
+        assert call is not None
+        payment = self.payments.get(request.match_info["payment"])
+        if payment is None or payment.call_sid != call.sid:
+            return twilio_error(404, 20404, "The requested resource was not found")
+        if not form.get("IdempotencyKey") or not form.get("StatusCallback"):
+            return twilio_error(400, 21201, "IdempotencyKey and StatusCallback are required")
+        if self.by_idempotency.get(form["IdempotencyKey"]) == payment.sid + ":update":
+            return web.json_response(self._json(payment), status=202)
+        capture, status = form.get("Capture", ""), form.get("Status", "")
+        if bool(capture) == bool(status) or (capture and capture not in FIELDS) or (
+                status and status not in ("complete", "cancel")):
+            return twilio_error(400, 21220, "Give one of Capture or Status")
+        if payment.status != "capturing":
+            return twilio_error(400, 64021, "The payment session has ended")
+        self.by_idempotency[form["IdempotencyKey"]] = payment.sid + ":update"
+        if capture:
+            self._spawn(self._capture(call, payment, capture))
+        elif status == "complete":
+            payment.status = "completing"
+            self._spawn(self._complete(call, payment))
+        else:
+            payment.status = "cancelled"
+            payment.entered.clear()
+            call.add("payment", f"cancelled {payment.sid}")
+        return web.json_response(self._json(payment), status=202)
+
+    def _json(self, payment: SimPayment) -> dict[str, Any]:
+        now = dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        api = f"/2010-04-01/Accounts/{self._sim.account_sid}"
+        return {"sid": payment.sid, "call_sid": payment.call_sid,
+                "account_sid": self._sim.account_sid, "date_created": now,
+                "date_updated": now,
+                "uri": f"{api}/Calls/{payment.call_sid}/Payments/{payment.sid}.json"}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the keypad and connector work in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ---- the customer's keypad ------------------------------------------------------------------
+
+    async def _capture(self, call: Any, payment: SimPayment, name: str) -> None:
+        script = self.scripts.get(call.sid, PaymentScript())
+        attempts = script.attempts.get(name, [])
+        keys = attempts.pop(0) if attempts else ""
+        if keys == HANGUP:
+            call.ended_by = "caller"
+            call.status = "completed"
+            call.add("hangup", "caller")
+            payment.status = "failed"
+            await self._callback(payment, {"Result": "caller-hung-up"})
+            return
+        digits = ""
+        for key in keys:
+            if payment.status != "capturing":
+                return  # cancelled meanwhile
+            call.clock += KEY_SECONDS
+            call.add("pressed", key, sensitive=True)  # customer's leg; the agent hears none
+            if key == "*":
+                payment.status = "cancelled"
+                payment.entered.clear()
+                await self._callback(payment, {"Result": "caller-interrupted-with-star"})
+                return
+            digits += key
+            await self._callback(payment, {"Capture": name, "PartialResult": "true",
+                                           _VALUE_PARAM[name]: "x" * len(digits)})
+            await asyncio.sleep(script.key_delays.get(name, 0.0))
+        if not digits:
+            await self._callback(payment, {"Capture": name, "ErrorType": "input-timeout",
+                                           "PartialResult": "false"})
+            return
+        if not _valid(name, digits):
+            await self._callback(payment, {"Capture": name, "ErrorType": _ERRORS[name],
+                                           "PartialResult": "false"})
+            return
+        payment.entered[name] = digits
+        masked = ("x" * (len(digits) - 4) + digits[-4:] if name == "payment-card-number"
+                  else "x" * len(digits))
+        await self._callback(payment, {"Capture": name, "PartialResult": "false",
+                                       _VALUE_PARAM[name]: masked,
+                                       "Required": ",".join(payment.required())})
+
+    # ---- complete: the Pay Connector --------------------------------------------------------
+
+    async def _complete(self, call: Any, payment: SimPayment) -> None:
+        connector = self.connectors[payment.connector]
+        expiry = payment.entered.get("expiration-date", "")
+        last4 = payment.entered.get("payment-card-number", "")[-4:]
+        body: dict[str, Any] = {"method": "tokenize", "transaction_id": payment.transaction_id,
+                "cardnumber": payment.entered.get("payment-card-number", ""),
+                "cvv": payment.entered.get("security-code", ""),
+                "expiry_month": expiry[:2], "expiry_year": expiry[2:],
+                "postal_code": payment.entered.get("postal-code", ""),
+                "description": "", "parameters": {}}
+        answer = await self._post_connector(connector, payment, json.dumps(body).encode())
+        payment.entered.clear()  # Twilio keeps nothing once the connector has it
+        del body
+        if answer is not None and answer.get("token_id") and not answer.get("error_code"):
+            payment.status = "complete"
+            call.add("payment", f"complete {payment.sid}")
+            await self._callback(payment, {
+                "Result": "success", "PaymentToken": str(answer["token_id"]),
+                "PaymentCardNumber": "xxxxxxxxxxxx" + last4, "ExpirationDate": "xxxx"})
+            return
+        payment.status = "failed"
+        code = str(answer.get("error_code")) if answer else "64010"
+        call.add("payment", f"connector error {payment.sid}")
+        await self._callback(payment, {"Result": "payment-connector-error",
+                                       "ConnectorError": code[:40]})
+
+    async def _post_connector(self, connector: ConnectorConfig, payment: SimPayment,
+                              body: bytes) -> dict[str, Any] | None:
+        """POST as Twilio does, retried (same transaction_id) on a timeout or a 5xx."""
+        http = self._sim._http
+        assert http is not None
+        basic = base64.b64encode(f"{connector.username}:{connector.password}".encode()).decode()
+        headers = {"Authorization": f"Basic {basic}", "Content-Type": "application/json"}
+        for _ in range(3):
+            payment.connector_attempts += 1
+            try:
+                async with http.post(self._sim._target(connector.url), data=body,
+                                     headers=headers,
+                                     timeout=aiohttp.ClientTimeout(
+                                         total=self.connector_timeout)) as response:
+                    text = await response.text()
+                    if response.status >= 500:
+                        continue
+                    try:
+                        answer = json.loads(text)
+                    except ValueError:
+                        return None
+                    return answer if isinstance(answer, dict) else None
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+        return None
+
+    # ---- StatusCallbacks ----------------------------------------------------------------------
+
+    async def _callback(self, payment: SimPayment, params: Mapping[str, str]) -> None:
+        now = dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        full = {"AccountSid": self._sim.account_sid, "CallSid": payment.call_sid,
+                "Sid": payment.sid, "DateCreated": now, "DateUpdated": now, **params}
+        payment.callbacks.append(dict(full))
+        try:
+            await self._sim.post(payment.status_callback, full)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass  # Twilio does not retry status callbacks either
