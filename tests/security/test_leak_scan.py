@@ -227,6 +227,15 @@ async def test_no_pan_anywhere(home: Path) -> None:
             responses.append(call.stdout + call.stderr)
         # And handed over by Twilio's Generic Pay Connector (good, refused and retried).
         responses += _pay_connector(info)
+        # An agent-assisted capture: the agent's view, the events, the CRM payload.
+        agent = subprocess.run(
+            [*VAULTLINE, "--home", str(home), "sim", "agent-call", "--card", "6011111111111117",
+             "--cvv", "123", "--postal", "94105", "--key-delay", "0"],
+            capture_output=True, timeout=120, check=False)
+        assert agent.returncode == 0, agent.stdout.decode()[-2000:] + agent.stderr.decode()
+        assert b"tones heard by the agent: 0" in agent.stdout
+        assert b"card digits keyed while recording: 0" in agent.stdout
+        responses.append(agent.stdout + agent.stderr)
         db = await _database_dump(info)
     finally:
         assert stack.interrupt() == 0

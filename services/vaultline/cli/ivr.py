@@ -1,5 +1,5 @@
-"""`vaultline ivr serve` and `vaultline sim call`: added to the main parser by
-`add_ivr_commands(subparsers)`.
+"""`vaultline ivr serve`, `vaultline sim call` and `vaultline sim agent-call`: added to the
+main parser by `add_ivr_commands(subparsers)`.
 
 `ivr serve` reads (all `VAULTLINE_`-prefixed):
   IVR_PUBLIC_BASE_URL      the URL Twilio calls (signatures are checked against it)
@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,108 @@ def cmd_sim_call(args: argparse.Namespace) -> int:
     return 1
 
 
+def _sim_request(info: dict[str, Any], path: str, body: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    url = info["twilio_api_base_url"].rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 a loopback URL from our own stack.json
+        url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+_FIELD_LABELS = {0: "-", 1: "card number", 2: "expiry", 3: "security code", 4: "postal code"}
+_STATE_LABELS = {1: "STARTED", 2: "CAPTURING", 3: "COMPLETED", 4: "FAILED", 5: "CANCELLED"}
+
+
+def _agent_view(event: Any) -> str:
+    """One capture event as the agent's screen shows it: masked progress only."""
+    parts = [f"#{event.seq:<3} {_STATE_LABELS.get(event.state, '?'):<9}",
+             _FIELD_LABELS.get(event.field, "?")]
+    if event.digits_entered:
+        parts.append("•" * event.digits_entered)
+    if event.field_outcome:
+        parts.append(f"[{event.field_outcome}]")
+    if event.attempt > 1:
+        parts.append(f"attempt {event.attempt}")
+    if event.card.token:
+        parts.append(f"token {event.card.token} (ending {event.card.last4},"
+                     f" {event.card.expiry_month:02d}/{event.card.expiry_year})")
+    if event.failure_reason:
+        parts.append(f"reason {event.failure_reason}")
+    return "  ".join(parts)
+
+
+def cmd_sim_agent_call(args: argparse.Namespace) -> int:
+    """Place a conference through the dev stack's simulator, start the capture as the CRM
+    would (gRPC, crm identity) and print the agent's view as it happens."""
+    from ..gen.capture.v1 import capture_pb2 as pb
+    from ..gen.capture.v1 import capture_service_pb2_grpc as pb_grpc
+    from .common import tokenizer_channel
+
+    info = _stack(args.home)
+    attempts = {"payment-card-number": [args.card], "expiration-date": [args.expiry]}
+    if args.cvv:
+        attempts["security-code"] = [args.cvv]
+    if args.postal:
+        attempts["postal-code"] = [args.postal]
+    call_sid = _sim_request(info, "/_sim/agent-calls", {
+        "attempts": attempts, "key_delays": {f: args.key_delay for f in attempts}})["call_sid"]
+    print(f"conference placed: customer leg {call_sid} (the Payment goes on this leg)",
+          flush=True)
+
+    async def follow_keys(done: asyncio.Event) -> None:
+        seen = 0
+        started = time.monotonic()
+        while not done.is_set():
+            state = await asyncio.to_thread(_sim_request, info, f"/_sim/calls/{call_sid}")
+            for press in state["presses"][seen:]:
+                print(f"  {time.monotonic() - started:6.2f}s  customer pressed {press['key']}"
+                      f"  (recording {press['recording']}, agent hears nothing)", flush=True)
+            seen = len(state["presses"])
+            if state["status"] == "completed":
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.2)
+
+    async def main() -> int:
+        done = asyncio.Event()
+        keys = asyncio.create_task(follow_keys(done))
+        if args.hold:
+            print("holding: start the capture from the CRM or the agent panel with this"
+                  " CallSid; Ctrl-C to stop", flush=True)
+            await keys
+            return 0
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            stub = pb_grpc.CaptureServiceStub(channel)
+            capture = (await stub.StartCapture(pb.StartCaptureRequest(
+                call_sid=call_sid, agent_id=args.agent, request_id=f"sim-{call_sid}",
+                fields=pb.CaptureFields(security_code=bool(args.cvv),
+                                        postal_code=bool(args.postal))))).capture
+            print(f"capture {capture.capture_id} started; the agent's view:", flush=True)
+            last = None
+            async for response in stub.WatchCapture(pb.WatchCaptureRequest(
+                    capture_id=capture.capture_id)):
+                last = response.event
+                print("  " + _agent_view(last), flush=True)
+        done.set()
+        await keys
+        state = await asyncio.to_thread(_sim_request, info, f"/_sim/calls/{call_sid}")
+        print(f"\ntones heard by the agent: {state['tones_heard_by_agent']}")
+        print(f"card digits keyed while recording: {state['card_digits_while_recording']}")
+        print("recording timeline:")
+        for t, status in state["recording"]:
+            print(f"  {t:7.1f}s  {status}")
+        if last is not None and last.state == pb.CAPTURE_STATE_COMPLETED:
+            print(f"token: {last.card.token}")
+            return 0
+        print("no token: the capture did not complete")
+        return 1
+
+    return asyncio.run(main())
+
+
 def _demo_expiry() -> str:
     return f"12{(dt.date.today().year + 3) % 100:02d}"
 
@@ -178,3 +282,28 @@ def add_ivr_commands(subparsers: Any) -> None:
                       help="do not press 1 at the read-back")
     call.add_argument("--no-recording", action="store_true", help="an unrecorded call")
     call.set_defaults(func=cmd_sim_call)
+
+    agent = sim_sub.add_parser(
+        "agent-call",
+        help="an agent-assisted capture: the agent stays on the call and never hears a tone",
+        description="Place a conference (customer and agent legs) through the dev stack's "
+        "Twilio simulator, start a capture on the customer's leg over gRPC as the CRM would "
+        "(CaptureService, the crm identity), and print what the agent sees (masked "
+        "progress), each key the customer presses (masked, with its time), the tones the "
+        "agent heard (0), the recording timeline and the token. With --hold, only place "
+        "the call and print its CallSid, so a CRM or the agent panel can start the capture; "
+        "the simulated customer keys the card when asked.")
+    agent.add_argument("--card", default=DEMO_CARD,
+                       help="card number the customer keys (default: Visa's test card)")
+    agent.add_argument("--expiry", default=_demo_expiry(), help="MMYY (default: December, "
+                       "three years from now)")
+    agent.add_argument("--cvv", help="security code; asked for only when given")
+    agent.add_argument("--postal", help="postal code; asked for only when given")
+    agent.add_argument("--agent", default="agent-demo", help="the agent label (audit trail)")
+    agent.add_argument("--hold", action="store_true",
+                       help="place the call and wait; do not start the capture")
+    agent.add_argument("--key-delay", type=float, default=0.15, metavar="SECONDS",
+                       help="real time between the customer's keys (default 0.15)")
+    agent.add_argument("--as", dest="as_", default="crm", metavar="CLIENT",
+                       help="the dev stack client that starts the capture (default crm)")
+    agent.set_defaults(func=cmd_sim_agent_call)

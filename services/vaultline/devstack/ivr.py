@@ -20,6 +20,7 @@ from ..ivr.connector import ConnectorCredentials
 from ..ivr.flows import load_flows
 from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import TwilioSim
+from ..twilio_sim.payments import ConnectorConfig
 from . import free_port
 
 __all__ = ["CONNECTOR_FILE", "start_dev_ivr", "stack_info"]
@@ -61,7 +62,13 @@ async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.C
             flows_dir=flows_dir, twilio_api_base_url=sim.rest_base_url,
             crm_callback_urls={name: sim.rest_base_url + "/_sim/crm" for name in flows},
             connector_credentials=ConnectorCredentials.from_file(connector_file),
+            capture_crm_callback_url=sim.rest_base_url + "/_sim/crm",
         )
+        # The simulated Twilio account's Pay Connector points at the webhook's endpoint.
+        creds = config.connector_credentials
+        assert creds is not None
+        sim.payments.connectors[config.pay_connector_name] = ConnectorConfig(
+            base + "/pay/connector", creds.username, creds.password)
         running = await start_ivr(config, channel, host=host, port=port, flows=flows)
     except BaseException:
         await sim.stop()

@@ -208,6 +208,8 @@ class TwilioSim:
             # Not Twilio: control paths so `vaultline sim call` (another process) can place a
             # call through this simulator, and a demo CRM sink for the dev stack.
             web.post("/_sim/calls", self._control_call),
+            web.post("/_sim/agent-calls", self._control_agent_call),
+            web.get("/_sim/calls/{call}", self._control_call_state),
             web.post("/_sim/crm", self._crm_sink),
         ])
         self._runner = web.AppRunner(app, access_log=None)
@@ -461,6 +463,32 @@ class TwilioSim:
             "card_digits_while_recording": len(call.sensitive_presses_while_recording()),
             "crm_events": [e for e in self.crm_events
                            if e.get("data", {}).get("call_sid") == call.sid],
+        })
+
+    async def _control_agent_call(self, request: web.Request) -> web.Response:
+        """Place a conference (customer + agent legs) whose customer keys `attempts`."""
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.Response(status=403)
+        spec = await request.json()
+        attempts = {str(k): [str(a) for a in v] for k, v in spec.get("attempts", {}).items()}
+        delays = {str(k): float(v) for k, v in spec.get("key_delays", {}).items()}
+        call = self.agent_call(PaymentScript(attempts, delays),
+                               record=bool(spec.get("record", True)))
+        return web.json_response({"call_sid": call.sid})
+
+    async def _control_call_state(self, request: web.Request) -> web.Response:
+        """A call's timeline so far, keys masked (a CLI in another process follows it)."""
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.Response(status=403)
+        call = self.calls.get(request.match_info["call"])
+        if call is None:
+            return web.Response(status=404)
+        presses = [{"t": round(e.t, 1), "key": "*" if e.detail.isdigit() else e.detail,
+                    "recording": e.recording} for e in call.events("pressed")]
+        return web.json_response({
+            "status": call.status, "presses": presses, "recording": call.recording_timeline(),
+            "tones_heard_by_agent": call.tones_heard_by_agent(),
+            "card_digits_while_recording": len(call.sensitive_presses_while_recording()),
         })
 
     async def _crm_sink(self, request: web.Request) -> web.Response:
