@@ -57,12 +57,17 @@ async def capture(env: IvrEnv, tokenizer: Any, script: PaymentScript, *,
     return call, events, final
 
 
-def assert_safe(call: Any, events: list[pb.CaptureEvent], *secrets: str) -> None:
+def assert_safe(call: Any, events: list[pb.CaptureEvent], *pans: str) -> None:
     assert call.tones_heard_by_agent() == 0
     assert call.sensitive_presses_while_recording() == []
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    for secret in secrets:
-        assert all(secret not in str(e) for e in events)
+    for pan in pans:
+        assert all(pan not in str(e) and pan[:12] not in str(e) for e in events)
+    # Short fields (expiry, security code) cannot be searched for in ids: no event carries
+    # any field value at all but the completion's token metadata.
+    for e in events:
+        if e.state != pb.CAPTURE_STATE_COMPLETED:
+            assert not e.card.token and not e.card.expiry_month and not e.card.last4
     # The recording ran again once the capture had ended.
     assert call.recording == "in-progress" or call.status == "completed"
 
@@ -86,11 +91,16 @@ async def test_a_card_keyed_on_the_call_becomes_a_token(
                         (pb.CAPTURE_FIELD_EXPIRATION_DATE, "valid"),
                         (pb.CAPTURE_FIELD_SECURITY_CODE, "valid")]
     assert events[-1].state == pb.CAPTURE_STATE_COMPLETED and events[-1].card.last4 == "1111"
-    assert_safe(call, events, PAN, "1230", "123")
+    assert_safe(call, events, PAN)
     # The recording was paused over every key and resumed after the last field.
     statuses = [s for _, s in call.recording_timeline()]
     assert statuses[:2] == ["in-progress", "paused (skip)"] and statuses[-1] == "in-progress"
-    # The CRM got the token, once; the connector was called once.
+    # The CRM gets the token, once (told right after the completion event is appended);
+    # the connector was called once.
+    for _ in range(100):
+        if any(e["type"] == "capture.completed" for e in agent_env.crm.events):
+            break
+        await asyncio.sleep(0.05)
     [event] = [e for e in agent_env.crm.events if e["type"] == "capture.completed"]
     assert event["data"]["token"] == final.card.token and PAN not in str(event)
     [payment] = agent_env.sim.payments.payments.values()
@@ -109,7 +119,7 @@ async def test_an_invalid_card_is_keyed_again(agent_env: IvrEnv, tokenizer: Any)
         (pb.CAPTURE_FIELD_EXPIRATION_DATE, "invalid-date", 1),
         (pb.CAPTURE_FIELD_EXPIRATION_DATE, "valid", 2),
     ]
-    assert_safe(call, events, PAN, "4111111111111112", "1399")
+    assert_safe(call, events, PAN, "4111111111111112")
 
 
 async def test_the_agent_cancels_mid_capture(agent_env: IvrEnv, tokenizer: Any) -> None:
@@ -164,3 +174,71 @@ async def test_tones_outside_a_payment_reach_the_agent(agent_env: IvrEnv) -> Non
     call = agent_env.sim.agent_call(PaymentScript())
     agent_env.sim.press_in_conference(call, "123")
     assert call.tones_heard_by_agent() == 3
+
+
+async def test_the_agent_asks_for_a_field_again(agent_env: IvrEnv, tokenizer: Any) -> None:
+    asked = False
+
+    async def restart_card(stub: Any, capture_id: str, event: pb.CaptureEvent) -> None:
+        nonlocal asked
+        if event.field == pb.CAPTURE_FIELD_EXPIRATION_DATE and not asked:
+            asked = True
+            await stub.RestartCaptureField(pb.RestartCaptureFieldRequest(
+                capture_id=capture_id, field=pb.CAPTURE_FIELD_CARD_NUMBER))
+
+    script = PaymentScript({"payment-card-number": [PAN, "5555555555554444"],
+                            "expiration-date": ["1230", "1230"]},
+                           key_delays={"expiration-date": 1.0})
+    call, events, final = await capture(agent_env, tokenizer, script, during=restart_card)
+    assert final.state == pb.CAPTURE_STATE_COMPLETED
+    assert final.card.last4 == "4444"  # the card keyed the second time
+    card_attempts = [e.attempt for e in events
+                     if e.field == pb.CAPTURE_FIELD_CARD_NUMBER and e.field_outcome == "valid"]
+    assert card_attempts == [1, 2]
+    assert_safe(call, events, PAN, "5555555555554444")
+
+
+async def test_a_tokenizer_outage_fails_the_capture_and_resumes_recording(
+    make_ivr: Callable[..., Any], tokenizer: Any
+) -> None:
+    import grpc
+
+    dead = grpc.aio.insecure_channel("127.0.0.1:9")  # the IVR's tokenizer is unreachable
+    try:
+        env = await make_ivr(channel=dead, connector_credentials=CREDENTIALS,
+                             tokenizer_timeout=0.5)
+        env.sim.payments.connectors["vaultline"] = ConnectorConfig(
+            PUBLIC + "/pay/connector", CREDENTIALS.username, CREDENTIALS.password)
+        call, events, final = await capture(env, tokenizer, PaymentScript.card(PAN, "1230"))
+    finally:
+        await dead.close()
+    assert final.state == pb.CAPTURE_STATE_FAILED
+    assert final.failure_reason == "connector-error:tokenizer-unavailable"
+    assert call.recording == "in-progress"
+    [payment] = env.sim.payments.payments.values()
+    assert payment.connector_attempts == 3  # Twilio retried, same transaction_id
+    assert_safe(call, events, PAN)
+
+
+async def test_a_status_callback_without_twilios_signature_is_refused(
+    agent_env: IvrEnv, tokenizer: Any
+) -> None:
+    call = agent_env.sim.agent_call(PaymentScript.card(PAN, "1230"))
+    started = (await tokenizer.capture_as("crm/crm-1").StartCapture(pb.StartCaptureRequest(
+        call_sid=call.sid, agent_id="agent-7", request_id=unique_name("req", 12)))).capture
+    url = f"{PUBLIC}/pay/status/{started.capture_id}"
+    forged = {"AccountSid": agent_env.sim.account_sid, "CallSid": call.sid,
+              "Result": "success", "PaymentToken": "tok_" + "F" * 22}
+    status, _ = await agent_env.sim.post(url, forged, signature="bm90IGEgc2lnbmF0dXJl")
+    assert status == 403
+    status, _ = await agent_env.sim.post(url, forged, signature="")
+    assert status == 403
+    got = await tokenizer.capture_as("crm/crm-1").GetCapture(
+        pb.GetCaptureRequest(capture_id=started.capture_id))
+    assert got.capture.state != pb.CAPTURE_STATE_COMPLETED
+    stub = tokenizer.capture_as("crm/crm-1")
+    await stub.CancelCapture(pb.CancelCaptureRequest(capture_id=started.capture_id))
+    async for response in stub.WatchCapture(pb.WatchCaptureRequest(
+            capture_id=started.capture_id)):  # until the IVR has cancelled it
+        last = response.event
+    assert last.state == pb.CAPTURE_STATE_CANCELLED

@@ -67,7 +67,7 @@ async def test_success_tokenizes_and_notifies_crm(env: IvrEnv, caplog: Any) -> N
     for blob in call.responses + [b.decode() for b in env.crm.bodies] + [caplog.text]:
         assert VISA not in blob and "411111111111" not in blob
     # the REST requests Vaultline made are Twilio's documented ones
-    paths = [(p, f) for _, p, f in env.sim.rest_requests]
+    paths = [(p, f) for _, p, f in env.sim.rest_requests if f"/Calls/{call.sid}" in p]
     assert paths[0][0].endswith(f"/Calls/{call.sid}/Recordings/Twilio.CURRENT.json")
     assert paths[0][1] == {"Status": "paused", "PauseBehavior": "skip"}
     assert paths[1][1] == {"Status": "in-progress"}

@@ -25,6 +25,7 @@ import base64
 import datetime as dt
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,7 @@ class SimPayment:
     entered: dict[str, str] = field(default_factory=dict, repr=False)  # digits, in memory
     transaction_id: str = ""
     connector_attempts: int = 0
+    connector_seconds: float | None = None  # the connector call's round trip (last attempt)
     callbacks: list[dict[str, str]] = field(default_factory=list)  # what was posted (masked)
 
     def required(self) -> list[str]:
@@ -211,6 +213,15 @@ class SimPayments:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def listing(self, request: web.Request) -> web.Response:
+        """Control path (not Twilio): the Payments so far, without card data."""
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.Response(status=403)
+        return web.json_response([
+            {"sid": p.sid, "call_sid": p.call_sid, "status": p.status,
+             "connector_attempts": p.connector_attempts,
+             "connector_seconds": p.connector_seconds} for p in self.payments.values()])
+
     async def drain(self) -> None:
         """Wait for the keypad and connector work in flight (tests, shutdown)."""
         while self._tasks:
@@ -294,24 +305,30 @@ class SimPayments:
         assert http is not None
         basic = base64.b64encode(f"{connector.username}:{connector.password}".encode()).decode()
         headers = {"Authorization": f"Basic {basic}", "Content-Type": "application/json"}
+        last: dict[str, Any] | None = None
         for _ in range(3):
             payment.connector_attempts += 1
+            started = time.perf_counter()
             try:
                 async with http.post(self._sim._target(connector.url), data=body,
                                      headers=headers,
                                      timeout=aiohttp.ClientTimeout(
                                          total=self.connector_timeout)) as response:
                     text = await response.text()
-                    if response.status >= 500:
-                        continue
+                    payment.connector_seconds = time.perf_counter() - started
                     try:
                         answer = json.loads(text)
                     except ValueError:
-                        return None
-                    return answer if isinstance(answer, dict) else None
+                        answer = None
+                    if not isinstance(answer, dict):
+                        answer = None
+                    if response.status >= 500:
+                        last = answer  # retried; its error code is kept for the callback
+                        continue
+                    return answer
             except (aiohttp.ClientError, TimeoutError, OSError):
                 continue
-        return None
+        return last
 
     # ---- StatusCallbacks ----------------------------------------------------------------------
 

@@ -210,6 +210,7 @@ class TwilioSim:
             web.post("/_sim/calls", self._control_call),
             web.post("/_sim/agent-calls", self._control_agent_call),
             web.get("/_sim/calls/{call}", self._control_call_state),
+            web.get("/_sim/payments", self.payments.listing),
             web.post("/_sim/crm", self._crm_sink),
         ])
         self._runner = web.AppRunner(app, access_log=None)
