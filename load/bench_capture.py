@@ -63,7 +63,7 @@ async def one_capture(stub: pb_grpc.CaptureServiceStub, stack: dict[str, Any], i
         "attempts": attempts, "key_delays": {f: key_delay for f in attempts}})
     capture = (await stub.StartCapture(pb.StartCaptureRequest(
         call_sid=placed["call_sid"], agent_id=f"bench-agent-{chr(97 + i % 26)}",
-        request_id=f"bench-{placed['call_sid']}",
+        request_id=f"bench-{i}-{chr(97 + i % 26)}",
         fields=pb.CaptureFields(security_code=True)))).capture
     state = pb.CAPTURE_STATE_STARTED
     async for response in stub.WatchCapture(pb.WatchCaptureRequest(
@@ -84,7 +84,7 @@ async def run(args: argparse.Namespace) -> None:
             async with grpc.aio.secure_channel(stack["grpc_address"],
                                                credentials(stack, "crm")) as channel:
                 stub = pb_grpc.CaptureServiceStub(channel)
-                await one_capture(stub, stack, 0, 0.0, [])  # warm every path once
+                await one_capture(stub, stack, 1000, 0.0, [])  # warm every path once
                 started = time.perf_counter()
                 outcomes = await asyncio.gather(*(
                     one_capture(stub, stack, i, args.key_delay, latencies)

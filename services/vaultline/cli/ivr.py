@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import time
@@ -154,6 +156,13 @@ def _sim_request(info: dict[str, Any], path: str, body: dict[str, Any] | None = 
     return answer
 
 
+def _request_id(call_sid: str) -> str:
+    """A StartCapture request id derived from the call (a retry is the same request), in
+    letters and 2-7 only: a call SID's hex could hold the 12-digit run request ids refuse."""
+    digest = hashlib.sha256(call_sid.encode()).digest()
+    return "sim-" + base64.b32encode(digest).decode().lower().rstrip("=")[:24]
+
+
 _FIELD_LABELS = {0: "-", 1: "card number", 2: "expiry", 3: "security code", 4: "postal code"}
 _STATE_LABELS = {1: "STARTED", 2: "CAPTURING", 3: "COMPLETED", 4: "FAILED", 5: "CANCELLED"}
 
@@ -219,7 +228,7 @@ def cmd_sim_agent_call(args: argparse.Namespace) -> int:
         async with tokenizer_channel(args.home, args.as_) as channel:
             stub = pb_grpc.CaptureServiceStub(channel)
             capture = (await stub.StartCapture(pb.StartCaptureRequest(
-                call_sid=call_sid, agent_id=args.agent, request_id=f"sim-{call_sid}",
+                call_sid=call_sid, agent_id=args.agent, request_id=_request_id(call_sid),
                 fields=pb.CaptureFields(security_code=bool(args.cvv),
                                         postal_code=bool(args.postal))))).capture
             print(f"capture {capture.capture_id} started; the agent's view:", flush=True)
