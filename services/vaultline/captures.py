@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import re
 import secrets
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 FIELDS: Final = ("card-number", "expiration-date", "security-code", "postal-code")
 FINAL_STATES: Final = frozenset({"completed", "failed", "cancelled"})
 POLL_SECONDS: Final = 2.0
+# A capture whose start no IVR replica takes in this time fails (`ivr-unavailable`) rather
+# than leaving the agent watching a capture that never begins.
+START_DEADLINE: Final = dt.timedelta(seconds=30)
 EVENTS_PAGE: Final = 200
 _CALL_SID: Final = re.compile(r"CA[0-9a-f]{32}\Z")
 _CAPTURE_ID: Final = re.compile(r"cap_[0-9a-f]{20}\Z")
@@ -184,6 +188,23 @@ class CaptureService:
         if row is None:
             raise CaptureEnded()
         return row
+
+    async def expire_unclaimed(self, deadline: dt.timedelta = START_DEADLINE) -> int:
+        """Fail the captures no IVR started in time; how many."""
+        failed = await self._store.fail_unclaimed_captures(deadline, "ivr-unavailable")
+        if failed:
+            log.warning("%d captures were not started by any IVR within %s: failed",
+                        failed, deadline)
+        return failed
+
+    async def run_deadlines(self, every_seconds: float = 10.0) -> None:
+        """`expire_unclaimed` every few seconds until cancelled."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.expire_unclaimed()
+            except Exception:  # noqa: BLE001 - the next round tries again; the log says why
+                log.warning("capture deadlines", exc_info=True)
 
     async def watch(self, grant: Grant, capture_id: str, after_seq: int
                     ) -> AsyncIterator[Any]:

@@ -75,6 +75,8 @@ class TokenizerServer:
         self._purging: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.capture_hub = CaptureHub()
+        self.captures: CaptureService | None = None
+        self._capture_deadlines: asyncio.Task[None] | None = None
         self.metrics_address = ""
         self._metrics_server: object | None = None
 
@@ -118,8 +120,9 @@ class TokenizerServer:
         )
         settlement_grpc.add_SettlementServiceServicer_to_server(
             SettlementServicer(batches, gate), server)
+        self.captures = CaptureService(self.store, self.capture_hub)
         capture_grpc.add_CaptureServiceServicer_to_server(
-            CaptureServicer(CaptureService(self.store, self.capture_hub), gate), server)
+            CaptureServicer(self.captures, gate), server)
         admin = (
             TransitClient(config.vault_addr, config.keys_admin_credentials,
                           key_name=config.vault_key_name)
@@ -159,6 +162,7 @@ class TokenizerServer:
         self.purger = Purger(self.store, every_seconds=config.purge_interval_seconds,
                              request_retention=config.tokenize_request_retention)
         self._purging = asyncio.create_task(self.purger.run())
+        self._capture_deadlines = asyncio.create_task(self.captures.run_deadlines())
         if config.metrics_listen:
             mhost, mport = config.metrics_listen.rsplit(":", 1)
             self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
@@ -192,12 +196,12 @@ class TokenizerServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
-        for task in (self._checkpointing, self._purging):
+        for task in (self._checkpointing, self._purging, self._capture_deadlines):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._checkpointing = self._purging = None
+        self._checkpointing = self._purging = self._capture_deadlines = None
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -762,6 +762,20 @@ class Store:
                                    capture_id)
             return row
 
+    async def fail_unclaimed_captures(self, older_than: dt.timedelta, reason: str) -> int:
+        """Captures whose start no IVR replica took within `older_than`: failed with
+        `reason`, each with its event (the watchers learn it). How many."""
+        async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            ids = [r["id"] for r in await conn.fetch(
+                "SELECT id FROM captures WHERE command = 'start' AND state = 'started'"
+                " AND created_at < now() - $1::interval FOR UPDATE SKIP LOCKED", older_than)]
+            for capture_id in ids:
+                await conn.execute("UPDATE captures SET command = '' WHERE id = $1", capture_id)
+                await conn.execute(
+                    "SELECT capture_append_event($1, 'failed', '', 0, '', 0, NULL, NULL, NULL,"
+                    " NULL, NULL, $2)", capture_id, reason)
+            return len(ids)
+
     async def listen(self, channel: str, on_notify: Callable[[str], None]
                      ) -> Callable[[], Awaitable[None]]:
         """Call `on_notify(payload)` for each NOTIFY on `channel`, on a connection held for

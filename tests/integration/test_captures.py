@@ -209,3 +209,25 @@ async def test_only_the_crm_role_runs_captures(tokenizer: Running, who: str) -> 
         failure = await rpc_failure(call)
         assert (failure.code, failure.reason) == (grpc.StatusCode.PERMISSION_DENIED,
                                                   "METHOD_NOT_ALLOWED")
+
+
+async def test_a_capture_no_ivr_starts_fails_instead_of_hanging(
+    tokenizer: Running, superuser_db: str
+) -> None:
+    capture = await start(tokenizer)
+    fresh = await start(tokenizer)
+    conn = await asyncpg.connect(superuser_db)
+    try:  # as if 31 seconds had passed with no IVR replica running
+        await conn.execute("UPDATE captures SET created_at = now() - interval '31 seconds'"
+                           " WHERE id = $1", capture.capture_id)
+    finally:
+        await conn.close()
+    assert tokenizer.server.captures is not None
+    assert await tokenizer.server.captures.expire_unclaimed() >= 1
+    stub = tokenizer.capture_as(CRM)
+    events = await collect(stub.WatchCapture(pb.WatchCaptureRequest(
+        capture_id=capture.capture_id)))
+    assert [(e.state, e.failure_reason) for e in events] == [
+        (pb.CAPTURE_STATE_STARTED, ""), (pb.CAPTURE_STATE_FAILED, "ivr-unavailable")]
+    got = (await stub.GetCapture(pb.GetCaptureRequest(capture_id=fresh.capture_id))).capture
+    assert got.state == pb.CAPTURE_STATE_STARTED  # younger than the deadline: untouched
