@@ -31,6 +31,7 @@ from .errors import (
     CaptureNotFound,
     FieldViolation,
     InvalidInput,
+    RequestIdReused,
 )
 from .security.access import Grant
 from .service import validate_request_id, validate_tenant
@@ -142,7 +143,7 @@ class CaptureService:
     async def start(self, grant: Grant, request: CaptureRequest) -> Any:
         existing = await self._store.find_capture_by_request(grant.uri, request.request_id)
         if existing is not None:
-            return self._mine(grant, existing)
+            return self._same_request(grant, existing, request)
         try:
             return await self._store.insert_capture(
                 new_capture_id(), request.tenant, request.call_sid, request.agent_id,
@@ -155,7 +156,14 @@ class CaptureService:
             raced = await self._store.find_capture_by_request(grant.uri, request.request_id)
             if raced is None:
                 raise
-            return self._mine(grant, raced)
+            return self._same_request(grant, raced, request)
+
+    def _same_request(self, grant: Grant, row: Any, request: CaptureRequest) -> Any:
+        """A retry answers the first capture; the same request id for another call or
+        tenant is a caller's mistake, refused rather than answered with someone's capture."""
+        if (row["call_sid"], row["tenant"]) != (request.call_sid, request.tenant):
+            raise RequestIdReused()
+        return self._mine(grant, row)
 
     async def get(self, grant: Grant, capture_id: str) -> Any:
         row = await self._store.find_capture(validate_capture_id(capture_id))

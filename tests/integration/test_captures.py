@@ -88,6 +88,10 @@ async def test_start_is_idempotent_and_one_per_call(tokenizer: Running) -> None:
     failure = await rpc_failure(start(tokenizer, sid, request_id="crm-req-b"))
     assert (failure.code, failure.reason) == (grpc.StatusCode.ALREADY_EXISTS,
                                               "CAPTURE_IN_PROGRESS")
+    # The same request id for another call is a mistake, not a retry.
+    failure = await rpc_failure(start(tokenizer, call_sid(), request_id="crm-req-a"))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.ALREADY_EXISTS,
+                                              "REQUEST_ID_REUSED")
     got = await tokenizer.capture_as(CRM).GetCapture(
         pb.GetCaptureRequest(capture_id=first.capture_id))
     assert got.capture == first
