@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from .interpreter import PauseRecording, ResumeRecording
+
 __all__ = [
     "MAX_ATTEMPTS",
     "CancelPayment",
@@ -67,14 +69,8 @@ _RESULTS: Final = {
 # ---- commands ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PauseRecording:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeRecording:
-    pass
+# PauseRecording and ResumeRecording are the Gather interpreter's effects: one meaning, one
+# performer-side handling.
 
 
 @dataclass(frozen=True, slots=True)
