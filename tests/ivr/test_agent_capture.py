@@ -223,7 +223,9 @@ async def test_a_tokenizer_outage_fails_the_capture_and_resumes_recording(
 async def test_a_status_callback_without_twilios_signature_is_refused(
     agent_env: IvrEnv, tokenizer: Any
 ) -> None:
-    call = agent_env.sim.agent_call(PaymentScript.card(PAN, "1230"))
+    slow = PaymentScript.card(PAN, "1230")
+    slow.key_delays["payment-card-number"] = 1.0  # still keying when the forgeries arrive
+    call = agent_env.sim.agent_call(slow)
     started = (await tokenizer.capture_as("crm/crm-1").StartCapture(pb.StartCaptureRequest(
         call_sid=call.sid, agent_id="agent-7", request_id=unique_name("req", 12)))).capture
     url = f"{PUBLIC}/pay/status/{started.capture_id}"
