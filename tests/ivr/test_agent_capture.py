@@ -244,3 +244,21 @@ async def test_a_status_callback_without_twilios_signature_is_refused(
             capture_id=started.capture_id)):  # until the IVR has cancelled it
         last = response.event
     assert last.state == pb.CAPTURE_STATE_CANCELLED
+
+
+async def test_a_card_type_the_tenant_does_not_accept_is_keyed_again(
+    make_ivr: Callable[..., Any], tokenizer: Any
+) -> None:
+    env = await make_ivr(connector_credentials=CREDENTIALS, card_types={"default": "visa"})
+    env.sim.payments.connectors["vaultline"] = ConnectorConfig(
+        PUBLIC + "/pay/connector", CREDENTIALS.username, CREDENTIALS.password)
+    script = PaymentScript({"payment-card-number": ["5555555555554444", PAN],
+                            "expiration-date": ["1230"]})
+    call, events, final = await capture(env, tokenizer, script)
+    assert final.state == pb.CAPTURE_STATE_COMPLETED and final.card.last4 == "1111"
+    outcomes = [(e.field, e.field_outcome) for e in events if e.field_outcome]
+    assert outcomes[:2] == [(pb.CAPTURE_FIELD_CARD_NUMBER, "invalid-card-type"),
+                            (pb.CAPTURE_FIELD_CARD_NUMBER, "valid")]
+    created = [f for _, path, f in env.sim.rest_requests if path.endswith("/Payments.json")]
+    assert created[-1]["ValidCardTypes"] == "visa"
+    assert_safe(call, events, PAN, "5555555555554444")

@@ -16,6 +16,9 @@ main parser by `add_ivr_commands(subparsers)`.
                            POST /pay/connector (HTTP Basic); unset: the endpoint answers 401
   PAY_CONNECTOR_TENANT     the tenant its cards are tokenized into (default: default)
   PAY_CONNECTOR_TOKEN_FORMAT  opaque (default), numeric or numeric_keep_bin
+  PAY_CARD_TYPES           the card types each tenant accepts in agent-assisted captures,
+                           e.g. "default=visa mastercard;demo=visa" (Twilio's ValidCardTypes
+                           names; a tenant not listed gets visa mastercard amex)
 """
 
 from __future__ import annotations
@@ -48,6 +51,25 @@ def _env(name: str, default: str | None = None) -> str:
     return value
 
 
+_CARD_TYPE_NAMES = frozenset({"visa", "mastercard", "amex", "maestro", "discover", "optima",
+                              "jcb", "diners-club", "enroute", "unionpay"})
+
+
+def parse_card_types(text: str) -> dict[str, str]:
+    """`tenant=type type;tenant=type` → {tenant: "type type"}; ConfigError naming the part."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        tenant, sep, types = part.partition("=")
+        names = types.split()
+        if not sep or not tenant.strip() or not names:
+            raise ConfigError(f"VAULTLINE_PAY_CARD_TYPES: {part!r} is not tenant=type [type…]")
+        unknown = [n for n in names if n not in _CARD_TYPE_NAMES]
+        if unknown:
+            raise ConfigError(f"VAULTLINE_PAY_CARD_TYPES: unknown card type {unknown[0]!r}")
+        out[tenant.strip()] = " ".join(names)
+    return out
+
+
 def cmd_ivr_serve(args: argparse.Namespace) -> int:
     import grpc
 
@@ -73,6 +95,7 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         connector_credentials=connector,
         connector_tenant=_env("PAY_CONNECTOR_TENANT", "default"),
         connector_token_format=_env("PAY_CONNECTOR_TOKEN_FORMAT", "opaque"),
+        card_types=parse_card_types(os.environ.get("VAULTLINE_PAY_CARD_TYPES", "")),
     )
 
     async def main() -> None:

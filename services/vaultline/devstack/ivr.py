@@ -26,6 +26,8 @@ from . import free_port
 __all__ = ["CONNECTOR_FILE", "start_dev_ivr", "stack_info"]
 
 CONNECTOR_FILE = "pay-connector.json"  # the Generic Pay Connector's HTTP Basic credentials
+# The dev tenants accept every brand the vault knows (Twilio's default is visa mastercard amex).
+DEV_CARD_TYPES = "visa mastercard amex discover jcb diners-club maestro unionpay"
 
 
 def _secret_file(path: Path, make: bytes) -> bytes:
@@ -63,6 +65,7 @@ async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.C
             crm_callback_urls={name: sim.rest_base_url + "/_sim/crm" for name in flows},
             connector_credentials=ConnectorCredentials.from_file(connector_file),
             capture_crm_callback_url=sim.rest_base_url + "/_sim/crm",
+            card_types={tenant: DEV_CARD_TYPES for tenant in ("default", "demo")},
         )
         # The simulated Twilio account's Pay Connector points at the webhook's endpoint.
         creds = config.connector_credentials

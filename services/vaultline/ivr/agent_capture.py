@@ -45,6 +45,7 @@ class AgentCaptures:
     def __init__(self, store: IvrStore, rest: TwilioRest, tokenizer: IvrTokenizer,
                  crm: CrmNotifier | None, audit: AuditWriter | None, *, base_url: str,
                  connector: str, crm_url: str = "", audit_identity: str = "",
+                 card_types: Mapping[str, str] | None = None,
                  poll_seconds: float = POLL_SECONDS) -> None:
         self._store = store
         self._rest = rest
@@ -56,6 +57,7 @@ class AgentCaptures:
         self._crm_url = crm_url
         self._identity = audit_identity
         self._poll = poll_seconds
+        self._card_types = dict(card_types or {})
         self._wake = asyncio.Event()
         # One step at a time per capture in this process (replicas race on the CAS instead).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
@@ -181,7 +183,8 @@ class AgentCaptures:
             payment_sid = await self._rest.create_payment(
                 call_sid, idempotency_key=key, status_callback=callback,
                 connector=self._connector, security_code=command.security_code,
-                postal_code=command.postal_code)
+                postal_code=command.postal_code,
+                valid_card_types=self._card_types.get(row["tenant"], ""))
             await self._store.set_capture_payment(row["id"], payment_sid)
         elif isinstance(command, payment.CapturePaymentField):
             await self._rest.update_payment(call_sid, payment_sid, idempotency_key=key,

@@ -94,6 +94,9 @@ class IvrConfig:
     # pointing at /pay/connector), and where finished captures are announced.
     pay_connector_name: str = "vaultline"
     capture_crm_callback_url: str = ""
+    # The card types each tenant accepts, as Twilio's ValidCardTypes (space-separated, e.g.
+    # "visa mastercard"); a tenant not listed gets Twilio's default (visa mastercard amex).
+    card_types: Mapping[str, str] = field(default_factory=dict)
     connector_token_format: str = "opaque"  # noqa: S105 - a token format, not a secret
 
     def __post_init__(self) -> None:
@@ -151,7 +154,8 @@ class IvrService:
         self.agent = AgentCaptures(
             self.store, self._rest, self._tokenizer, self._crm, self._audit,
             base_url=self._base, connector=c.pay_connector_name,
-            crm_url=c.capture_crm_callback_url, audit_identity=c.audit_identity)
+            crm_url=c.capture_crm_callback_url, audit_identity=c.audit_identity,
+            card_types=c.card_types)
         self._agent_loop = asyncio.create_task(self.agent.run())
 
     async def close(self) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..card import luhn_ok
+from ..card import CardBrand, detect_brand, luhn_ok
 
 __all__ = ["ConnectorConfig", "PaymentScript", "SimPayment", "SimPayments", "twilio_error"]
 
@@ -45,6 +45,13 @@ _ERRORS = {
     "security-code": "invalid-security-code",
     "postal-code": "invalid-postal-code",
 }
+# Twilio's ValidCardTypes names of the brands the simulator recognises.
+CARD_TYPES = {
+    CardBrand.VISA: "visa", CardBrand.MASTERCARD: "mastercard", CardBrand.AMEX: "amex",
+    CardBrand.DISCOVER: "discover", CardBrand.JCB: "jcb", CardBrand.DINERS: "diners-club",
+    CardBrand.MAESTRO: "maestro", CardBrand.UNIONPAY: "unionpay",
+}
+DEFAULT_CARD_TYPES = "visa mastercard amex"  # Twilio's default ValidCardTypes
 _VALUE_PARAM = {
     "payment-card-number": "PaymentCardNumber",
     "expiration-date": "ExpirationDate",
@@ -100,6 +107,7 @@ class SimPayment:
     connector: str
     security_code: bool
     postal_code: bool
+    card_types: frozenset[str] = frozenset(DEFAULT_CARD_TYPES.split())
     status: str = "capturing"  # capturing | completing | complete | cancelled | failed
     entered: dict[str, str] = field(default_factory=dict, repr=False)  # digits, in memory
     transaction_id: str = ""
@@ -163,7 +171,8 @@ class SimPayments:
             return twilio_error(400, 64007, "This connector cannot charge")
         payment = SimPayment(
             "PK" + secrets.token_hex(16), call.sid, form["StatusCallback"], connector,
-            form.get("SecurityCode", "true") == "true", form.get("PostalCode", "true") == "true")
+            form.get("SecurityCode", "true") == "true", form.get("PostalCode", "true") == "true",
+            frozenset((form.get("ValidCardTypes") or DEFAULT_CARD_TYPES).split()))
         payment.transaction_id = "tx_" + payment.sid
         self.payments[payment.sid] = payment
         self.by_idempotency[form["IdempotencyKey"]] = payment.sid
@@ -263,6 +272,13 @@ class SimPayments:
             await self._callback(payment, {"Capture": name, "ErrorType": _ERRORS[name],
                                            "PartialResult": "false"})
             return
+        if name == "payment-card-number":
+            brand = detect_brand(digits)
+            if brand is None or CARD_TYPES.get(brand) not in payment.card_types:
+                await self._callback(payment, {"Capture": name,
+                                               "ErrorType": "invalid-card-type",
+                                               "PartialResult": "false"})
+                return
         payment.entered[name] = digits
         masked = ("x" * (len(digits) - 4) + digits[-4:] if name == "payment-card-number"
                   else "x" * len(digits))
