@@ -167,6 +167,13 @@ class IvrStore:
                 f"SELECT {_CAPTURE_COLUMNS} FROM captures WHERE id = $1",  # noqa: S608 constant
                 capture_id)
 
+    async def find_active_capture(self, call_sid: str) -> Any | None:
+        """The call's capture in progress, if any."""
+        async with _translated():
+            return await self._pool.fetchrow(
+                f"SELECT {_CAPTURE_COLUMNS} FROM captures"  # noqa: S608 constant columns
+                " WHERE call_sid = $1 AND state IN ('started', 'capturing')", call_sid)
+
     async def save_capture_driver(self, capture_id: str, version: int,
                                   driver: Mapping[str, Any], payment_sid: str | None = None
                                   ) -> bool:

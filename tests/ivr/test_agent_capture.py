@@ -262,3 +262,26 @@ async def test_a_card_type_the_tenant_does_not_accept_is_keyed_again(
     created = [f for _, path, f in env.sim.rest_requests if path.endswith("/Payments.json")]
     assert created[-1]["ValidCardTypes"] == "visa"
     assert_safe(call, events, PAN, "5555555555554444")
+
+
+async def test_a_hang_up_between_prompts_ends_the_capture(
+    agent_env: IvrEnv, tokenizer: Any
+) -> None:
+    """No Payment callback reports it: Twilio's call status callback does."""
+    hung = False
+
+    async def hang_up_while_keying_expiry(stub: Any, capture_id: str,
+                                          event: pb.CaptureEvent) -> None:
+        nonlocal hung
+        if event.field == pb.CAPTURE_FIELD_EXPIRATION_DATE and event.digits_entered and not hung:
+            hung = True
+            call = next(c for c in agent_env.sim.calls.values() if c.agent is not None)
+            await agent_env.sim.hang_up(call, PUBLIC + "/voice/status")
+
+    slow = PaymentScript.card(PAN, "1230")
+    slow.key_delays["expiration-date"] = 1.0
+    call, events, final = await capture(agent_env, tokenizer, slow,
+                                        during=hang_up_while_keying_expiry)
+    assert (final.state, final.failure_reason) == (pb.CAPTURE_STATE_FAILED, "caller-hung-up")
+    assert not final.card.token
+    assert_safe(call, events, PAN)

@@ -104,6 +104,14 @@ class AgentCaptures:
         await self._advance(capture_id, lambda state, _: payment.on_callback(state, form))
         return 204
 
+    async def call_ended(self, call_sid: str) -> None:
+        """Twilio's call status callback says the call is over: a capture in progress on it
+        ends as the customer hanging up (between two fields no Payment callback says so)."""
+        row = await self._store.find_active_capture(call_sid)
+        if row is not None:
+            await self._advance(row["id"], lambda state, _: payment.on_callback(
+                state, {"Result": "caller-hung-up"}))
+
     # ---- one step ----------------------------------------------------------------------------
 
     async def _advance(self, capture_id: str,

@@ -268,6 +268,8 @@ class IvrService:
             flow = self.flows.get(row.flow) if row is not None else None
             if row is not None and flow is not None:
                 await self._run(flow, row, self._load(row), ivr.HungUp())
+            if self.agent is not None:
+                await self.agent.call_ended(call_sid)
         return web.Response(status=204)
 
     async def payment_status(self, request: web.Request) -> web.StreamResponse:

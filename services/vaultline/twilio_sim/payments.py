@@ -251,8 +251,8 @@ class SimPayments:
             return
         digits = ""
         for key in keys:
-            if payment.status != "capturing":
-                return  # cancelled meanwhile
+            if payment.status != "capturing" or call.status == "completed":
+                return  # cancelled, or the customer hung up, meanwhile
             call.clock += KEY_SECONDS
             call.add("pressed", key, sensitive=True)  # customer's leg; the agent hears none
             if key == "*":

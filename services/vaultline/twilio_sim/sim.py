@@ -283,6 +283,18 @@ class TwilioSim:
         self.payments.scripts[call.sid] = script
         return call
 
+    async def hang_up(self, call: SimCall, status_callback: str | None = None) -> None:
+        """The customer hangs up a live (conference) call: Twilio's status callback follows."""
+        call.status = "completed"
+        call.ended_by = "caller"
+        call.add("hangup", "caller")
+        if status_callback:
+            params = {**self.call_params(call), "CallDuration": str(int(call.clock)),
+                      "CallbackSource": "call-progress-events", "SequenceNumber": "0",
+                      "Timestamp": _rfc2822()}
+            status, _ = await self.post(status_callback, params)
+            call.add("status-callback", f"completed -> {status}")
+
     def press_in_conference(self, call: SimCall, keys: str) -> None:
         """The customer presses keys with no Payment capturing them: a conference carries
         the tones to everyone on it, the agent included (what a Payment prevents)."""
