@@ -179,7 +179,8 @@ class CaptureService:
         return row
 
     async def cancel(self, grant: Grant, capture_id: str) -> Any:
-        return await self._command(grant, capture_id, "cancel")
+        await self.get(grant, capture_id)
+        return await self._command(capture_id, "cancel")
 
     async def restart_field(self, grant: Grant, capture_id: str, field: str) -> Any:
         capture = await self.get(grant, capture_id)
@@ -188,10 +189,10 @@ class CaptureService:
         if (field == "security-code" and not capture["security_code"]) or (
                 field == "postal-code" and not capture["postal_code"]):
             raise _bad("FIELD_NOT_REQUESTED", "field", "this capture does not ask for it")
-        return await self._command(grant, capture_id, "restart:" + field)
+        return await self._command(capture_id, "restart:" + field)
 
-    async def _command(self, grant: Grant, capture_id: str, command: str) -> Any:
-        await self.get(grant, capture_id)
+    async def _command(self, capture_id: str, command: str) -> Any:
+        """Leave `command` for the IVR (the caller has checked the capture is theirs)."""
         row = await self._store.command_capture(capture_id, command)
         if row is None:
             raise CaptureEnded()

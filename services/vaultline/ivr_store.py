@@ -175,15 +175,13 @@ class IvrStore:
                 " WHERE call_sid = $1 AND state IN ('started', 'capturing')", call_sid)
 
     async def save_capture_driver(self, capture_id: str, version: int,
-                                  driver: Mapping[str, Any], payment_sid: str | None = None
-                                  ) -> bool:
+                                  driver: Mapping[str, Any]) -> bool:
         """Compare-and-set the driver state on `driver_version`."""
         async with _translated():
             status = await self._pool.execute(
                 "UPDATE captures SET driver = $3::jsonb, driver_version = driver_version + 1,"
-                " payment_sid = coalesce($4, payment_sid), updated_at = now()"
-                " WHERE id = $1 AND driver_version = $2",
-                capture_id, version, json.dumps(driver), payment_sid)
+                " updated_at = now() WHERE id = $1 AND driver_version = $2",
+                capture_id, version, json.dumps(driver))
         return status == "UPDATE 1"
 
     async def set_capture_payment(self, capture_id: str, payment_sid: str) -> None:

@@ -140,9 +140,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
         with _observed(gate, method) as answer:
             try:
                 call = gate.admit(call, context)
-                if request.ByteSize() > gate.max_unary_bytes:
-                    raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
-                        "", "the request is larger than this server accepts"),))
+                _check_size(gate, request)
                 if scoped:
                     gate.check_tenant(call, tenant)
                 if metered:
@@ -152,7 +150,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                     token = getattr(request, "token", "") or getattr(
                         getattr(response, "token", None), "token", "")
                     await gate.audit([gate.event(
-                        call, "OK", tenant=tenant or _batch_tenant(response), token=token,
+                        call, "OK", tenant=tenant or _response_tenant(response), token=token,
                         purpose=_audited_purpose(_purpose_of(request)))])
                 if reveals:
                     gate.count_reveals(call, 1)
@@ -165,6 +163,13 @@ def _unary(fn: F, *, audits_success: bool) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _check_size(gate: Gate, request: Any) -> None:
+    """A single request message (unary, or a server stream's) within the unary limit."""
+    if request.ByteSize() > gate.max_unary_bytes:
+        raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
+            "", "the request is larger than this server accepts"),))
+
+
 def _purpose_of(request: Any) -> str:
     """What the audit record names as purpose: the settlement batch or capture the request is
     about (their ids never hold a digit run), else its purpose."""
@@ -172,7 +177,7 @@ def _purpose_of(request: Any) -> str:
             or getattr(request, "purpose", ""))
 
 
-def _batch_tenant(response: Any) -> str:
+def _response_tenant(response: Any) -> str:
     """The tenant of a settlement batch or capture a response carries (their requests name
     only the id)."""
     for name in ("batch", "capture"):
@@ -195,9 +200,7 @@ def server_streaming(fn: F) -> F:
         with _observed(gate, method) as answer:
             try:
                 call = gate.admit(call, context)
-                if request.ByteSize() > gate.max_unary_bytes:
-                    raise InvalidInput("MESSAGE_TOO_LARGE", (FieldViolation(
-                        "", "the request is larger than this server accepts"),))
+                _check_size(gate, request)
                 async for response in fn(self, request, context):
                     yield response
                 await gate.audit([gate.event(call, "OK", tenant="",
@@ -223,7 +226,7 @@ def client_streaming(fn: F) -> F:
                 call = gate.admit(call, context)
                 response = await fn(self, _traced(requests, seen), context)
                 await gate.audit([gate.event(
-                    call, "OK", tenant=_batch_tenant(response) or _audited_tenant(seen.tenant),
+                    call, "OK", tenant=_response_tenant(response) or _audited_tenant(seen.tenant),
                     purpose=response.batch.batch_id)])
                 return response
             except Exception as exc:  # noqa: BLE001 - the translation table decides

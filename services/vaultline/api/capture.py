@@ -18,9 +18,8 @@ from ..errors import FieldViolation, InvalidInput
 from ..gen.capture.v1 import capture_pb2 as pb
 from ..gen.capture.v1 import capture_service_pb2_grpc as pb_grpc
 from ..gen.tokenization.v1 import tokenization_pb2 as tpb
-from ..security.access import Grant
 from .calls import server_streaming, unary
-from .context import current_call
+from .context import admitted_grant
 from .gate import Gate
 
 _STATES = {
@@ -86,12 +85,6 @@ def fill_event(msg: pb.CaptureEvent, row: Any) -> None:
     msg.failure_reason = row["failure_reason"]
 
 
-def _grant() -> Grant:
-    call = current_call.get()
-    assert call is not None and call.grant is not None
-    return call.grant
-
-
 class CaptureServicer(pb_grpc.CaptureServiceServicer):
     def __init__(self, captures: CaptureService, gate: Gate) -> None:
         self._captures = captures
@@ -106,7 +99,7 @@ class CaptureServicer(pb_grpc.CaptureServiceServicer):
         if token_format not in _FORMATS:
             raise InvalidInput("INVALID_TOKEN_FORMAT", (FieldViolation(
                 "token_format", "must be a TokenFormat value"),))
-        capture = await self._captures.start(_grant(), validate_capture_request(
+        capture = await self._captures.start(admitted_grant(), validate_capture_request(
             request.tenant, request.call_sid, request.agent_id, request.fields.security_code,
             request.fields.postal_code, token_format, request.request_id))
         response = pb.StartCaptureResponse()
@@ -117,7 +110,8 @@ class CaptureServicer(pb_grpc.CaptureServiceServicer):
     async def GetCapture(self, request: pb.GetCaptureRequest, context: Any
                          ) -> pb.GetCaptureResponse:
         response = pb.GetCaptureResponse()
-        fill_capture(response.capture, await self._captures.get(_grant(), request.capture_id))
+        fill_capture(response.capture,
+                     await self._captures.get(admitted_grant(), request.capture_id))
         return response
 
     @unary
@@ -125,7 +119,7 @@ class CaptureServicer(pb_grpc.CaptureServiceServicer):
                             ) -> pb.CancelCaptureResponse:
         response = pb.CancelCaptureResponse()
         fill_capture(response.capture,
-                     await self._captures.cancel(_grant(), request.capture_id))
+                     await self._captures.cancel(admitted_grant(), request.capture_id))
         return response
 
     @unary
@@ -133,13 +127,13 @@ class CaptureServicer(pb_grpc.CaptureServiceServicer):
                                   ) -> pb.RestartCaptureFieldResponse:
         response = pb.RestartCaptureFieldResponse()
         fill_capture(response.capture, await self._captures.restart_field(
-            _grant(), request.capture_id, _FIELD_NAMES.get(request.field, "")))
+            admitted_grant(), request.capture_id, _FIELD_NAMES.get(request.field, "")))
         return response
 
     @server_streaming
     async def WatchCapture(self, request: pb.WatchCaptureRequest, context: Any
                            ) -> AsyncIterator[pb.WatchCaptureResponse]:
-        async for event in self._captures.watch(_grant(), request.capture_id,
+        async for event in self._captures.watch(admitted_grant(), request.capture_id,
                                                 request.after_seq):
             response = pb.WatchCaptureResponse()
             fill_event(response.event, event)

@@ -43,6 +43,18 @@ current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVa
 )
 
 
+def admitted() -> tuple[CallContext, Grant]:
+    """Inside a servicer method: the call the wrapper admitted, and its policy grant."""
+    call = current_call.get()
+    assert call is not None and call.grant is not None, "called outside an admitted call"
+    return call, call.grant
+
+
+def admitted_grant() -> Grant:
+    """Inside a servicer method: the admitted caller's policy grant."""
+    return admitted()[1]
+
+
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if (

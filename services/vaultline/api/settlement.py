@@ -18,10 +18,9 @@ from ..dual_control import BatchService, RowIn, validate_header
 from ..errors import FieldViolation, InvalidInput
 from ..gen.settlement.v1 import settlement_pb2 as pb
 from ..gen.settlement.v1 import settlement_service_pb2_grpc as pb_grpc
-from ..security.access import Grant
 from ..service import validate_chunk, validate_tenant
 from .calls import client_streaming, unary
-from .context import CallContext, current_call
+from .context import admitted, admitted_grant
 from .gate import Gate
 
 MAX_PAGE = 1000
@@ -73,13 +72,6 @@ def _page_size(value: int, default: int, largest: int, field: str) -> int:
     return value or default
 
 
-def _caller() -> tuple[CallContext, Grant]:
-    """The admitted call and its grant (the wrappers admit before the method runs)."""
-    call = current_call.get()
-    assert call is not None and call.grant is not None
-    return call, call.grant
-
-
 class SettlementServicer(pb_grpc.SettlementServiceServicer):
     def __init__(self, batches: BatchService, gate: Gate) -> None:
         self._batches = batches
@@ -89,7 +81,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
     async def CreateBatch(
         self, requests: AsyncIterator[pb.CreateBatchRequest], context: Any
     ) -> pb.CreateBatchResponse:
-        call, grant = _caller()
+        call, grant = admitted()
         first = await anext(aiter(requests), None)
         if first is None:
             raise InvalidInput("EMPTY_BATCH", (FieldViolation(
@@ -116,7 +108,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
     async def ApproveBatch(
         self, request: pb.ApproveBatchRequest, context: Any
     ) -> pb.ApproveBatchResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         batch = await self._batches.approve(grant, request.batch_id, request.rows_sha256)
         response = pb.ApproveBatchResponse()
         fill_batch(response.batch, batch)
@@ -124,7 +116,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
 
     @unary
     async def GetBatch(self, request: pb.GetBatchRequest, context: Any) -> pb.GetBatchResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         response = pb.GetBatchResponse()
         fill_batch(response.batch, await self._batches.get(grant, request.batch_id))
         return response
@@ -146,7 +138,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
     async def ListBatchRows(
         self, request: pb.ListBatchRowsRequest, context: Any
     ) -> pb.ListBatchRowsResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         size = _page_size(request.page_size, 5000, MAX_ROWS_PAGE, "page_size")
         rows = await self._batches.rows(grant, request.batch_id, request.after_line, size)
         response = pb.ListBatchRowsResponse()
@@ -159,7 +151,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
 
     @unary
     async def StartRun(self, request: pb.StartRunRequest, context: Any) -> pb.StartRunResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         batch = await self._batches.start_run(grant, request.batch_id, request.host,
                                               request.pid, request.take_over_run_id)
         response = pb.StartRunResponse()
@@ -168,7 +160,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
 
     @unary
     async def RenewRun(self, request: pb.RenewRunRequest, context: Any) -> pb.RenewRunResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         until = await self._batches.renew(grant, request.batch_id, request.run_id)
         response = pb.RenewRunResponse()
         response.lease_expire_time.FromDatetime(until)
@@ -178,7 +170,7 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
     async def FinishRun(
         self, request: pb.FinishRunRequest, context: Any
     ) -> pb.FinishRunResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         batch = await self._batches.finish(grant, request.batch_id, request.run_id,
                                            request.summary_json)
         response = pb.FinishRunResponse()
@@ -189,6 +181,6 @@ class SettlementServicer(pb_grpc.SettlementServiceServicer):
     async def AbandonRun(
         self, request: pb.AbandonRunRequest, context: Any
     ) -> pb.AbandonRunResponse:
-        _, grant = _caller()
+        grant = admitted_grant()
         await self._batches.abandon(grant, request.batch_id, request.run_id)
         return pb.AbandonRunResponse()

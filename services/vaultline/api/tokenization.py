@@ -31,7 +31,7 @@ from ..service import (
     validate_purpose,
 )
 from .calls import streaming, unary, unary_audited_by_method
-from .context import current_call
+from .context import admitted, current_call
 from .errors import to_rpc_status
 from .gate import Gate
 
@@ -196,11 +196,10 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: Any
     ) -> pb.DetokenizeResponse:
-        call = current_call.get()
-        assert call is not None and call.grant is not None
+        call, grant = admitted()
         validate_purpose(request.purpose)  # a refused request spends no budget
         try:
-            await self._budget.spend(call.grant)
+            await self._budget.spend(grant)
         except DailyBudgetExceeded:
             log.warning("daily Detokenize budget spent", extra={"identity": call.identity})
             if self._gate.metrics is not None:
@@ -249,9 +248,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
     async def BatchDetokenize(
         self, requests: AsyncIterator[pb.BatchDetokenizeRequest], context: Any
     ) -> AsyncIterator[pb.BatchDetokenizeResponse]:
-        call = current_call.get()
-        assert call is not None and call.grant is not None
-        grant = call.grant
+        call, grant = admitted()
 
         async def handle(chunk: pb.BatchDetokenizeRequest) -> pb.BatchDetokenizeResponse:
             self._gate.check_tenant(call, chunk.tenant)

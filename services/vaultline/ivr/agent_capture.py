@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
+from ..card import CardBrand
 from ..ivr_store import IvrStore
 from ..security.audit import AuditEvent, AuditWriter
 from . import payment
@@ -37,8 +38,6 @@ log = logging.getLogger("vaultline.ivr.capture")
 
 POLL_SECONDS: Final = 1.0
 _CAPTURE_ID: Final = re.compile(r"cap_[0-9a-f]{20}\Z")
-_BRANDS: Final = {"VISA": 1, "MASTERCARD": 2, "AMEX": 3, "DISCOVER": 4, "JCB": 5, "DINERS": 6,
-                  "UNIONPAY": 7, "MAESTRO": 8}
 
 
 class AgentCaptures:
@@ -126,10 +125,9 @@ class AgentCaptures:
                 row = await self._store.find_capture(capture_id)
                 if row is None:
                     return
-                doc = json.loads(row["driver"]) if row["driver"] else {}
-                if starting and doc:
+                state = _driver_state(row)
+                if starting and state.fields:
                     return  # started already (a repeated start command)
-                state = payment.DriverState.from_json(doc) if doc else payment.DriverState(())
                 step = transition(state, row)
                 if step.state == state and not step.events and not step.commands:
                     return
@@ -165,9 +163,7 @@ class AgentCaptures:
         fresh = await self._store.find_capture(row["id"])
         if fresh is None:
             return None
-        doc = json.loads(fresh["driver"]) if fresh["driver"] else {}
-        state = payment.DriverState.from_json(doc) if doc else payment.DriverState(())
-        step = payment.on_failure(state, reason)
+        step = payment.on_failure(_driver_state(fresh), reason)
         if not await self._store.save_capture_driver(row["id"], fresh["driver_version"],
                                                      step.state.to_json()):
             return None
@@ -222,7 +218,7 @@ class AgentCaptures:
             await self._record(row, "capture.tokenize", "OK", token=token)
             return
         await self._store.append_capture_event(
-            row["id"], "completed", token=card.token, brand=_BRANDS.get(card.brand),
+            row["id"], "completed", token=card.token, brand=_brand_number(card.brand),
             last4=card.last4, expiry_month=card.expiry_month, expiry_year=card.expiry_year)
         await self._record(row, "capture.tokenize", "OK", token=card.token)
         if self._crm is not None and self._crm_url:
@@ -246,3 +242,15 @@ class AgentCaptures:
             identity=self._identity, role="ivr", tenant=row["tenant"],
             method=f"ivr/agent-capture/{event}", outcome=outcome, request_id=row["id"],
             peer=row["call_sid"], token=token, at=dt.datetime.now(dt.UTC))])
+
+
+def _driver_state(row: Any) -> payment.DriverState:
+    """The capture's saved driver state (none yet: an empty one)."""
+    doc = json.loads(row["driver"]) if row["driver"] else {}
+    return payment.DriverState.from_json(doc) if doc else payment.DriverState(())
+
+
+def _brand_number(name: str) -> int | None:
+    """A GetToken brand name (VISA, …) as its number (`card.CardBrand` = the proto enum)."""
+    brand = CardBrand.__members__.get(name)
+    return int(brand) if brand is not None else None

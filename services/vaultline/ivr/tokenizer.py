@@ -7,6 +7,7 @@ with mTLS and the `ivr` client certificate (`vaultline ivr serve`, the dev stack
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -76,23 +77,20 @@ class IvrTokenizer:
             format=_FORMATS[token_format],
             request_id=request_id,
         )
+        return await self._call(self._stub.Tokenize, request)
+
+    async def get_token(self, tenant: str, token: str) -> TokenizeResult:
+        """A token's metadata (brand, last four, expiry), as GetToken shows it."""
+        return await self._call(self._stub.GetToken,
+                                pb.GetTokenRequest(tenant=tenant, token=token))
+
+    async def _call(self, method: Any, request: Any) -> TokenizeResult:
+        """One call; its answer's token, or TokenizeRefused / TokenizerUnavailable."""
         try:
-            response = await self._stub.Tokenize(request, timeout=self._timeout)
+            response = await method(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             cls = TokenizeRefused if exc.code() in _REFUSALS else TokenizerUnavailable
             raise cls(exc.code().name, _reason(exc)) from None
         token = response.token
         return TokenizeResult(token.token, pb.CardBrand.Name(token.brand).removeprefix(
             "CARD_BRAND_"), token.last4, token.expiry_month, token.expiry_year)
-
-    async def get_token(self, tenant: str, token: str) -> TokenizeResult:
-        """A token's metadata (brand, last four, expiry), as GetToken shows it."""
-        try:
-            response = await self._stub.GetToken(pb.GetTokenRequest(tenant=tenant, token=token),
-                                                 timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            cls = TokenizeRefused if exc.code() in _REFUSALS else TokenizerUnavailable
-            raise cls(exc.code().name, _reason(exc)) from None
-        found = response.token
-        return TokenizeResult(found.token, pb.CardBrand.Name(found.brand).removeprefix(
-            "CARD_BRAND_"), found.last4, found.expiry_month, found.expiry_year)

@@ -9,7 +9,9 @@ would. Errors become `TwilioUnavailable` or `RecordingNotFound` and carry no req
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,15 +74,9 @@ class TwilioRest:
 
     async def _recording(self, call_sid: str, status: str, **extra: Any) -> RecordingUpdate:
         operation = f"recording {status}"
-        try:
+        async with _translated(operation, not_found=RecordingNotFound):
             rec = await self._client.calls(call_sid).recordings("Twilio.CURRENT").update_async(
                 status=status, **extra)
-        except TwilioRestException as exc:
-            if exc.status == 404:
-                raise RecordingNotFound(operation, 404) from None
-            raise TwilioUnavailable(operation, exc.status) from None
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            raise TwilioUnavailable(operation, None) from None
         return RecordingUpdate(call_sid, rec.sid or "", rec.status or "")
 
     async def pause_recording(self, call_sid: str) -> RecordingUpdate:
@@ -92,23 +88,14 @@ class TwilioRest:
 
     async def recording_active(self, call_sid: str) -> bool:
         """Whether the call has a recording in progress (or paused) right now."""
-        try:
+        async with _translated("recording list"):
             recordings = await self._client.calls(call_sid).recordings.list_async(limit=50)
-        except TwilioRestException as exc:
-            raise TwilioUnavailable("recording list", exc.status) from None
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            raise TwilioUnavailable("recording list", None) from None
         return any(r.status in ("in-progress", "paused") for r in recordings)
 
     async def redirect_call(self, call_sid: str, url: str) -> None:
         """Send a live leg to new TwiML (agent handoff: out of the conference and back)."""
-        try:
+        async with _translated("call redirect"):
             await self._client.calls(call_sid).update_async(url=url, method="POST")
-        except TwilioRestException as exc:
-            raise TwilioUnavailable("call redirect", exc.status) from None
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            raise TwilioUnavailable("call redirect", None) from None
-
 
     # ---- agent-assisted Payments (a Payment on the customer's live leg) ------------------
 
@@ -118,7 +105,7 @@ class TwilioRest:
         """Start a Payment on the call (tokenize only: ChargeAmount 0); its sid (PK…)."""
         extra: dict[str, Any] = {"valid_card_types": valid_card_types} if valid_card_types \
             else {}
-        try:
+        async with _translated("payment create"):
             payment = await self._client.calls(call_sid).payments.create_async(
                 idempotency_key=idempotency_key, status_callback=status_callback,
                 payment_connector=connector,
@@ -126,10 +113,6 @@ class TwilioRest:
                 charge_amount=0,
                 payment_method="credit-card", security_code=security_code,
                 postal_code=postal_code, **extra)
-        except TwilioRestException as exc:
-            raise TwilioUnavailable("payment create", exc.status) from None
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            raise TwilioUnavailable("payment create", None) from None
         if not (payment.sid or "").startswith("PK"):
             raise TwilioUnavailable("payment create", None)
         return str(payment.sid)
@@ -142,11 +125,21 @@ class TwilioRest:
             extra["capture"] = capture
         if status:
             extra["status"] = status
-        operation = f"payment {status or capture}"
-        try:
+        async with _translated(f"payment {status or capture}"):
             await self._client.calls(call_sid).payments(payment_sid).update_async(
                 idempotency_key=idempotency_key, status_callback=status_callback, **extra)
-        except TwilioRestException as exc:
-            raise TwilioUnavailable(operation, exc.status) from None
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            raise TwilioUnavailable(operation, None) from None
+
+
+@contextlib.asynccontextmanager
+async def _translated(operation: str, *, not_found: type[TwilioUnavailable] | None = None
+                      ) -> AsyncIterator[None]:
+    """The one translation of Twilio REST failures: an HTTP error (`not_found` for a 404 when
+    the caller tells that apart) or no answer at all; nothing of the request is kept."""
+    try:
+        yield
+    except TwilioRestException as exc:
+        if not_found is not None and exc.status == 404:
+            raise not_found(operation, 404) from None
+        raise TwilioUnavailable(operation, exc.status) from None
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        raise TwilioUnavailable(operation, None) from None

@@ -289,11 +289,15 @@ class TwilioSim:
         call.ended_by = "caller"
         call.add("hangup", "caller")
         if status_callback:
-            params = {**self.call_params(call), "CallDuration": str(int(call.clock)),
-                      "CallbackSource": "call-progress-events", "SequenceNumber": "0",
-                      "Timestamp": _rfc2822()}
-            status, _ = await self.post(status_callback, params)
-            call.add("status-callback", f"completed -> {status}")
+            await self._call_completed(call, status_callback)
+
+    async def _call_completed(self, call: SimCall, status_callback: str) -> None:
+        """Twilio's call status callback for a call that has ended."""
+        params = {**self.call_params(call), "CallDuration": str(int(call.clock)),
+                  "CallbackSource": "call-progress-events", "SequenceNumber": "0",
+                  "Timestamp": _rfc2822()}
+        status, _ = await self.post(status_callback, params)
+        call.add("status-callback", f"completed -> {status}")
 
     def press_in_conference(self, call: SimCall, keys: str) -> None:
         """The customer presses keys with no Payment capturing them: a conference carries
@@ -332,11 +336,7 @@ class TwilioSim:
             call.status = "completed"
             call.add("hangup", call.ended_by or "end-of-twiml")
             if status_callback:
-                params = {**self.call_params(call), "CallDuration": str(int(call.clock)),
-                          "CallbackSource": "call-progress-events", "SequenceNumber": "0",
-                          "Timestamp": _rfc2822()}
-                status, _ = await self.post(status_callback, params)
-                call.add("status-callback", f"completed -> {status}")
+                await self._call_completed(call, status_callback)
 
     async def _fetch(self, call: SimCall, url: str, extra: Mapping[str, str]) -> str | None:
         params = {**self.call_params(call), **extra}
