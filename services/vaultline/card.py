@@ -26,6 +26,8 @@ __all__ = [
     "luhn_ok",
     "luhn_valid",
     "mask_pans",
+    "security_code_length",
+    "security_code_ok",
     "validate_cardholder_name",
 ]
 
@@ -295,6 +297,16 @@ class Expiry:
 _FORBIDDEN_NAME_CHARS = re.compile(
     r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
+
+
+def security_code_length(brand: CardBrand) -> int:
+    """Digits in a card's security code: 4 for American Express (CID), else 3 (CVV2/CVC2)."""
+    return 4 if brand is CardBrand.AMEX else 3
+
+
+def security_code_ok(code: str, brand: CardBrand) -> bool:
+    """Whether `code` is a well-formed security code for a card of `brand` (ASCII digits)."""
+    return (len(code) == security_code_length(brand) and code.isascii() and code.isdigit())
 
 
 def _name_ok(name: object) -> bool:

@@ -50,6 +50,9 @@ Variables (all `VAULTLINE_`-prefixed):
                             deleted (default 300)
   TOKENIZE_REQUEST_RETENTION_HOURS  how long a Tokenize request id answers a retry with its
                             first result (default 24)
+  SECURITY_CODE_HOLD_SECONDS  how long a captured security code is held for the payment
+                            service to redeem once, then erased (default 600; at most 3600)
+  SECURITY_CODE_SWEEP_SECONDS how often expired security codes are erased (default 30)
   AUDIT_CHAIN               names this deployment's checkpoint folder in OpenBao, when
                             several vault databases share one OpenBao (default "default")
   AUDIT_CHECKPOINT_SECONDS  how often the audit chain's head is checkpointed into OpenBao
@@ -89,6 +92,9 @@ class TokenizerConfig:
     commit_delay_ms: float = 4.0
     purge_interval_seconds: float = 300.0
     tokenize_request_retention: dt.timedelta = dt.timedelta(hours=24)
+    # How long a captured security code is held for authorisation (PCI DSS 3.3.2), at most 1 h.
+    security_code_hold: dt.timedelta = dt.timedelta(minutes=10)
+    security_code_sweep_seconds: float = 30.0
     audit_chain: str = "default"
     audit_checkpoint_seconds: float = 60.0
     audit_checkpoint_records: int = 1000
@@ -175,6 +181,9 @@ def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be a number") from None
     if not 0 <= commit_delay_ms <= 50:  # also refuses nan
         raise ConfigError("VAULTLINE_COMMIT_DELAY_MS must be between 0 and 50")
+    hold_seconds = positive_int("SECURITY_CODE_HOLD_SECONDS", "600")
+    if hold_seconds > 3600:
+        raise ConfigError("VAULTLINE_SECURITY_CODE_HOLD_SECONDS must be at most 3600 (1 hour)")
     return {
         "key_policy": KeyPolicy(
             max_uses=positive_int("DEK_MAX_USES", "10000000"),
@@ -184,6 +193,8 @@ def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "purge_interval_seconds": float(positive_int("PURGE_INTERVAL_SECONDS", "300")),
         "tokenize_request_retention": dt.timedelta(
             hours=positive_int("TOKENIZE_REQUEST_RETENTION_HOURS", "24")),
+        "security_code_hold": dt.timedelta(seconds=hold_seconds),
+        "security_code_sweep_seconds": float(positive_int("SECURITY_CODE_SWEEP_SECONDS", "30")),
         "audit_checkpoint_seconds": float(positive_int("AUDIT_CHECKPOINT_SECONDS", "60")),
         "audit_checkpoint_records": positive_int("AUDIT_CHECKPOINT_RECORDS", "1000"),
         "max_unary_message_bytes": positive_int("MAX_UNARY_MESSAGE_BYTES", str(1 << 20)),

@@ -28,6 +28,7 @@ __all__ = [
     "associated_data",
     "associated_data_for",
     "associated_data_prefix",
+    "security_code_associated_data",
 ]
 
 KEY_BYTES = 32
@@ -83,6 +84,16 @@ def associated_data_for(prefix: bytes, token: str, key_id: int) -> bytes:
         return prefix + _U16.pack(len(k)) + k + _U64.pack(key_id)
     except struct.error:
         raise CryptoError("associated data field out of range") from None
+
+
+_SECURITY_CODE_DOMAIN = b"vaultline/security-code\x00"
+
+
+def security_code_associated_data(tenant: str, token: str, key_id: int) -> bytes:
+    """Associated data of a held security code: its token's row fields behind a domain label
+    (card data's starts with its version byte, 1, never with the label), so a security code
+    never opens as a card, nor a card as a security code, nor either under another token."""
+    return _SECURITY_CODE_DOMAIN + associated_data(CIPHERTEXT_VERSION, tenant, token, key_id)
 
 
 class SealingKey:

@@ -18,6 +18,7 @@ input, the fields at fault — never the value that was sent. The gRPC layer tur
      ├── CaptureNotFound       no such capture (or not the caller's tenant) -> NOT_FOUND
      ├── CaptureInProgress     the call already has a capture in progress   -> ALREADY_EXISTS
      ├── CaptureEnded          the capture has ended; nothing to change     -> FAILED_PRECONDITION
+     ├── SecurityCodeNotFound  none held: redeemed, expired or never taken  -> NOT_FOUND
      └── DependencyUnavailable OpenBao or PostgreSQL cannot be reached      -> UNAVAILABLE
           ├── KeyServiceUnavailable
           └── DatabaseUnavailable
@@ -134,6 +135,14 @@ class DualControlRefused(_WithReason):
 class DailyBudgetExceeded(VaultlineError):
     reason = "DETOKENIZE_DAILY_BUDGET_EXCEEDED"
     message = "this identity's Detokenize budget for today is spent; use a settlement batch"
+
+
+class SecurityCodeNotFound(VaultlineError):
+    """No security code is held for the token: already redeemed, expired, never captured, or
+    the token is gone. One answer for all, so a caller learns nothing about which."""
+
+    reason = "SECURITY_CODE_NOT_FOUND"
+    message = "no security code is held for this token"
 
 
 class CaptureNotFound(VaultlineError):

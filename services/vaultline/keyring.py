@@ -1,7 +1,9 @@
 """Data keys: created and unwrapped through OpenBao transit, stored wrapped, cached in memory.
 
-Per tenant there is one active key per purpose: `pan` (AES-256-GCM for card data) and
-`fingerprint` (HMAC-SHA-256 for the one-token-per-card lookup). OpenBao is called only to make
+Per tenant there is one active key per purpose: `pan` (AES-256-GCM for card data),
+`fingerprint` (HMAC-SHA-256 for the one-token-per-card lookup) and `security_code`
+(AES-256-GCM for security codes held until authorisation, retired after `max_age` like a
+`pan` key). OpenBao is called only to make
 or unwrap a key — never once per card. A `pan` key retires after `max_uses` encryptions or
 `max_age`, whichever comes first; retired keys still decrypt. Uses are reserved from the
 database in blocks, so the limit holds across every tokenizer replica. The fingerprint key
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PAN = "pan"
 FINGERPRINT = "fingerprint"
+SECURITY_CODE = "security_code"
 
 
 class DataKeySource(Protocol):
@@ -94,6 +97,7 @@ class Keyring:
         self._sealing: dict[int, SealingKey] = {}  # every unwrapped pan key, by id
         self._fingerprint: dict[str, FingerprintKey] = {}  # by tenant
         self._leases: dict[str, _Lease] = {}  # active pan key per tenant
+        self._codes: dict[str, tuple[SealingKey, dt.datetime]] = {}  # security_code, retire_at
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -107,6 +111,7 @@ class Keyring:
         """Drop a shredded tenant's keys from this process's cache."""
         self._fingerprint.pop(tenant, None)
         self._leases.pop(tenant, None)
+        self._codes.pop(tenant, None)
         for key_id in key_ids:
             self._sealing.pop(key_id, None)
 
@@ -115,6 +120,7 @@ class Keyring:
         self._sealing.clear()
         self._fingerprint.clear()
         self._leases.clear()
+        self._codes.clear()
 
     def _lock(self, tenant: str, purpose: str) -> asyncio.Lock:
         return self._locks.setdefault((tenant, purpose), asyncio.Lock())
@@ -127,7 +133,7 @@ class Keyring:
             wrapped,
             wrapped_version(wrapped),
             self._policy.max_uses if purpose == PAN else 2**62,
-            self._policy.max_age if purpose == PAN else dt.timedelta(days=365_000),
+            dt.timedelta(days=365_000) if purpose == FINGERPRINT else self._policy.max_age,
         )
         if row is not None:
             log.info("created %s data key %d for tenant %s", purpose, row.id, tenant)
@@ -157,6 +163,29 @@ class Keyring:
                     row, plaintext = await self._create_or_find(tenant, FINGERPRINT)
                 key = FingerprintKey(plaintext)
                 self._fingerprint[tenant] = key
+            return key
+
+    async def security_code_key(self, tenant: str) -> SealingKey:
+        """The tenant's key for sealing security codes (never its card-data key)."""
+        cached = self._codes.get(tenant)
+        if cached is not None and dt.datetime.now(dt.UTC) < cached[1]:
+            self.cache_hits += 1
+            return cached[0]
+        async with self._lock(tenant, SECURITY_CODE):
+            cached = self._codes.get(tenant)
+            if cached is not None and dt.datetime.now(dt.UTC) < cached[1]:
+                return cached[0]
+            row = await self._store.find_active_data_key(tenant, SECURITY_CODE)
+            if row is not None and dt.datetime.now(dt.UTC) >= row.retire_at:
+                await self._store.retire_data_key(row.id)  # still opens what it sealed
+                log.info("retired security_code data key %d for tenant %s", row.id, tenant)
+                row = None
+            if row is None:
+                row, plaintext = await self._create_or_find(tenant, SECURITY_CODE)
+            else:
+                plaintext = (await self._unwrap([row]))[0]
+            key = self._sealing.setdefault(row.id, SealingKey(row.id, plaintext))
+            self._codes[tenant] = (key, row.retire_at)
             return key
 
     async def sealing_key_for(self, tenant: str, count: int) -> SealingKey:

@@ -40,6 +40,7 @@ from .security.access import Guard, load_policy
 from .security.anchor import AuditCheckpointer
 from .security.audit import AuditWriter
 from .security.tls import load_server_credentials
+from .security_codes import SecurityCodes
 from .service import TokenService
 from .store import Store
 from .vault import TransitClient
@@ -77,6 +78,8 @@ class TokenizerServer:
         self.capture_hub = CaptureHub()
         self.captures: CaptureService | None = None
         self._capture_deadlines: asyncio.Task[None] | None = None
+        self.security_codes: SecurityCodes | None = None
+        self._code_sweeps: asyncio.Task[None] | None = None
         self.metrics_address = ""
         self._metrics_server: object | None = None
 
@@ -96,8 +99,12 @@ class TokenizerServer:
         self.keyring = Keyring(self.store, self._vault, config.key_policy)
         audit = AuditWriter(self.store)
         commit_delay = CommitDelay(config.commit_delay_ms / 1000)  # 0: never waits
+        self.security_codes = SecurityCodes(
+            self.store, self.keyring, hold=config.security_code_hold,
+            sweep_every_seconds=config.security_code_sweep_seconds)
         self.service = TokenService(
-            self.store, self.keyring, audit=audit, commit_delay=commit_delay
+            self.store, self.keyring, audit=audit, commit_delay=commit_delay,
+            security_codes=self.security_codes,
         )
         server = grpc.aio.server(
             options=[
@@ -163,6 +170,7 @@ class TokenizerServer:
                              request_retention=config.tokenize_request_retention)
         self._purging = asyncio.create_task(self.purger.run())
         self._capture_deadlines = asyncio.create_task(self.captures.run_deadlines())
+        self._code_sweeps = asyncio.create_task(self.security_codes.run())
         if config.metrics_listen:
             mhost, mport = config.metrics_listen.rsplit(":", 1)
             self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
@@ -196,12 +204,14 @@ class TokenizerServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
-        for task in (self._checkpointing, self._purging, self._capture_deadlines):
+        for task in (self._checkpointing, self._purging, self._capture_deadlines,
+                     self._code_sweeps):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._checkpointing = self._purging = self._capture_deadlines = None
+        self._code_sweeps = None
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -26,6 +26,7 @@ from .card import (
     Expiry,
     Pan,
     has_digit_run,
+    security_code_ok,
     validate_cardholder_name,
 )
 from .commit_delay import CommitDelay
@@ -40,6 +41,7 @@ from .errors import (
     FieldViolation,
     InvalidInput,
     RequestIdReused,
+    SecurityCodeNotFound,
     TokenNotFound,
     TokenSpaceExhausted,
     VaultlineError,
@@ -47,6 +49,7 @@ from .errors import (
 from .group_commit import GroupCommit
 from .keyring import Keyring
 from .security.audit import AuditSink, PendingAudit, audit_columns
+from .security_codes import SecurityCodes
 from .store import REVEAL_COLUMNS, AuditColumns, NewTokens
 from .tokens import SHOWS_BIN_FROM, TokenError, TokenFormat, new_tokens, parse_token
 
@@ -237,6 +240,14 @@ def parse_card(raw: CardInput, today: dt.date) -> Card:
     return Card(pan, expiry, name)
 
 
+def validate_security_code(code: str, brand: CardBrand) -> str:
+    """`code` if a card of `brand` can have it; the error never echoes it."""
+    if not security_code_ok(code, brand):
+        raise _invalid("INVALID_SECURITY_CODE", "security_code",
+                       "must be 3 digits (4 for American Express)")
+    return code
+
+
 class _SingleCall(NamedTuple):
     card: Card
     audit: PendingAudit | None
@@ -308,10 +319,13 @@ class TokenService:
         clock: Callable[[], dt.datetime] = _utcnow,
         randbytes: Callable[[int], bytes] = os.urandom,
         commit_delay: CommitDelay | None = None,
+        security_codes: SecurityCodes | None = None,
     ) -> None:
         """`commit_delay`: when the coalesced single calls wait for company after a chunk
-        (see `vaultline.commit_delay`); None: never."""
+        (see `vaultline.commit_delay`); None: never. `security_codes`: where Tokenize holds a
+        card's security code until authorisation; None: a security code is refused."""
         self._store = store
+        self._codes = security_codes
         self._keyring = keyring
         self._audit = audit
         self._clock = clock
@@ -338,13 +352,18 @@ class TokenService:
         caller: str = "",
         ttl: dt.timedelta | None = None,
         audit: PendingAudit | None = None,
+        security_code: str = "",
     ) -> IssuedToken:
         """Tokenize one card. With `audit`, the call's audit record (naming the token it gets)
         is durable before this returns; if it cannot be written, this raises.
 
         A `request_id` makes a retry answer with the first result, for the same `caller`
         (its identity) only: another caller's request ids are not visible, so replaying one
-        with a guessed card number confirms nothing."""
+        with a guessed card number confirms nothing.
+
+        A `security_code` is held for the token until redeemed or expired (`SecurityCodes`);
+        a retry holds it again, so a first attempt that failed after its token was issued
+        loses nothing."""
         if audit is not None and self._audit is None:
             raise TypeError("TokenService was built without an audit recorder")
         tenant = validate_tenant(tenant)
@@ -352,17 +371,33 @@ class TokenService:
         ttl = validate_ttl(ttl)
         parsed = parse_card(card, self._clock().date())
         check_format_for(parsed, token_format)
+        if security_code:
+            if self._codes is None:
+                raise _invalid("SECURITY_CODE_NOT_ACCEPTED", "security_code",
+                               "this server holds no security codes")
+            validate_security_code(security_code, parsed.pan.brand)
         group = (tenant, token_format, ttl)
         if not request_id:
             # The common path: the chunk appends this call's audit record with its neighbours'.
-            return self._unwrap(
+            result = self._unwrap(
                 await self._coalescer.submit(group, _SingleCall(parsed, audit))
             )
-        request_id = validate_request_id(request_id)
-        result = await self._tokenize_once(tenant, caller, request_id, group, parsed)
-        if audit is not None and self._audit is not None:
-            await self._audit.record([audit.with_token(result.record.token)])
+        else:
+            request_id = validate_request_id(request_id)
+            result = await self._tokenize_once(tenant, caller, request_id, group, parsed)
+            if audit is not None and self._audit is not None:
+                await self._audit.record([audit.with_token(result.record.token)])
+        if security_code and self._codes is not None:
+            await self._codes.hold(tenant, result.record.token, security_code)
         return result
+
+    async def redeem_security_code(self, tenant: str, token: str) -> str:
+        """The security code held for `token`, once (see `SecurityCodes.redeem`)."""
+        tenant = validate_tenant(tenant)
+        token = validate_token(token)
+        if self._codes is None:
+            raise SecurityCodeNotFound()
+        return await self._codes.redeem(tenant, token)
 
     async def _tokenize_once(
         self, tenant: str, caller: str, request_id: str, group: TokenizeGroup, card: Card

@@ -455,6 +455,45 @@ class Store:
         )
         return int(status.split()[-1])
 
+    # ---- security codes held until authorisation (0013_security_codes.sql) ----------------
+
+    async def hold_security_code(
+        self, tenant: str, token: str, key_id: int, ciphertext: bytes, hold: dt.timedelta
+    ) -> bool:
+        """Hold a sealed security code for a live token (replacing one it held); False when
+        the token is not live."""
+        row = await self._fetchrow(
+            "INSERT INTO security_codes (tenant, token, data_key_id, ciphertext, expires_at)"
+            " SELECT $1, $2, $3, $4, now() + $5::interval FROM tokens"
+            " WHERE tenant = $1 AND token = $2 AND (expires_at IS NULL OR expires_at > now())"
+            " ON CONFLICT (tenant, token) DO UPDATE SET data_key_id = excluded.data_key_id,"
+            " ciphertext = excluded.ciphertext, created_at = excluded.created_at,"
+            " expires_at = excluded.expires_at RETURNING 1",
+            tenant, token, key_id, ciphertext, hold,
+        )
+        return row is not None
+
+    async def take_security_code(self, tenant: str, token: str) -> tuple[int, bytes] | None:
+        """Remove a held, unexpired security code and answer it (key id, ciphertext): one
+        statement, so two concurrent redemptions never both get it."""
+        row = await self._fetchrow(
+            "DELETE FROM security_codes WHERE tenant = $1 AND token = $2"
+            " RETURNING data_key_id, ciphertext, expires_at > now() AS live",
+            tenant, token,
+        )
+        if row is None or not row["live"]:
+            return None  # an expired one is erased all the same
+        return row["data_key_id"], bytes(row["ciphertext"])
+
+    async def purge_expired_security_codes(self, limit: int = 10_000) -> int:
+        """Erase up to `limit` expired security codes; how many went."""
+        status = await self._execute(
+            "DELETE FROM security_codes WHERE ctid = ANY(ARRAY(SELECT ctid FROM security_codes"
+            " WHERE expires_at <= now() LIMIT $1))",
+            limit,
+        )
+        return int(status.split()[-1])
+
     # ---- idempotency -----------------------------------------------------------------
 
     async def purge_tokenize_requests(self, older_than: dt.timedelta, limit: int = 10_000) -> int:

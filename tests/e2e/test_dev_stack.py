@@ -50,8 +50,8 @@ def test_make_run_stack_end_to_end(home: Path) -> None:
         assert "DEV ONLY" in init_file.read_text()
         assert init_file.stat().st_mode & 0o077 == 0
 
-        assert set(info["clients"]) >= {"ivr", "intake", "crm", "settlement", "settlement-2",
-                                        "admin"}
+        assert set(info["clients"]) >= {"ivr", "intake", "crm", "payments", "settlement",
+                                        "settlement-2", "admin"}
         pans = [p for pans in TEST_CARDS.values() for p in pans[:1]]
         with stack_channel(info, "intake") as intake, stack_channel(info, "crm") as crm, \
                 stack_channel(info, "settlement") as settlement:

@@ -102,7 +102,8 @@ async def make_ivr(migrated: PostgresHandle, tokenizer: Any
             public_base_url=PUBLIC, account_sid=sim.account_sid, auth_token=sim.auth_token,
             database_url=migrated.ivr_dsn, session_secret=os.urandom(32),
             crm_secret=crm.secret, flows_dir=FLOWS, twilio_api_base_url=sim.rest_base_url,
-            crm_callback_urls={"card_capture": crm.url, "agent_handoff": crm.url},
+            crm_callback_urls={"card_capture": crm.url, "agent_handoff": crm.url,
+                               "card_capture_pay": crm.url},
             crm_backoff=0.01, crm_timeout=1.0, twilio_timeout=2.0, tokenizer_timeout=2.0,
             db_pool_size=4, capture_crm_callback_url=crm.url,
         )

@@ -105,6 +105,10 @@ async def test_a_card_keyed_on_the_call_becomes_a_token(
     assert event["data"]["token"] == final.card.token and PAN not in str(event)
     [payment] = agent_env.sim.payments.payments.values()
     assert payment.connector_attempts == 1 and payment.status == "complete"
+    # The security code went with the card and is held for the payment service, once.
+    redeemed = await tokenizer.as_("payments/payments-1").RedeemSecurityCode(
+        tpb.RedeemSecurityCodeRequest(token=final.card.token))
+    assert redeemed.security_code == "123"
 
 
 async def test_an_invalid_card_is_keyed_again(agent_env: IvrEnv, tokenizer: Any) -> None:

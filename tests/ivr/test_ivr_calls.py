@@ -12,6 +12,7 @@ import pytest
 
 from tests.fixtures.infra import PostgresHandle
 from tests.ivr.conftest import IvrEnv
+from vaultline.gen.tokenization.v1 import tokenization_pb2 as tpb
 from vaultline.store import Store
 from vaultline.twilio_sim import Delay, HangUp, Press, SimCall, Timeout, WaitForRedirect, sign
 
@@ -73,14 +74,20 @@ async def test_success_tokenizes_and_notifies_crm(env: IvrEnv, caplog: Any) -> N
     assert paths[1][1] == {"Status": "in-progress"}
 
 
-async def test_same_card_same_token_and_amex_cvv(env: IvrEnv) -> None:
+async def test_same_card_same_token_and_amex_cvv(env: IvrEnv, tokenizer: Any) -> None:
     first = await env.call("card_capture", card_script())
     second = await env.call("card_capture", card_script())
     tokens = [e["data"]["token"] for e in env.crm.events]
     assert tokens[0] == tokens[1] and first.sid != second.sid
     amex = await env.call("card_capture", card_script(AMEX, cvv="1234"))
-    assert env.crm.events[-1]["data"]["brand"] == "AMEX"
+    event = env.crm.events[-1]
+    assert event["data"]["brand"] == "AMEX"
     assert_paused_for_card_digits(amex)
+    # The keyed security code is held for the payment service, once, never in the CRM event.
+    assert "security_code" not in event["data"] and "1234" not in event["data"].values()
+    redeemed = await tokenizer.as_("payments/payments-1").RedeemSecurityCode(
+        tpb.RedeemSecurityCodeRequest(token=event["data"]["token"]))
+    assert redeemed.security_code == "1234"
 
 
 @pytest.mark.parametrize("script, reprompt", [

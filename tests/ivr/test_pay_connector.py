@@ -54,6 +54,26 @@ async def post(env: IvrEnv, body: Any, *, authorization: str | None = None,
         return response.status, parsed, text
 
 
+async def test_the_security_code_is_held_for_the_payment_service_to_redeem_once(
+    connector: IvrEnv, tokenizer: Any,
+) -> None:
+    """Twilio's `cvv` is not stored with the card: the tokenizer holds it sealed until the
+    payment service redeems it, once (PCI DSS 3.3.2)."""
+    status, answer, text = await post(connector, card("PKconnector-cvv-1", cvv="739"))
+    assert status == 200 and answer is not None and answer["error_code"] is None, text
+    redeem = tokenizer.as_("payments/payments-1").RedeemSecurityCode
+    request = pb.RedeemSecurityCodeRequest(tenant="demo", token=answer["token_id"])
+    assert (await redeem(request)).security_code == "739"
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await redeem(request)
+    assert again.value.code() == grpc.StatusCode.NOT_FOUND
+    # An American Express card's code has four digits; three is refused, and creates nothing.
+    status, amex, _ = await post(connector, card(
+        "PKconnector-cvv-2", cardnumber="378282246310005", cvv="739"))
+    assert (status, amex and amex["error_code"], amex and amex["token_id"]) == (
+        200, "invalid-security-code", "")
+
+
 async def test_a_card_becomes_a_token_and_a_retry_gets_the_same_one(
     connector: IvrEnv, tokenizer: Any, migrated: PostgresHandle,
     caplog: pytest.LogCaptureFixture,
@@ -124,6 +144,8 @@ async def test_an_unconfigured_connector_refuses_everyone(make_ivr: Callable[...
     (card("PKexpired", expiry_year="19"), None, "card-expired"),
     (card("PKcvv", cvv="12a"), None, "invalid-security-code"),
     (card("PKzip", postal_code="<script>"), None, "invalid-postal-code"),
+    # A tenant that neither the connector nor any of this IVR's <Pay> flows serves.
+    (card("PKtenant", parameters={"vaultline_tenant": "tenant-a"}), None, "unknown-tenant"),
 ])
 async def test_every_bad_request_gets_a_clear_code_that_echoes_nothing(
     connector: IvrEnv, body: Any, raw: bytes | None, code: str

@@ -23,6 +23,9 @@ REFUSED = [
     ("ivr_dsn", "SELECT count(*) FROM settlement_rows"),
     ("ivr_dsn", "SELECT count(*) FROM tokenize_requests"),
     ("ivr_dsn", "SELECT shred_tenant('default')"),
+    ("ivr_dsn", "SELECT count(*) FROM security_codes"),  # held codes: the tokenizer's alone
+    ("auditor_dsn", "SELECT count(*) FROM security_codes"),
+    ("keys_dsn", "SELECT count(*) FROM security_codes"),
     ("app_dsn", "SELECT count(*) FROM ivr_sessions"),
     ("app_dsn", "UPDATE settlement_batches SET state = 'approved'"),
     ("auditor_dsn", "SELECT count(*) FROM tokens"),
@@ -39,6 +42,7 @@ REFUSED = [
 ALLOWED = [
     ("ivr_dsn", "SELECT count(*) FROM ivr_sessions"),
     ("app_dsn", "SELECT count(*) FROM tokens"),
+    ("app_dsn", "DELETE FROM security_codes WHERE false"),
     ("auditor_dsn", "SELECT count(*) FROM audit_log"),
     ("auditor_dsn", "SELECT seq FROM audit_head"),
     ("keys_dsn", "SELECT count(*) FROM data_keys"),

@@ -57,15 +57,18 @@ def _checked(err: grpc.aio.AioRpcError, *inputs: object) -> None:
 
 
 @FUZZ
-@given(card=cards, tenant=anything, fmt=ints, request_id=anything, ttl=durations)
-async def test_fuzz_tokenize(tokenizer: Running, card, tenant, fmt, request_id, ttl) -> None:  # type: ignore[no-untyped-def]
-    request = pb.TokenizeRequest(tenant=tenant, card=card, format=fmt, request_id=request_id)
+@given(card=cards, tenant=anything, fmt=ints, request_id=anything, ttl=durations,
+       security_code=st.one_of(digits, text))
+async def test_fuzz_tokenize(tokenizer: Running, card, tenant, fmt, request_id, ttl,  # type: ignore[no-untyped-def]
+                             security_code) -> None:
+    request = pb.TokenizeRequest(tenant=tenant, card=card, format=fmt, request_id=request_id,
+                                 security_code=security_code)
     if ttl is not None:
         request.ttl.CopyFrom(ttl)
     try:
         await tokenizer.stub.Tokenize(request)
     except grpc.aio.AioRpcError as err:
-        _checked(err, card.pan, tenant, request_id, card.cardholder_name)
+        _checked(err, card.pan, tenant, request_id, card.cardholder_name, security_code)
 
 
 @FUZZ
@@ -76,6 +79,8 @@ async def test_fuzz_token_reads(tokenizer: Running, tenant, token, purpose) -> N
         tokenizer.stub.Detokenize(pb.DetokenizeRequest(tenant=tenant, token=token,
                                                        purpose=purpose)),
         tokenizer.stub.DeleteToken(pb.DeleteTokenRequest(tenant=tenant, token=token)),
+        tokenizer.stub.RedeemSecurityCode(
+            pb.RedeemSecurityCodeRequest(tenant=tenant, token=token)),
     ):
         try:
             await call

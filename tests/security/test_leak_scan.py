@@ -9,6 +9,12 @@ Luhn-valid 13-19 digit run standing on its own that Vaultline itself would accep
 number (a known network's range and length). "Standing on its own" (no letter or digit next
 to it) keeps hex digests and request ids from counting; raw PostgreSQL pages put tokens next to
 binary length bytes, so only the exact test PANs are searched there.
+
+Security codes (issue 15): every card keyed or handed over carries one, and the tokenizer holds
+it sealed until the payment service redeems it. American Express codes are the scan's
+distinctive `AMEX_CODE`, searched for standing on its own in every text source; any code
+following a field name (`cvv`, `security code`…) is a hit too. Redemptions are reveals, and
+excluded like them.
 """
 
 from __future__ import annotations
@@ -38,6 +44,18 @@ from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_gr
 pytestmark = pytest.mark.e2e
 
 DIGIT_RUN = re.compile(rb"(?<![0-9A-Za-z])[0-9]{13,19}(?![0-9A-Za-z])")
+AMEX_CODE, CODE = "0739", "739"  # every card's security code in this scan (a leading 0:
+# no process id, port, count or year looks like it)
+
+
+def code_for(pan: str) -> str:
+    return AMEX_CODE if pan[:2] in ("34", "37") else CODE
+
+
+# Standing on its own: not inside a number, word, hex digest, UUID, time or decimal.
+CODE_ALONE = re.compile(rb"(?<![0-9A-Za-z.:,_-])" + AMEX_CODE.encode() + rb"(?![0-9A-Za-z.:,_-])")
+CODE_NAMED = re.compile(rb"(?i)(cvv|cvc|cid|security.?code)[^0-9\n]{0,12}("
+                        + AMEX_CODE.encode() + rb"|" + CODE.encode() + rb")(?![0-9])")
 # Columns that hold ciphertext by design (AES-GCM card data, transit-wrapped keys) or hashes.
 OPAQUE_COLUMNS = {"ciphertext", "wrapped_key", "fingerprint", "content_hash", "prev_hash",
                   "hash", "sealed"}
@@ -54,6 +72,8 @@ def _card_like(run: str) -> bool:
 def hits(blob: bytes, *, text: bool = True) -> list[str]:
     """Test PANs, and (in text) card-like digit runs, found in `blob`, masked for the report."""
     found = [p[:6] + "…" + p[-4:] + " (test PAN)" for p in ALL_TEST_PANS if p.encode() in blob]
+    if text and (CODE_ALONE.search(blob) or CODE_NAMED.search(blob)):
+        found.append("a test security code")
     for m in DIGIT_RUN.finditer(blob) if text else ():
         run = m.group().decode()
         if luhn_valid(run) and _card_like(run):
@@ -158,10 +178,11 @@ def _pay_connector(info: dict) -> list[bytes]:  # type: ignore[type-arg]
     creds = json.loads(Path(info["pay_connector_credentials_file"]).read_text())
     basic = base64.b64encode(f"{creds['username']}:{creds['password']}".encode()).decode()
     answers = []
+    redeemed: list[tuple[str, str]] = []
     for i, pan in enumerate([*ALL_TEST_PANS, ALL_TEST_PANS[0]]):
         expired = i == len(ALL_TEST_PANS)
         body = json.dumps({"method": "tokenize", "transaction_id": f"PKleak{i}",
-                           "cardnumber": pan, "cvv": "123", "expiry_month": "10",
+                           "cardnumber": pan, "cvv": code_for(pan), "expiry_month": "10",
                            "expiry_year": "19" if expired else "33", "postal_code": "94111",
                            "parameters": {}}).encode()
         for _ in range(2):
@@ -173,6 +194,15 @@ def _pay_connector(info: dict) -> list[bytes]:  # type: ignore[type-arg]
             token = json.loads(answer)["token_id"]
             assert bool(token) is not expired, answer
             answers.append(answer)
+        if token and i % 2:
+            redeemed.append((token, pan))
+    # The payment service redeems half of the held codes (a reveal: not scanned); the other
+    # half are still held, sealed, when the database is dumped.
+    with stack_channel(info, "payments") as payments:
+        stub = pb_grpc.TokenizationServiceStub(payments)
+        for token, pan in redeemed:
+            got = stub.RedeemSecurityCode(pb.RedeemSecurityCodeRequest(token=token))
+            assert got.security_code == code_for(pan)
     return answers
 
 
@@ -221,16 +251,25 @@ async def test_no_pan_anywhere(home: Path) -> None:
         for pan in ("5555555555554444", "378282246310005"):
             call = subprocess.run(
                 [*VAULTLINE, "--home", str(home), "sim", "call", "--flow", "card_capture",
-                 "--card", pan, "--cvv", "1234" if pan.startswith("3") else "123"],
+                 "--card", pan, "--cvv", code_for(pan)],
                 capture_output=True, timeout=120, check=False)
             assert call.returncode == 0, call.stdout.decode()[-2000:]
+            responses.append(call.stdout + call.stderr)
+        # ... and taken by Twilio's <Pay> in a self-service flow, through the Pay Connector.
+        for pan in ("4111111111111111", "371449635398431"):
+            call = subprocess.run(
+                [*VAULTLINE, "--home", str(home), "sim", "call", "--flow", "card_capture_pay",
+                 "--card", pan, "--cvv", code_for(pan), "--no-confirm"],
+                capture_output=True, timeout=120, check=False)
+            assert call.returncode == 0, call.stdout.decode()[-2000:]
+            assert b"outcome success" in call.stdout
             responses.append(call.stdout + call.stderr)
         # And handed over by Twilio's Generic Pay Connector (good, refused and retried).
         responses += _pay_connector(info)
         # An agent-assisted capture: the agent's view, the events, the CRM payload.
         agent = subprocess.run(
-            [*VAULTLINE, "--home", str(home), "sim", "agent-call", "--card", "6011111111111117",
-             "--cvv", "123", "--postal", "94105", "--key-delay", "0"],
+            [*VAULTLINE, "--home", str(home), "sim", "agent-call", "--card", "371449635398431",
+             "--cvv", AMEX_CODE, "--postal", "94105", "--key-delay", "0"],
             capture_output=True, timeout=120, check=False)
         assert agent.returncode == 0, agent.stdout.decode()[-2000:] + agent.stderr.decode()
         assert b"tones heard by the agent: 0" in agent.stdout
@@ -247,3 +286,12 @@ async def test_no_pan_anywhere(home: Path) -> None:
         report["database"] = found
     report.update(_scan_files(home))
     assert report == {}, f"card numbers found: {report}"
+
+
+def test_the_scan_finds_a_security_code_and_ignores_look_alikes() -> None:
+    for leak in (b"got 0739 from twilio", b'{"cvv": "739"}', b"SecurityCode=0739&x=1",
+                 b"security code: 739\n"):
+        assert hits(leak) == ["a test security code"], leak
+    for benign in (b"ab0739cd", b"uuid 1b2c-0739-aa", b"at 19:07:39,073", b"0.0739 s",
+                   b"port 50739", b"cvv: ***", b"security code: 7391"):
+        assert hits(benign) == [], benign

@@ -80,6 +80,9 @@ def test_the_shipped_policy_keeps_tokenizing_inside_the_card_data_zone() -> None
     assert tokenizers == {"ivr", "intake"}  # never the CRM: it would be a PAN oracle
     assert policy.roles["crm"] == {"GetToken", "DeleteToken", "StartCapture", "WatchCapture",
                                    "GetCapture", "CancelCapture", "RestartCaptureField"}
+    # A held security code goes to the payment service alone (issue 15, item 3).
+    assert {role for role, methods in policy.roles.items()
+            if "RedeemSecurityCode" in methods} == {"payments"}
     guard = Guard(policy)
     with pytest.raises(AccessDenied):
         guard.authorize("spiffe://vaultline/crm/crm-1", "crm", "Tokenize")

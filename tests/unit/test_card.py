@@ -21,6 +21,7 @@ from vaultline.card import (
     has_digit_run,
     luhn_valid,
     mask_pans,
+    security_code_ok,
     validate_cardholder_name,
 )
 
@@ -487,3 +488,14 @@ def test_has_digit_run_leaves_shorter_numbers_alone(text: str) -> None:
 def test_mask_pans_fast_path_returns_same_object() -> None:
     text = "no card numbers in here, just 12 34 56"
     assert mask_pans(text) is text
+
+
+@pytest.mark.parametrize(("code", "brand", "ok"), [
+    ("739", CardBrand.VISA, True), ("0739", CardBrand.AMEX, True),
+    ("0739", CardBrand.VISA, False), ("739", CardBrand.AMEX, False), ("73", CardBrand.JCB, False),
+    ("7a9", CardBrand.MASTERCARD, False), ("٧٣٩", CardBrand.VISA, False),
+    ("", CardBrand.VISA, False),
+])
+def test_security_codes_have_the_length_of_their_brand(
+        code: str, brand: CardBrand, ok: bool) -> None:
+    assert security_code_ok(code, brand) is ok

@@ -1,4 +1,4 @@
-"""Tokenizer configuration from the environment: the commit-delay setting."""
+"""Tokenizer configuration from the environment: the commit delay, the security code hold."""
 
 from __future__ import annotations
 
@@ -38,3 +38,21 @@ def test_commit_delay_accepts_zero_to_fifty(tmp_path: Path, value: str, expected
 def test_commit_delay_rejects_the_rest(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="VAULTLINE_COMMIT_DELAY_MS"):
         TokenizerConfig.from_env(_env(tmp_path, COMMIT_DELAY_MS=value))
+
+
+def test_security_codes_are_held_ten_minutes_by_default(tmp_path: Path) -> None:
+    config = TokenizerConfig.from_env(_env(tmp_path))
+    assert config.security_code_hold.total_seconds() == 600
+
+
+@pytest.mark.parametrize("value, seconds", [("1", 1), ("3600", 3600)])
+def test_the_security_code_hold_is_configurable_up_to_an_hour(
+        tmp_path: Path, value: str, seconds: int) -> None:
+    config = TokenizerConfig.from_env(_env(tmp_path, SECURITY_CODE_HOLD_SECONDS=value))
+    assert config.security_code_hold.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("value", ["3601", "0", "-5", "10m"])
+def test_a_longer_or_malformed_security_code_hold_is_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="VAULTLINE_SECURITY_CODE_HOLD_SECONDS"):
+        TokenizerConfig.from_env(_env(tmp_path, SECURITY_CODE_HOLD_SECONDS=value))

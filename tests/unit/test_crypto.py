@@ -21,6 +21,7 @@ from vaultline.crypto import (
     associated_data,
     associated_data_for,
     associated_data_prefix,
+    security_code_associated_data,
 )
 
 KEY_A = bytes(range(32))
@@ -175,3 +176,21 @@ def test_associated_data_in_two_parts_is_the_same_bytes() -> None:
         prefix = associated_data_prefix(CIPHERTEXT_VERSION, tenant)
         assert associated_data_for(prefix, token, key_id) == associated_data(
             CIPHERTEXT_VERSION, tenant, token, key_id)
+
+
+def test_a_security_code_never_opens_as_card_data_nor_under_another_token() -> None:
+    key = SealingKey(7, KEY_A)
+    token = "tok_AAAAAAAAAAAAAAAAAAAAAA"
+    code_aad = security_code_associated_data("acme", token, 7)
+    assert code_aad != associated_data(CIPHERTEXT_VERSION, "acme", token, 7)
+    assert code_aad[0] != CIPHERTEXT_VERSION  # domain label first: no card AAD starts so
+    blob = key.seal(b"739", code_aad)
+    assert key.open(blob, code_aad) == b"739"
+    for wrong in (associated_data(CIPHERTEXT_VERSION, "acme", token, 7),
+                  security_code_associated_data("acme", "tok_BAAAAAAAAAAAAAAAAAAAAA", 7),
+                  security_code_associated_data("other", token, 7)):
+        with pytest.raises(OpenFailed):
+            key.open(blob, wrong)
+    card = key.seal(PLAINTEXT, associated_data(CIPHERTEXT_VERSION, "acme", token, 7))
+    with pytest.raises(OpenFailed):
+        key.open(card, code_aad)

@@ -147,3 +147,37 @@ def test_load_flows_reports_every_file(tmp_path: Path) -> None:
         load_flows(tmp_path)
     text = str(info.value)
     assert "a.yaml: tenant:" in text and "b.yaml: steps:" in text
+
+
+# ---- mode: pay -----------------------------------------------------------------------------
+
+
+def test_the_shipped_pay_flow_loads() -> None:
+    flow = load_flows(FLOWS)["card_capture_pay"]
+    assert flow.mode == "pay"
+    assert [s.kind for s in flow.steps] == ["card_number", "expiry", "security_code"]
+    assert CardBrand.UNIONPAY not in flow.accepted_brands
+
+
+def test_gather_is_the_default_mode() -> None:
+    assert parse_flow(minimal()).mode == "gather"
+
+
+@pytest.mark.parametrize(("over", "expected"), [
+    ({"mode": "push"}, "f.yaml: mode: must be one of gather, pay"),
+    ({"mode": "pay", "steps": [{"step": "card_number"}, {"step": "expiry"},
+                               {"step": "confirmation", "prompt": "ending {last4}"}]},
+     "f.yaml: steps[2].step: 'confirmation' is not used with mode: pay"),
+    ({"mode": "pay", "steps": [{"step": "card_number", "max_attempts": 4}, {"step": "expiry"}]},
+     "f.yaml: steps[0].max_attempts: must be at most 3 with mode: pay"),
+    ({"mode": "pay", "steps": [{"step": "card_number", "finish_on_key": "#"},
+                               {"step": "expiry"}]},
+     "f.yaml: steps[0].finish_on_key: not used with mode: pay"),
+    ({"mode": "pay", "accepted_brands": ["VISA", "UNIONPAY"]},
+     "f.yaml: accepted_brands: UNIONPAY cannot be taken with mode: pay"),
+    ({"mode": "pay", "token_format": "opaque"},
+     "f.yaml: token_format: not used with mode: pay"),
+])
+def test_what_pay_mode_cannot_do_is_refused(over: dict[str, Any], expected: str) -> None:
+    found = problems(minimal(**over))
+    assert any(p.startswith(expected) for p in found), found

@@ -485,3 +485,126 @@ def test_state_secrets_repr() -> None:
     assert repr(s) == "Secrets(<sealed: pan, expiry>)"
     assert not ivr.Secrets() and bool(s)
     assert replace(s, pan="").pan == ""
+
+
+# ---- mode: pay (<Pay>) -----------------------------------------------------------------------
+
+
+def pay_flow(**over: Any) -> Flow:
+    doc: dict[str, Any] = {
+        "name": "pay_line", "tenant": "default", "mode": "pay",
+        "accepted_brands": ["VISA", "AMEX"],
+        "steps": [{"step": "card_number", "prompt": "Card please", "timeout": 9,
+                   "reprompts": {"input-timeout": "Nothing heard"}},
+                  {"step": "expiry"}, {"step": "security_code", "max_attempts": 2},
+                  {"step": "postal_code", "min_length": 5}],
+        "on_success": {"say": "Thanks", "then": "hangup"},
+        "on_failure": {"say": "Sorry", "then": "redirect", "url": "/voice/queue/support"},
+    }
+    doc.update(over)
+    return parse_flow(doc)
+
+
+def paying(flow: Flow) -> Transition:
+    t = ivr.step(flow, ivr.new_state(flow.name, "CA" + "a" * 32), Start())
+    assert t.effect == PauseRecording()
+    return ivr.step(flow, t.state, RecordingUpdated(True))
+
+
+def test_pay_mode_asks_twilio_for_the_whole_card_while_paused() -> None:
+    flow = pay_flow()
+    t = paying(flow)
+    (pay,) = t.actions
+    assert isinstance(pay, ivr.Pay) and t.state.phase == "paying"
+    assert t.state.recording_paused and pay.seq == t.state.seq
+    assert [f.name for f in pay.fields] == ["payment-card-number", "expiration-date",
+                                           "security-code", "postal-code"]
+    assert (pay.security_code, pay.postal_code, pay.min_postal_code_length) == (True, True, 5)
+    assert pay.card_types == ("amex", "visa") and pay.timeout == 9 and pay.max_attempts == 3
+    # <Prompt errorType> says `timeout` where the flow (and the Payment resource) say
+    # `input-timeout`.
+    card = pay.fields[0]
+    assert ("timeout", card.reprompts[-1][1]) == card.reprompts[-1]
+    twiml = render(t.actions, base_url="https://ivr.example.com", flow=flow.name,
+                   pay_connector="acme-vault")
+    assert '<Pay action="https://ivr.example.com/voice/pay_line/pay?seq=0"' in twiml
+    for attribute in ('paymentConnector="acme-vault"', 'tokenType="reusable"',
+                      'chargeAmount="0"', 'securityCode="true"', 'postalCode="true"',
+                      'minPostalCodeLength="5"', 'validCardTypes="amex visa"',
+                      '<Prompt errorType="timeout" for="payment-card-number">',
+                      '<Parameter name="vaultline_tenant" value="default" />'):
+        assert attribute in twiml, attribute
+
+
+def test_a_pay_success_resumes_recording_then_reads_the_token() -> None:
+    flow = pay_flow()
+    t = paying(flow)
+    token = "tok_" + "A" * 22
+    t = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, "success", token))
+    assert t.effect == ResumeRecording() and t.state.token == token
+    t = ivr.step(flow, t.state, RecordingUpdated(True))
+    assert t.effect == ivr.LookUpToken() and t.state.phase == "tokenizing"
+    assert not t.state.recording_paused
+    t = ivr.step(flow, t.state, Tokenized(token, "VISA", "1111", 12, 2030))
+    assert t.effect == NotifyCrm(Outcome.SUCCESS)
+    t = ivr.step(flow, t.state, CrmNotified(True))
+    assert t.state.ended and t.state.outcome == Outcome.SUCCESS and t.state.last4 == "1111"
+    assert not t.state.secrets
+
+
+def test_a_replayed_or_stale_pay_result_is_refused() -> None:
+    flow = pay_flow()
+    t = paying(flow)
+    assert ivr.step(flow, t.state, ivr.PayResult(t.state.seq + 1, "success",
+                                                 "tok_" + "A" * 22)).rejected
+    done = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, "success", "tok_" + "A" * 22))
+    assert ivr.step(flow, done.state, ivr.PayResult(t.state.seq, "success",
+                                                    "tok_" + "A" * 22)).rejected
+
+
+@pytest.mark.parametrize("token", ["", "4111111111111111", "not a token", "tok_short"])
+def test_a_success_without_a_token_of_ours_keeps_nothing(token: str) -> None:
+    """A card number where the token should be is never kept, not even in the session."""
+    flow = pay_flow()
+    t = paying(flow)
+    t = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, "success", token))
+    assert t.state.token == "" and t.state.outcome == Outcome.PAY_ERROR
+    assert t.effect == ResumeRecording()
+
+
+def test_star_asks_again_until_the_attempts_are_spent() -> None:
+    flow = pay_flow()
+    t = paying(flow)
+    for _ in range(2):
+        t = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, "caller-interrupted-with-star"))
+        (pay,) = t.actions
+        assert isinstance(pay, ivr.Pay) and pay.seq == t.state.seq
+        assert pay.lead == (flow.reenter,)  # said before <Pay> asks again
+        assert t.state.recording_paused
+    t = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, "caller-interrupted-with-star"))
+    assert t.state.outcome == Outcome.TOO_MANY_ATTEMPTS and t.effect == ResumeRecording()
+
+
+@pytest.mark.parametrize(("result", "outcome"), [
+    ("too-many-failed-attempts", Outcome.TOO_MANY_ATTEMPTS),
+    ("payment-connector-error", Outcome.TOKENIZER_ERROR),
+    ("validation-error", Outcome.PAY_ERROR),
+    ("internal-error", Outcome.PAY_ERROR),
+    ("something-new", Outcome.PAY_ERROR),
+])
+def test_a_failed_pay_resumes_recording_and_fails_politely(result: str, outcome: str) -> None:
+    flow = pay_flow()
+    t = paying(flow)
+    t = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, result))
+    assert t.effect == ResumeRecording() and t.state.outcome == outcome
+    t = ivr.step(flow, t.state, RecordingUpdated(True))
+    assert t.effect == NotifyCrm(outcome)
+    t = ivr.step(flow, t.state, CrmNotified(True))
+    assert [type(a) for a in t.actions][-1] is ivr.Redirect
+
+
+def test_a_hang_up_during_pay_ends_without_resuming() -> None:
+    flow = pay_flow()
+    t = paying(flow)
+    t = ivr.step(flow, t.state, ivr.PayResult(t.state.seq, "caller-hung-up"))
+    assert t.effect == NotifyCrm(Outcome.HUNG_UP) and not t.state.recording_paused

@@ -47,6 +47,8 @@ def test_expiry_in_two_or_four_digits_strings_or_numbers(month: object, year: ob
     ({"expiry_month": "１２"}, "invalid-expiry"),  # full-width digits
     ({"cvv": "12345"}, "invalid-security-code"),
     ({"postal_code": "9" * 13}, "invalid-postal-code"),
+    ({"parameters": {"vaultline_tenant": "Not A Tenant"}}, "unknown-tenant"),
+    ({"parameters": {"vaultline_tenant": ""}}, "unknown-tenant"),
 ])
 def test_bad_fields_are_refused_with_their_code(fields: dict[str, object], code: str) -> None:
     with pytest.raises(ConnectorRefusal) as refused:
@@ -77,3 +79,9 @@ def test_credentials_file_and_basic_auth(tmp_path: Path) -> None:
     path.write_text("not json")
     with pytest.raises(ValueError, match="not a pay connector credentials file"):
         ConnectorCredentials.from_file(path)
+
+
+def test_a_self_service_pay_names_its_tenant_in_a_parameter() -> None:
+    assert parse_request(body(parameters={"vaultline_tenant": "acme-1"})).tenant == "acme-1"
+    assert parse_request(body(parameters={"other": "x"})).tenant == ""
+    assert parse_request(body()).tenant == ""

@@ -27,6 +27,7 @@ from ..errors import (
     InvalidPageToken,
     KeyAdminNotConfigured,
     RequestIdReused,
+    SecurityCodeNotFound,
     TokenNotFound,
     TokenSpaceExhausted,
     VaultlineError,
@@ -56,6 +57,7 @@ _TABLE: tuple[tuple[type[VaultlineError], grpc.StatusCode], ...] = (
     (DualControlRefused, grpc.StatusCode.PERMISSION_DENIED),
     (DailyBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CaptureNotFound, grpc.StatusCode.NOT_FOUND),
+    (SecurityCodeNotFound, grpc.StatusCode.NOT_FOUND),
     (CaptureInProgress, grpc.StatusCode.ALREADY_EXISTS),
     (CaptureEnded, grpc.StatusCode.FAILED_PRECONDITION),
 )

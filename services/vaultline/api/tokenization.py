@@ -173,6 +173,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
                 ttl=ttl_in(request.HasField("ttl"), request.ttl),
                 # Written with the other records of its coalesced chunk, before the answer.
                 audit=PendingAudit(self._gate.event(call, "OK", tenant=tenant)),
+                security_code=request.security_code,
             )
         except RequestIdReused:
             self._gate.observe_tokenize(call, reused=1)
@@ -210,6 +211,13 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         fill_card(response.card, revealed)
         fill_token(response.token, revealed.record)
         return response
+
+    @unary
+    async def RedeemSecurityCode(
+        self, request: pb.RedeemSecurityCodeRequest, context: Any
+    ) -> pb.RedeemSecurityCodeResponse:
+        code = await self._service.redeem_security_code(request.tenant, request.token)
+        return pb.RedeemSecurityCodeResponse(security_code=code)
 
     @unary
     async def DeleteToken(

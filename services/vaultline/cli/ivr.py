@@ -303,7 +303,9 @@ def add_ivr_commands(subparsers: Any) -> None:
         "POST {ivr_base_url}/voice/<flow>, key in the card, and print what the caller heard "
         "(digits masked), the call recording's state over time and the resulting token.",
     )
-    call.add_argument("--flow", default="card_capture", help="flow name (file in ivr_flows/)")
+    call.add_argument("--flow", default="card_capture",
+                      help="flow name (file in ivr_flows/); card_capture_pay takes the card "
+                      "with Twilio's <Pay> and the Pay Connector")
     call.add_argument("--card", default=DEMO_CARD,
                       help="card number to key in (default: Visa's public test card)")
     call.add_argument("--expiry", default=_demo_expiry(), help="MMYY (default: December, "

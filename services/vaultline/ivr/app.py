@@ -7,6 +7,7 @@ proxy in front changes nothing; a bad or missing signature is a bare 403 and an 
     /voice/{flow}              a call enters a flow (incoming call, or a redirected leg;
                                `?conference=NAME` says where to send it back)
     /voice/{flow}/input?seq=N  a <Gather> result
+    /voice/{flow}/pay?seq=N    a <Pay> result (`mode: pay`): Twilio's Result and the token
     /voice/status              call status callbacks: a finished call ends its capture
     /voice/queue/{name}        hold message + <Enqueue> (a flow's failure path)
     /pay/connector             Twilio's Generic Pay Connector (HTTP Basic, JSON; `connector`)
@@ -26,7 +27,7 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ class IvrService:
         self._audit: AuditWriter | None = None
         self.connector = PayConnector(
             config.connector_credentials, self._tokenizer, self._sealer,
-            tenant=config.connector_tenant, token_format=config.connector_token_format)
+            tenant=config.connector_tenant, token_format=config.connector_token_format,
+            pay_tenants=frozenset(f.tenant for f in self.flows.values() if f.mode == "pay"))
         self.connector.audit_identity = config.audit_identity
         self.app = web.Application()
         self.app.add_routes([
@@ -137,6 +139,7 @@ class IvrService:
             web.post("/voice/queue/{queue}", self.queue),
             web.post("/voice/{flow}", self.call_enters),
             web.post("/voice/{flow}/input", self.gather_input),
+            web.post("/voice/{flow}/pay", self.pay_result),
             web.get("/healthz", self.health),
         ])
 
@@ -204,7 +207,8 @@ class IvrService:
 
     def _twiml(self, flow: Flow, actions: tuple[ivr.Action, ...] | list[ivr.Action]
                ) -> web.Response:
-        return web.Response(text=render(actions, base_url=self._base, flow=flow.name),
+        return web.Response(text=render(actions, base_url=self._base, flow=flow.name,
+                                        pay_connector=self.config.pay_connector_name),
                             content_type=_XML)
 
     # ---- handlers ----------------------------------------------------------------------------
@@ -234,6 +238,21 @@ class IvrService:
         return await self._run(flow, row, state, ivr.Start(conference=conference))
 
     async def gather_input(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, lambda seq, form: ivr.Input(
+            seq, form.get("Digits", ""), form.get("FinishedOnKey", ""),
+            dt.datetime.now(dt.UTC).date()))
+
+    async def pay_result(self, request: web.Request) -> web.StreamResponse:
+        # Only the Result and the token are taken; the masked card fields and the expiry
+        # Twilio also posts are neither kept nor logged.
+        return await self._answer(request, lambda seq, form: ivr.PayResult(
+            seq, form.get("Result", ""), form.get("PaymentToken", "")))
+
+    async def _answer(self, request: web.Request,
+                      event_of: Callable[[int, Mapping[str, str]], ivr.Event]
+                      ) -> web.StreamResponse:
+        """A Gather's or Pay's action callback: the event for the call's capture in progress
+        (Expired once its session is past its time)."""
         form = await self._signed_form(request)
         if form is None:
             return self._forbidden()
@@ -253,8 +272,7 @@ class IvrService:
         if row.expires_at <= dt.datetime.now(dt.UTC):
             event = ivr.Expired()
         else:
-            event = ivr.Input(int(seq_raw), form.get("Digits", ""),
-                              form.get("FinishedOnKey", ""), dt.datetime.now(dt.UTC).date())
+            event = event_of(int(seq_raw), form)
         return await self._run(flow, row, state, event)
 
     async def status_callback(self, request: web.Request) -> web.StreamResponse:
@@ -390,6 +408,17 @@ class IvrService:
                 await self._record(flow, row, "capture.tokenize", exc.code)
                 return ivr.TokenizeFailed(exc.code)
             await self._record(flow, row, "capture.tokenize", "OK", token=result.token)
+            return ivr.Tokenized(result.token, result.brand, result.last4,
+                                 result.expiry_month, result.expiry_year)
+        if isinstance(effect, ivr.LookUpToken):
+            # <Pay> had the Pay Connector tokenize the card into the flow's tenant.
+            try:
+                result = await self._tokenizer.get_token(flow.tenant, state.token)
+            except TokenizerUnavailable as exc:
+                log.error("ivr token look-up failed call=%s code=%s", row.call_sid, exc.code)
+                await self._record(flow, row, "capture.pay", exc.code, token=state.token)
+                return ivr.TokenizeFailed(exc.code)
+            await self._record(flow, row, "capture.pay", "OK", token=result.token)
             return ivr.Tokenized(result.token, result.brand, result.last4,
                                  result.expiry_month, result.expiry_year)
         if isinstance(effect, ivr.NotifyCrm):

@@ -12,8 +12,8 @@ token. The protocol is `pay_connector` (pure); this module is the HTTP edge:
 - Every answer is a chained audit record (`ivr/pay-connector/tokenize`, the token, the outcome
   code; never the transaction id in clear, never a card field). A tokenizer outage is a 503
   with `error_code` set, so Twilio retries; every other refusal is a 200 with `error_code`.
-- The security code Twilio sends is not kept: until it can be held sealed for authorisation
-  (issue 15, item 3) it is dropped here.
+- The security code Twilio sends goes to Tokenize with the card: the tokenizer holds it
+  sealed until the payment service redeems it once (RedeemSecurityCode), or it expires.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from aiohttp import web
 
 from ..security.audit import AuditEvent, AuditWriter
 from .interpreter import Secrets
-from .pay_connector import MAX_BODY_BYTES, ConnectorRefusal, answer, parse_request
+from .pay_connector import (
+    BAD_SECURITY_CODE,
+    MAX_BODY_BYTES,
+    UNKNOWN_TENANT,
+    ConnectorRefusal,
+    answer,
+    parse_request,
+)
 from .sealing import SessionSealer
 from .tokenizer import IvrTokenizer, TokenizeRefused, TokenizerUnavailable
 
@@ -47,6 +54,7 @@ _REFUSED: Final = {
     "UNKNOWN_BRAND": ("invalid-card-type", "the card type is not accepted"),
     "INVALID_EXPIRY": ("invalid-expiry", "the expiry month or year is not valid"),
     "EXPIRED_CARD": ("card-expired", "the card has expired"),
+    "INVALID_SECURITY_CODE": BAD_SECURITY_CODE,
     "REQUEST_ID_REUSED": ("transaction-reused",
                           "this transaction_id was already used for another card"),
 }
@@ -91,11 +99,15 @@ class ConnectorCredentials:
 class PayConnector:
     def __init__(self, credentials: ConnectorCredentials | None, tokenizer: IvrTokenizer,
                  sealer: SessionSealer, *, tenant: str = "default",
-                 token_format: str = "opaque") -> None:  # noqa: S107 - a format name
+                 token_format: str = "opaque",  # noqa: S107 - a format name
+                 pay_tenants: frozenset[str] = frozenset()) -> None:
+        """`tenant`: where cards go unless a self-service <Pay> names one of `pay_tenants`
+        (the tenants of this IVR's `mode: pay` flows) in its `vaultline_tenant` parameter."""
         self._credentials = credentials
         self._tokenizer = tokenizer
         self._sealer = sealer
         self._tenant = tenant
+        self._tenants = pay_tenants | {tenant}
         self._format = token_format
         self.audit: AuditWriter | None = None  # set when the service starts
         self.audit_identity = "spiffe://vaultline/ivr/ivr-webhook"
@@ -112,28 +124,36 @@ class PayConnector:
             log.info("pay connector refused a request: %s", malformed.code)
             await self._record("", malformed.code)
             return _json(answer(refusal=malformed))
+        tenant = card.tenant or self._tenant
+        if tenant not in self._tenants:
+            log.warning("pay connector refused a tenant it does not serve")
+            await self._record("", UNKNOWN_TENANT[0])
+            return _json(answer(refusal=ConnectorRefusal(*UNKNOWN_TENANT)))
         request_id = self._sealer.connector_request_id(card.transaction_id)
         try:
             result = await self._tokenizer.tokenize(
-                self._tenant, Secrets(pan=card.pan, expiry=card.expiry), self._format,
-                request_id)
+                tenant,
+                Secrets(pan=card.pan, expiry=card.expiry, security_code=card.security_code),
+                self._format, request_id)
         except TokenizeRefused as exc:
             refusal = ConnectorRefusal(*_REFUSED.get(exc.reason, _FAILED))
-            await self._record(request_id, refusal.code)
+            await self._record(request_id, refusal.code, tenant=tenant)
             return _json(answer(refusal=refusal))
         except TokenizerUnavailable as exc:
             log.warning("pay connector: tokenizer unavailable (%s)", exc.code)
-            await self._record(request_id, _UNAVAILABLE[0])
+            await self._record(request_id, _UNAVAILABLE[0], tenant=tenant)
             return _json(answer(refusal=ConnectorRefusal(*_UNAVAILABLE)), status=503)
-        await self._record(request_id, "OK", token=result.token)
+        await self._record(request_id, "OK", token=result.token, tenant=tenant)
         return _json(answer(result.token))
 
-    async def _record(self, request_id: str, outcome: str, *, token: str = "") -> None:
+    async def _record(self, request_id: str, outcome: str, *, token: str = "",
+                      tenant: str = "") -> None:
         """A chained audit record of the answer, durable before Twilio gets it."""
         if self.audit is None:
             return
         await self.audit.record([AuditEvent(
-            identity=self.audit_identity, role="ivr", tenant=self._tenant, method=METHOD,
+            identity=self.audit_identity, role="ivr", tenant=tenant or self._tenant,
+            method=METHOD,
             outcome=outcome, request_id=request_id, peer="twilio-pay-connector", token=token,
             at=dt.datetime.now(dt.UTC))])
 

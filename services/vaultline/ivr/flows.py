@@ -19,6 +19,9 @@ from ..card import CardBrand
 
 __all__ = [
     "ERROR_TYPES",
+    "MODES",
+    "PAY_CARD_TYPES",
+    "PAY_FIELDS",
     "Ending",
     "Flow",
     "FlowError",
@@ -64,6 +67,22 @@ _DEFAULT_PROMPTS: dict[StepKind, str] = {
     "confirmation": "You entered a {brand} card ending in {last4}. Press 1 to confirm, or star"
                     " to enter it again.",
 }
+# `mode: gather` collects each field with <Gather> (the webhook validates the digits);
+# `mode: pay` hands the whole capture to Twilio's <Pay> and the Pay Connector, so the webhook
+# never sees a card digit: only the token comes back (issue 15).
+MODES = ("gather", "pay")
+# <Pay>'s `<Prompt for=…>` name of each step.
+PAY_FIELDS: dict[StepKind, str] = {
+    "card_number": "payment-card-number", "expiry": "expiration-date",
+    "security_code": "security-code", "postal_code": "postal-code",
+}
+# Twilio's `validCardTypes` names (UnionPay has none: a pay flow cannot accept it).
+PAY_CARD_TYPES: dict[CardBrand, str] = {
+    CardBrand.VISA: "visa", CardBrand.MASTERCARD: "mastercard", CardBrand.AMEX: "amex",
+    CardBrand.DISCOVER: "discover", CardBrand.JCB: "jcb", CardBrand.DINERS: "diners-club",
+    CardBrand.MAESTRO: "maestro",
+}
+PAY_MAX_ATTEMPTS = 3  # <Pay maxAttempts> is 1-3
 _DEFAULT_APOLOGY = "Sorry, we are having a technical problem."
 _DEFAULT_REENTER = "Let's start that entry again."
 ENDING_ACTIONS = ("hangup", "redirect", "enqueue", "conference")
@@ -130,6 +149,7 @@ class Flow:
     reenter: Prompt = Prompt(_DEFAULT_REENTER)
     crm_callback_url: str = ""
     source: str = ""
+    mode: str = "gather"  # gather | pay (see MODES)
 
     def step_index(self, kind: StepKind) -> int:
         for i, step in enumerate(self.steps):
@@ -204,8 +224,13 @@ def parse_flow(data: Any, source: str = "<flow>") -> Flow:
     top = c.mapping(data, "(document)")
     if top is None:
         raise FlowError(c.problems)
-    c.keys(top, "", {"name", "tenant", "token_format", "accepted_brands", "voice", "greeting",
-                     "apology", "reenter", "steps", "on_success", "on_failure", "crm"})
+    c.keys(top, "", {"name", "tenant", "mode", "token_format", "accepted_brands", "voice",
+                     "greeting", "apology", "reenter", "steps", "on_success", "on_failure",
+                     "crm"})
+    mode = top.get("mode", "gather")
+    if mode not in MODES:
+        c.fail("mode", f"must be one of {', '.join(MODES)}")
+        mode = "gather"
 
     name = top.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
@@ -252,6 +277,11 @@ def parse_flow(data: Any, source: str = "<flow>") -> Flow:
     reenter = prompt("reenter", _DEFAULT_REENTER)
 
     steps = _steps(c, top.get("steps"), base)
+    if mode == "pay":
+        _check_pay(c, top.get("steps"), steps, brands)
+        if "token_format" in top:
+            c.fail("token_format", "not used with mode: pay (the Pay Connector's format, "
+                                   "VAULTLINE_PAY_CONNECTOR_TOKEN_FORMAT, applies)")
     on_success = _ending(c, top.get("on_success"), "on_success", base)
     on_failure = _ending(c, top.get("on_failure"), "on_failure", base)
 
@@ -270,8 +300,28 @@ def parse_flow(data: Any, source: str = "<flow>") -> Flow:
     return Flow(
         name=name, tenant=tenant, steps=steps, on_success=on_success, on_failure=on_failure,
         token_format=token_format, accepted_brands=brands, greeting=greeting, apology=apology,
-        reenter=reenter, crm_callback_url=crm_url, source=source,
+        reenter=reenter, crm_callback_url=crm_url, source=source, mode=mode,
     )
+
+
+def _check_pay(c: _Checker, raw: Any, steps: tuple[Step, ...],
+               brands: frozenset[CardBrand]) -> None:
+    """What `mode: pay` cannot do: Twilio's <Pay> reads nothing back, has one timeout and
+    attempt limit for all its fields, and knows no UnionPay."""
+    for i, st in enumerate(steps):
+        if st.kind == "confirmation":
+            c.fail(f"steps[{i}].step", "'confirmation' is not used with mode: pay (<Pay> "
+                                       "takes the card itself and reads nothing back)")
+        if st.max_attempts > PAY_MAX_ATTEMPTS:
+            c.fail(f"steps[{i}].max_attempts", f"must be at most {PAY_MAX_ATTEMPTS} with "
+                                               "mode: pay")
+        if isinstance(raw, list) and i < len(raw) and isinstance(raw[i], Mapping) and (
+                "finish_on_key" in raw[i]):
+            c.fail(f"steps[{i}].finish_on_key", "not used with mode: pay (<Pay> ends each "
+                                                "field itself)")
+    for brand in sorted(brands - PAY_CARD_TYPES.keys()):
+        c.fail("accepted_brands", f"{brand.name} cannot be taken with mode: pay (Twilio's "
+                                  "<Pay> has no card type for it)")
 
 
 def _steps(c: _Checker, raw: Any, base: Prompt) -> tuple[Step, ...]:

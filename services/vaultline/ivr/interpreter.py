@@ -18,14 +18,24 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field, replace
 
-from ..card import CardBrand, CardError, Expiry, Pan, detect_brand
-from .flows import Ending, Flow, Prompt, Step
+from ..card import (
+    CardBrand,
+    CardError,
+    Expiry,
+    Pan,
+    detect_brand,
+    security_code_length,
+    security_code_ok,
+)
+from ..tokens import TokenError, parse_token
+from .flows import PAY_CARD_TYPES, PAY_FIELDS, PAY_MAX_ATTEMPTS, Ending, Flow, Prompt, Step
 
 __all__ = [
     "CrmNotified", "Effect", "Event", "Expired", "Gather", "HungUp", "Input", "NotifyCrm",
     "Outcome", "PauseRecording", "RecordingUpdated", "ResumeRecording", "Say", "Secrets",
     "Start", "State", "Tokenize", "TokenizeFailed", "Tokenized", "Transition", "Action",
-    "Hangup", "Redirect", "Enqueue", "Conference", "step", "new_state",
+    "Hangup", "Redirect", "Enqueue", "Conference", "Pay", "PayField", "PayResult",
+    "LookUpToken", "step", "new_state",
 ]
 
 BRAND_NAMES: dict[CardBrand, str] = {
@@ -44,6 +54,7 @@ class Outcome:
     RECORDING_ERROR = "recording-pause-failed"
     TOKENIZER_ERROR = "tokenizer-error"
     CRM_ERROR = "crm-error"
+    PAY_ERROR = "pay-error"  # <Pay> ended without a token for another reason
 
 
 # ---- state ---------------------------------------------------------------------------------
@@ -128,6 +139,16 @@ class Input:
 
 
 @dataclass(frozen=True, slots=True)
+class PayResult:
+    """A <Pay> action callback: Twilio's `Result` and the Pay Connector's `PaymentToken`.
+    Nothing else of it is taken in (its masked card fields are not needed: GetToken says)."""
+
+    seq: int
+    result: str
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RecordingUpdated:
     ok: bool
 
@@ -161,8 +182,8 @@ class Expired:
     pass
 
 
-Event = (Start | Input | RecordingUpdated | Tokenized | TokenizeFailed | CrmNotified | HungUp
-         | Expired)
+Event = (Start | Input | PayResult | RecordingUpdated | Tokenized | TokenizeFailed | CrmNotified
+         | HungUp | Expired)
 
 # ---- effects (what the edge must do, then report back) --------------------------------------
 
@@ -183,11 +204,16 @@ class Tokenize:
 
 
 @dataclass(frozen=True, slots=True)
+class LookUpToken:
+    """Read `state.token`'s metadata (GetToken): <Pay> already had the card tokenized."""
+
+
+@dataclass(frozen=True, slots=True)
 class NotifyCrm:
     outcome: str
 
 
-Effect = PauseRecording | ResumeRecording | Tokenize | NotifyCrm
+Effect = PauseRecording | ResumeRecording | Tokenize | LookUpToken | NotifyCrm
 
 # ---- TwiML actions (rendered by twiml.py) ---------------------------------------------------
 
@@ -204,6 +230,31 @@ class Gather:
     timeout: int
     finish_on_key: str
     num_digits: int = 0  # 0: unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class PayField:
+    """One field <Pay> asks for: its `for` name, its prompt and its re-prompts by errorType."""
+
+    name: str
+    prompt: Prompt
+    reprompts: tuple[tuple[str, Prompt], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Pay:
+    """Twilio's <Pay>: the card goes from the caller's keypad to the Pay Connector."""
+
+    seq: int
+    lead: tuple[Prompt, ...]
+    fields: tuple[PayField, ...]
+    security_code: bool
+    postal_code: bool
+    min_postal_code_length: int
+    card_types: tuple[str, ...]
+    timeout: int
+    max_attempts: int
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +277,7 @@ class Conference:
     name: str
 
 
-Action = Say | Gather | Hangup | Redirect | Enqueue | Conference
+Action = Say | Gather | Pay | Hangup | Redirect | Enqueue | Conference
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +316,10 @@ def step(flow: Flow, state: State, event: Event) -> Transition:
         if phase == "pausing":
             if not event.ok:
                 return _finish(flow, state, Outcome.RECORDING_ERROR)
+            if flow.mode == "pay":
+                s = replace(state, phase="paying", recording_paused=True, secrets=Secrets(),
+                            brand="", last4="")
+                return Transition(s, (_pay(flow, s, ()),))
             s = replace(state, phase="collecting", step=0, attempts=0, recording_paused=True,
                         secrets=Secrets(), brand="", last4="")
             return _ask(flow, s, ())
@@ -282,6 +337,11 @@ def step(flow: Flow, state: State, event: Event) -> Transition:
         if event.seq != state.seq or phase not in ("collecting", "confirming"):
             return Transition(state, rejected="stale-or-replayed")
         return _input(flow, state, event)
+
+    if isinstance(event, PayResult):
+        if event.seq != state.seq or phase != "paying":
+            return Transition(state, rejected="stale-or-replayed")
+        return _pay_result(flow, replace(state, seq=state.seq + 1), event)
 
     if isinstance(event, Tokenized):
         if phase != "tokenizing":
@@ -324,7 +384,7 @@ def _gather(flow: Flow, st: Step, state: State, lead: tuple[Prompt, ...] = ()) -
     if st.kind == "expiry":
         num = 4
     elif st.kind == "security_code":
-        num = 4 if state.brand == CardBrand.AMEX.name else 3
+        num = security_code_length(_brand_of(state))
     elif st.kind == "confirmation":
         num = 1
     return Gather(state.seq, lead + (prompt,), st.timeout, st.finish_on_key, num)
@@ -365,10 +425,67 @@ def _input(flow: Flow, state: State, event: Input) -> Transition:
 
 
 def _after_sensitive(flow: Flow, state: State) -> Transition:
+    if flow.mode == "pay":  # the card is a token already: only its metadata is wanted
+        return Transition(replace(state, phase="tokenizing"), (), LookUpToken())
     nxt = flow.last_sensitive_index + 1
     if nxt < len(flow.steps):  # the confirmation
         return _ask(flow, replace(state, phase="confirming", step=nxt, attempts=0), ())
     return Transition(replace(state, phase="tokenizing"), (), Tokenize())
+
+
+# ---- <Pay> -----------------------------------------------------------------------------------
+
+# <Pay>'s Results that end the capture, as outcomes (anything else unknown: PAY_ERROR).
+_PAY_ENDINGS = {
+    "too-many-failed-attempts": Outcome.TOO_MANY_ATTEMPTS,
+    "payment-connector-error": Outcome.TOKENIZER_ERROR,
+}
+
+
+# <Prompt errorType> calls a timeout `timeout` (the Payment resource's ErrorType says
+# `input-timeout`, as the flows do).
+_PROMPT_ERROR = {"input-timeout": "timeout"}
+
+
+def _pay(flow: Flow, state: State, lead: tuple[Prompt, ...]) -> Pay:
+    kinds = {st.kind for st in flow.steps}
+    postal = next((st for st in flow.steps if st.kind == "postal_code"), None)
+    return Pay(
+        seq=state.seq,
+        lead=lead,
+        fields=tuple(PayField(PAY_FIELDS[st.kind], st.prompt, tuple(
+            (_PROMPT_ERROR.get(error, error), prompt) for error, prompt in st.reprompts.items()))
+            for st in flow.steps if st.kind in PAY_FIELDS),
+        security_code="security_code" in kinds,
+        postal_code=postal is not None,
+        min_postal_code_length=postal.min_length if postal is not None else 0,
+        card_types=tuple(sorted(PAY_CARD_TYPES[b] for b in flow.accepted_brands
+                                if b in PAY_CARD_TYPES)),
+        timeout=max(st.timeout for st in flow.steps),
+        max_attempts=min(PAY_MAX_ATTEMPTS, max(st.max_attempts for st in flow.steps)),
+        tenant=flow.tenant,
+    )
+
+
+def _pay_result(flow: Flow, state: State, event: PayResult) -> Transition:
+    if event.result == "success":
+        try:
+            token = parse_token(event.token)[0] if event.token else ""
+        except TokenError:
+            token = ""  # not a token of ours: never kept, not even in the session row
+        if not token:
+            return _finish(flow, state, Outcome.PAY_ERROR)
+        # The card digits are all in: resume the recording, then read the token's metadata.
+        return Transition(replace(state, phase="resuming", token=token), (), ResumeRecording())
+    if event.result == "caller-interrupted-with-star":
+        attempts = state.attempts + 1
+        if attempts >= PAY_MAX_ATTEMPTS:
+            return _finish(flow, replace(state, attempts=attempts), Outcome.TOO_MANY_ATTEMPTS)
+        s = replace(state, attempts=attempts)
+        return Transition(s, (_pay(flow, s, (flow.reenter,)),))
+    if event.result == "caller-hung-up":
+        return _finish(flow, state, Outcome.HUNG_UP, call_alive=False)
+    return _finish(flow, state, _PAY_ENDINGS.get(event.result, Outcome.PAY_ERROR))
 
 
 def _set(secrets: Secrets, kind: str, value: str) -> Secrets:
@@ -377,6 +494,11 @@ def _set(secrets: Secrets, kind: str, value: str) -> Secrets:
     if kind in ("expiry", "security_code", "postal_code"):
         return replace(secrets, **{kind: value})
     return secrets
+
+
+def _brand_of(state: State) -> CardBrand:
+    """The brand of the card keyed so far (its security code's length depends on it)."""
+    return CardBrand[state.brand] if state.brand else CardBrand.VISA
 
 
 def _validate(flow: Flow, st: Step, state: State, digits: str,
@@ -408,8 +530,7 @@ def _validate(flow: Flow, st: Step, state: State, digits: str,
             return "invalid-date", "", ""
         return "", digits, ""
     if kind == "security_code":
-        want = 4 if state.brand == CardBrand.AMEX.name else 3
-        if len(digits) != want or not digits.isdigit():
+        if not security_code_ok(digits, _brand_of(state)):
             return "invalid-security-code", "", ""
         return "", digits, ""
     if kind == "postal_code":

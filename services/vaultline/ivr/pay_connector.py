@@ -13,6 +13,7 @@ derives the Tokenize request id from it under its own secret, so it is never sto
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -45,8 +46,12 @@ NO_TRANSACTION: Final = ("missing-transaction-id",
                          "transaction_id is required: it makes a retry safe")
 BAD_CARD: Final = ("invalid-card-number", "the card number is not valid")
 BAD_EXPIRY: Final = ("invalid-expiry", "the expiry month or year is not valid")
-BAD_SECURITY_CODE: Final = ("invalid-security-code", "the security code must be 3 or 4 digits")
+BAD_SECURITY_CODE: Final = ("invalid-security-code",
+                             "the security code must be 3 digits (4 for American Express)")
 BAD_POSTAL_CODE: Final = ("invalid-postal-code", "the postal code is not valid")
+UNKNOWN_TENANT: Final = ("unknown-tenant", "this connector does not serve that tenant")
+TENANT_PARAMETER: Final = "vaultline_tenant"
+_TENANT: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,8 @@ class ConnectorTokenize:
     expiry: str = field(repr=False)  # MMYY
     security_code: str = field(repr=False, default="")
     postal_code: str = field(repr=False, default="")
+    # The tenant a self-service <Pay> asked for (its `vaultline_tenant` <Parameter>), or "".
+    tenant: str = ""
 
     def __repr__(self) -> str:
         return "ConnectorTokenize(<card fields hidden>)"
@@ -118,7 +125,13 @@ def parse_request(body: bytes) -> ConnectorTokenize:
     if len(postal_code) > 12 or not all(c.isascii() and (c.isalnum() or c in " -")
                                         for c in postal_code):
         raise ConnectorRefusal(*BAD_POSTAL_CODE)
-    return ConnectorTokenize(transaction_id, pan, expiry, security_code, postal_code)
+    parameters = doc.get("parameters")
+    tenant = ""
+    if isinstance(parameters, dict) and TENANT_PARAMETER in parameters:
+        tenant = _text(parameters, TENANT_PARAMETER)
+        if not _TENANT.match(tenant):
+            raise ConnectorRefusal(*UNKNOWN_TENANT)
+    return ConnectorTokenize(transaction_id, pan, expiry, security_code, postal_code, tenant)
 
 
 def answer(token_id: str = "", refusal: ConnectorRefusal | None = None) -> bytes:

@@ -69,13 +69,17 @@ class IvrTokenizer:
 
     async def tokenize(self, tenant: str, secrets: Secrets, token_format: str,
                        request_id: str) -> TokenizeResult:
-        """`request_id` makes a retry (another replica, a replay) return the same token."""
+        """`request_id` makes a retry (another replica, a replay) return the same token; a
+        security code in `secrets` goes along, to be held until authorisation."""
         request = pb.TokenizeRequest(
             tenant=tenant,
             card=pb.Card(pan=secrets.pan, expiry_month=int(secrets.expiry[:2]),
                          expiry_year=2000 + int(secrets.expiry[2:])),
             format=_FORMATS[token_format],
             request_id=request_id,
+            # Held sealed by the tokenizer until the payment service redeems it, never stored
+            # with the card (PCI DSS 3.3.2).
+            security_code=secrets.security_code,
         )
         return await self._call(self._stub.Tokenize, request)
 

@@ -33,6 +33,7 @@ KNOWN_METHODS = frozenset(
         "Detokenize",
         "BatchDetokenize",
         "DeleteToken",
+        "RedeemSecurityCode",
         "GetKeyStatus",
         "RotateKek",
         "ShredTenant",

@@ -26,7 +26,8 @@ import datetime as dt
 import json
 import secrets
 import time
-from collections.abc import Mapping
+import xml.etree.ElementTree as ET  # noqa: S405 TwiML comes from the service under test
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,8 @@ class SimPayment:
     connector_attempts: int = 0
     connector_seconds: float | None = None  # the connector call's round trip (last attempt)
     callbacks: list[dict[str, str]] = field(default_factory=list)  # what was posted (masked)
+    # <Pay>: what its action URL reports of the card (masked, as Twilio's), until answered.
+    entered_copy: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def required(self) -> list[str]:
         wanted = ["payment-card-number", "expiration-date"]
@@ -286,21 +289,142 @@ class SimPayments:
                                        _VALUE_PARAM[name]: masked,
                                        "Required": ",".join(payment.required())})
 
-    # ---- complete: the Pay Connector --------------------------------------------------------
+    # ---- <Pay>: a self-service capture ----------------------------------------------------------
 
-    async def _complete(self, call: Any, payment: SimPayment) -> None:
+    async def pay_verb(self, call: Any, verb: ET.Element,
+                       next_keys: Callable[[], Awaitable[str | None]]) -> dict[str, str]:
+        """Run a <Pay>: ask for each field, validate it as Twilio does, hand the card to the
+        Pay Connector; the parameters its action URL gets (card fields masked)."""
+        connector = verb.get("paymentConnector", "Default")
+        payment = SimPayment(
+            "PK" + secrets.token_hex(16), call.sid, "", connector,
+            verb.get("securityCode", "true") == "true", verb.get("postalCode", "true") == "true",
+            frozenset((verb.get("validCardTypes") or DEFAULT_CARD_TYPES).split()))
+        payment.transaction_id = "tx_" + payment.sid
+        self.payments[payment.sid] = payment
+        call.add("payment", f"<Pay> {payment.sid}")
+        if connector not in self.connectors or verb.get("chargeAmount", "0") not in (
+                "0", "0.0", "0.00", ""):
+            payment.status = "failed"
+            return {"Result": "validation-error", "PayErrorCode": "64004"}
+        max_attempts = int(verb.get("maxAttempts", "1") or 1)
+        parameters = {p.get("name", ""): p.get("value", "") for p in verb
+                      if p.tag == "Parameter"}
+        for name in payment.required():
+            error = ""
+            for attempt in range(max_attempts + 1):
+                if attempt == max_attempts:
+                    payment.status = "failed"
+                    payment.entered.clear()
+                    return {"Result": "too-many-failed-attempts", "ErrorType": error}
+                self._prompt(call, verb, name, error)
+                keys = await next_keys()
+                if keys is None:
+                    payment.status = "failed"
+                    payment.entered.clear()
+                    call.status = "completed"
+                    return {"Result": "caller-hung-up"}
+                digits = ""
+                for key in keys:
+                    call.clock += KEY_SECONDS
+                    call.add("pressed", key, sensitive=True)
+                    if key == "*":
+                        payment.status = "cancelled"
+                        payment.entered.clear()
+                        return {"Result": "caller-interrupted-with-star"}
+                    if key != "#":
+                        digits += key
+                error = self._field_error(payment, name, digits)
+                if not error:
+                    payment.entered[name] = digits
+                    break
+        payment.status = "completing"
+        self._prompt(call, verb, "payment-processing", "")
+        result = await self._tokenize(call, payment, parameters)
+        if result.get("Result") == "success":
+            card = payment.entered_copy
+            result.update({"PaymentCardType": card.get("type", ""),
+                           "PaymentCardNumber": card.get("masked", ""),
+                           "ExpirationDate": card.get("expiry", ""),
+                           "SecurityCode": "x" * card.get("cvv_len", 0),
+                           "PaymentCardPostalCode": card.get("postal", "")})
+        payment.entered_copy = {}
+        return result
+
+    def _prompt(self, call: Any, verb: ET.Element, name: str, error: str) -> None:
+        """Speak the <Prompt> for this field and error (Twilio's default when none is given)."""
+        wanted = {"input-timeout": "timeout"}.get(error, error)
+        matches = [p for p in verb if p.tag == "Prompt" and p.get("for") == name
+                   and (p.get("errorType", "") == wanted
+                        or wanted in p.get("errorType", "").split())]
+        if not matches and name != "payment-processing":
+            call.add("heard", f"[Twilio's prompt for {name}{' after ' + error if error else ''}]")
+        for prompt in matches[:1]:
+            for child in prompt:
+                self._sim._speak(call, child)
+
+    @staticmethod
+    def _field_error(payment: SimPayment, name: str, digits: str) -> str:
+        """Twilio's ErrorType for this entry, or "" when it is valid."""
+        if not digits:
+            return "input-timeout"
+        if not _valid(name, digits):
+            return _ERRORS[name]
+        if name == "payment-card-number":
+            brand = detect_brand(digits)
+            if brand is None or CARD_TYPES.get(brand) not in payment.card_types:
+                return "invalid-card-type"
+        if name == "security-code":
+            brand = detect_brand(payment.entered.get("payment-card-number", ""))
+            if len(digits) != (4 if brand is CardBrand.AMEX else 3):
+                return "invalid-security-code"
+        return ""
+
+    async def _tokenize(self, call: Any, payment: SimPayment,
+                        parameters: Mapping[str, str]) -> dict[str, str]:
+        """The card to the Pay Connector; the action's Result (and token) it leads to."""
+        entered = payment.entered
+        pan = entered.get("payment-card-number", "")
+        brand = detect_brand(pan)
+        payment.entered_copy = {
+            "type": CARD_TYPES.get(brand, "") if brand is not None else "",
+            "masked": "x" * (len(pan) - 4) + pan[-4:],
+            "expiry": entered.get("expiration-date", ""),
+            "cvv_len": len(entered.get("security-code", "")),
+            "postal": entered.get("postal-code", ""),
+        }
+        answer = await self._send_card(payment, dict(parameters))
+        if answer is not None and answer.get("token_id") and not answer.get("error_code"):
+            payment.status = "complete"
+            call.add("payment", f"complete {payment.sid}")
+            return {"Result": "success", "PaymentToken": str(answer["token_id"])}
+        payment.status = "failed"
+        payment.entered_copy = {}
+        code = str(answer.get("error_code")) if answer else "64010"
+        call.add("payment", f"connector error {payment.sid}")
+        return {"Result": "payment-connector-error", "ConnectorError": code[:40]}
+
+    async def _send_card(self, payment: SimPayment, parameters: dict[str, str]
+                         ) -> dict[str, Any] | None:
+        """Twilio's tokenize request to the Pay Connector; the card is forgotten after it."""
         connector = self.connectors[payment.connector]
         expiry = payment.entered.get("expiration-date", "")
-        last4 = payment.entered.get("payment-card-number", "")[-4:]
         body: dict[str, Any] = {"method": "tokenize", "transaction_id": payment.transaction_id,
                 "cardnumber": payment.entered.get("payment-card-number", ""),
                 "cvv": payment.entered.get("security-code", ""),
                 "expiry_month": expiry[:2], "expiry_year": expiry[2:],
                 "postal_code": payment.entered.get("postal-code", ""),
-                "description": "", "parameters": {}}
+                "description": "", "parameters": parameters}
         answer = await self._post_connector(connector, payment, json.dumps(body).encode())
         payment.entered.clear()  # Twilio keeps nothing once the connector has it
         del body
+        return answer
+
+    # ---- complete: the Pay Connector --------------------------------------------------------
+
+    async def _complete(self, call: Any, payment: SimPayment) -> None:
+        last4 = payment.entered.get("payment-card-number", "")[-4:]
+        answer = await self._send_card(payment, {})
         if answer is not None and answer.get("token_id") and not answer.get("error_code"):
             payment.status = "complete"
             call.add("payment", f"complete {payment.sid}")

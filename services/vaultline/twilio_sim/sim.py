@@ -15,7 +15,11 @@ REST paths served (HTTP Basic auth: Account SID / Auth Token, Twilio's error JSO
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Payments.json           create
     POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}/Payments/{Sid}.json     update
 
-Agent-assisted calls (`agent_call`) and the Payment resource are in `payments.py`.
+Agent-assisted calls (`agent_call`) and the Payment resource are in `payments.py`, with the
+`<Pay>` verb's capture and Pay Connector call (`pay_verb`): each field takes the script's next
+item (keys ending with `#` where Twilio waits for one), invalid entries are re-prompted with
+the matching `<Prompt errorType>` up to `maxAttempts`, and the action URL gets Twilio's
+`Result`, `PaymentToken` and masked card fields.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import functools
 import secrets
 import xml.etree.ElementTree as ET  # noqa: S405 TwiML comes from the service under test
 from collections.abc import Mapping, Sequence
@@ -378,6 +383,15 @@ class TwilioSim:
                     nxt = await self._fetch(call, action, result)
                     return nxt, action
                 # no input and no actionOnEmptyResult: fall through to the next verb
+            elif tag == "Pay":
+                params = await self.payments.pay_verb(
+                    call, verb, functools.partial(self._next_item, call, todo))
+                action = urljoin(url, verb.get("action") or url)
+                nxt = await self._fetch(call, action, params)
+                if params.get("Result") == "caller-hung-up":
+                    call.ended_by = "caller"
+                    return None, url
+                return nxt, action
             elif tag == "Redirect":
                 target = urljoin(url, (verb.text or "").strip())
                 call.add("redirect", target)
@@ -398,6 +412,21 @@ class TwilioSim:
                 call.add("error", f"unsupported verb <{tag}>")
         call.ended_by = "end-of-twiml"
         return None, url
+
+    @staticmethod
+    async def _next_item(call: SimCall, todo: list[ScriptItem]) -> str | None:
+        """The keys of the script's next item for a <Pay> field: "" for silence, None for a
+        hang-up (or an exhausted script)."""
+        item = todo.pop(0) if todo else HangUp()
+        while isinstance(item, Delay):
+            await asyncio.sleep(item.seconds)
+            call.clock += item.seconds
+            item = todo.pop(0) if todo else HangUp()
+        if isinstance(item, Press):
+            return item.keys
+        if isinstance(item, Timeout):
+            return ""
+        return None
 
     def _speak(self, call: SimCall, verb: ET.Element) -> None:
         if verb.tag == "Say":

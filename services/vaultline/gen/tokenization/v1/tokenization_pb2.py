@@ -28,53 +28,57 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,vaultline/tokenization/v1/tokenization.proto\x12\x19vaultline.tokenization.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x85\x01\n\x04\x43\x61rd\x12\x10\n\x03pan\x18\x01 \x01(\tR\x03pan\x12!\n\x0c\x65xpiry_month\x18\x02 \x01(\x05R\x0b\x65xpiryMonth\x12\x1f\n\x0b\x65xpiry_year\x18\x03 \x01(\x05R\nexpiryYear\x12\'\n\x0f\x63\x61rdholder_name\x18\x04 \x01(\tR\x0e\x63\x61rdholderName\"\x9b\x03\n\tCardToken\x12\x14\n\x05token\x18\x01 \x01(\tR\x05token\x12\x16\n\x06tenant\x18\x02 \x01(\tR\x06tenant\x12:\n\x05\x62rand\x18\x03 \x01(\x0e\x32$.vaultline.tokenization.v1.CardBrandR\x05\x62rand\x12\x10\n\x03\x62in\x18\x04 \x01(\tR\x03\x62in\x12\x14\n\x05last4\x18\x05 \x01(\tR\x05last4\x12!\n\x0c\x65xpiry_month\x18\x06 \x01(\x05R\x0b\x65xpiryMonth\x12\x1f\n\x0b\x65xpiry_year\x18\x07 \x01(\x05R\nexpiryYear\x12>\n\x06\x66ormat\x18\x08 \x01(\x0e\x32&.vaultline.tokenization.v1.TokenFormatR\x06\x66ormat\x12;\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12;\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\"\xea\x01\n\x0fTokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x33\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\x12>\n\x06\x66ormat\x18\x03 \x01(\x0e\x32&.vaultline.tokenization.v1.TokenFormatR\x06\x66ormat\x12\x1d\n\nrequest_id\x18\x04 \x01(\tR\trequestId\x12+\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationR\x03ttl\"h\n\x10TokenizeResponse\x12:\n\x05token\x18\x01 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\"?\n\x0fGetTokenRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"N\n\x10GetTokenResponse\x12:\n\x05token\x18\x01 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token\"[\n\x11\x44\x65tokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\x12\x18\n\x07purpose\x18\x03 \x01(\tR\x07purpose\"\x85\x01\n\x12\x44\x65tokenizeResponse\x12\x33\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\x12:\n\x05token\x18\x02 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token\"B\n\x12\x44\x65leteTokenRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"\x15\n\x13\x44\x65leteTokenResponse\"\xc2\x02\n\x14\x42\x61tchTokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12>\n\x06\x66ormat\x18\x02 \x01(\x0e\x32&.vaultline.tokenization.v1.TokenFormatR\x06\x66ormat\x12+\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x03ttl\x12J\n\x05items\x18\x04 \x03(\x0b\x32\x34.vaultline.tokenization.v1.BatchTokenizeRequest.ItemR\x05items\x1aY\n\x04Item\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12\x33\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\"\xa2\x02\n\x15\x42\x61tchTokenizeResponse\x12Q\n\x07results\x18\x01 \x03(\x0b\x32\x37.vaultline.tokenization.v1.BatchTokenizeResponse.ResultR\x07results\x1a\xb5\x01\n\x06Result\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12<\n\x05token\x18\x02 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenH\x00R\x05token\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rror\x12\x18\n\x07\x63reated\x18\x04 \x01(\x08R\x07\x63reatedB\t\n\x07outcome\"\xef\x01\n\x16\x42\x61tchDetokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x18\n\x07purpose\x18\x02 \x01(\tR\x07purpose\x12L\n\x05items\x18\x03 \x03(\x0b\x32\x36.vaultline.tokenization.v1.BatchDetokenizeRequest.ItemR\x05items\x12\x19\n\x08\x62\x61tch_id\x18\x04 \x01(\tR\x07\x62\x61tchId\x1a:\n\x04Item\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"\x90\x02\n\x17\x42\x61tchDetokenizeResponse\x12S\n\x07results\x18\x01 \x03(\x0b\x32\x39.vaultline.tokenization.v1.BatchDetokenizeResponse.ResultR\x07results\x1a\x9f\x01\n\x06Result\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12@\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32*.vaultline.tokenization.v1.DetokenizedCardH\x00R\x04\x63\x61rd\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rrorB\t\n\x07outcome\"\x82\x01\n\x0f\x44\x65tokenizedCard\x12\x33\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\x12:\n\x05token\x18\x02 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token*\x81\x01\n\x0bTokenFormat\x12\x1c\n\x18TOKEN_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14TOKEN_FORMAT_NUMERIC\x10\x01\x12!\n\x1dTOKEN_FORMAT_NUMERIC_KEEP_BIN\x10\x02\x12\x17\n\x13TOKEN_FORMAT_OPAQUE\x10\x03*\xe1\x01\n\tCardBrand\x12\x1a\n\x16\x43\x41RD_BRAND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_BRAND_VISA\x10\x01\x12\x19\n\x15\x43\x41RD_BRAND_MASTERCARD\x10\x02\x12\x13\n\x0f\x43\x41RD_BRAND_AMEX\x10\x03\x12\x17\n\x13\x43\x41RD_BRAND_DISCOVER\x10\x04\x12\x12\n\x0e\x43\x41RD_BRAND_JCB\x10\x05\x12\x15\n\x11\x43\x41RD_BRAND_DINERS\x10\x06\x12\x17\n\x13\x43\x41RD_BRAND_UNIONPAY\x10\x07\x12\x16\n\x12\x43\x41RD_BRAND_MAESTRO\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,vaultline/tokenization/v1/tokenization.proto\x12\x19vaultline.tokenization.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x85\x01\n\x04\x43\x61rd\x12\x10\n\x03pan\x18\x01 \x01(\tR\x03pan\x12!\n\x0c\x65xpiry_month\x18\x02 \x01(\x05R\x0b\x65xpiryMonth\x12\x1f\n\x0b\x65xpiry_year\x18\x03 \x01(\x05R\nexpiryYear\x12\'\n\x0f\x63\x61rdholder_name\x18\x04 \x01(\tR\x0e\x63\x61rdholderName\"\x9b\x03\n\tCardToken\x12\x14\n\x05token\x18\x01 \x01(\tR\x05token\x12\x16\n\x06tenant\x18\x02 \x01(\tR\x06tenant\x12:\n\x05\x62rand\x18\x03 \x01(\x0e\x32$.vaultline.tokenization.v1.CardBrandR\x05\x62rand\x12\x10\n\x03\x62in\x18\x04 \x01(\tR\x03\x62in\x12\x14\n\x05last4\x18\x05 \x01(\tR\x05last4\x12!\n\x0c\x65xpiry_month\x18\x06 \x01(\x05R\x0b\x65xpiryMonth\x12\x1f\n\x0b\x65xpiry_year\x18\x07 \x01(\x05R\nexpiryYear\x12>\n\x06\x66ormat\x18\x08 \x01(\x0e\x32&.vaultline.tokenization.v1.TokenFormatR\x06\x66ormat\x12;\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12;\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\"\x8f\x02\n\x0fTokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x33\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\x12>\n\x06\x66ormat\x18\x03 \x01(\x0e\x32&.vaultline.tokenization.v1.TokenFormatR\x06\x66ormat\x12\x1d\n\nrequest_id\x18\x04 \x01(\tR\trequestId\x12+\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationR\x03ttl\x12#\n\rsecurity_code\x18\x06 \x01(\tR\x0csecurityCode\"h\n\x10TokenizeResponse\x12:\n\x05token\x18\x01 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\"?\n\x0fGetTokenRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"N\n\x10GetTokenResponse\x12:\n\x05token\x18\x01 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token\"[\n\x11\x44\x65tokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\x12\x18\n\x07purpose\x18\x03 \x01(\tR\x07purpose\"\x85\x01\n\x12\x44\x65tokenizeResponse\x12\x33\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\x12:\n\x05token\x18\x02 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token\"I\n\x19RedeemSecurityCodeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"A\n\x1aRedeemSecurityCodeResponse\x12#\n\rsecurity_code\x18\x01 \x01(\tR\x0csecurityCode\"B\n\x12\x44\x65leteTokenRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"\x15\n\x13\x44\x65leteTokenResponse\"\xc2\x02\n\x14\x42\x61tchTokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12>\n\x06\x66ormat\x18\x02 \x01(\x0e\x32&.vaultline.tokenization.v1.TokenFormatR\x06\x66ormat\x12+\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x03ttl\x12J\n\x05items\x18\x04 \x03(\x0b\x32\x34.vaultline.tokenization.v1.BatchTokenizeRequest.ItemR\x05items\x1aY\n\x04Item\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12\x33\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\"\xa2\x02\n\x15\x42\x61tchTokenizeResponse\x12Q\n\x07results\x18\x01 \x03(\x0b\x32\x37.vaultline.tokenization.v1.BatchTokenizeResponse.ResultR\x07results\x1a\xb5\x01\n\x06Result\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12<\n\x05token\x18\x02 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenH\x00R\x05token\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rror\x12\x18\n\x07\x63reated\x18\x04 \x01(\x08R\x07\x63reatedB\t\n\x07outcome\"\xef\x01\n\x16\x42\x61tchDetokenizeRequest\x12\x16\n\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x18\n\x07purpose\x18\x02 \x01(\tR\x07purpose\x12L\n\x05items\x18\x03 \x03(\x0b\x32\x36.vaultline.tokenization.v1.BatchDetokenizeRequest.ItemR\x05items\x12\x19\n\x08\x62\x61tch_id\x18\x04 \x01(\tR\x07\x62\x61tchId\x1a:\n\x04Item\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\"\x90\x02\n\x17\x42\x61tchDetokenizeResponse\x12S\n\x07results\x18\x01 \x03(\x0b\x32\x39.vaultline.tokenization.v1.BatchDetokenizeResponse.ResultR\x07results\x1a\x9f\x01\n\x06Result\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\x12@\n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32*.vaultline.tokenization.v1.DetokenizedCardH\x00R\x04\x63\x61rd\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rrorB\t\n\x07outcome\"\x82\x01\n\x0f\x44\x65tokenizedCard\x12\x33\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x1f.vaultline.tokenization.v1.CardR\x04\x63\x61rd\x12:\n\x05token\x18\x02 \x01(\x0b\x32$.vaultline.tokenization.v1.CardTokenR\x05token*\x81\x01\n\x0bTokenFormat\x12\x1c\n\x18TOKEN_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14TOKEN_FORMAT_NUMERIC\x10\x01\x12!\n\x1dTOKEN_FORMAT_NUMERIC_KEEP_BIN\x10\x02\x12\x17\n\x13TOKEN_FORMAT_OPAQUE\x10\x03*\xe1\x01\n\tCardBrand\x12\x1a\n\x16\x43\x41RD_BRAND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_BRAND_VISA\x10\x01\x12\x19\n\x15\x43\x41RD_BRAND_MASTERCARD\x10\x02\x12\x13\n\x0f\x43\x41RD_BRAND_AMEX\x10\x03\x12\x17\n\x13\x43\x41RD_BRAND_DISCOVER\x10\x04\x12\x12\n\x0e\x43\x41RD_BRAND_JCB\x10\x05\x12\x15\n\x11\x43\x41RD_BRAND_DINERS\x10\x06\x12\x17\n\x13\x43\x41RD_BRAND_UNIONPAY\x10\x07\x12\x16\n\x12\x43\x41RD_BRAND_MAESTRO\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vaultline.gen.tokenization.v1.tokenization_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENFORMAT']._serialized_start=2792
-  _globals['_TOKENFORMAT']._serialized_end=2921
-  _globals['_CARDBRAND']._serialized_start=2924
-  _globals['_CARDBRAND']._serialized_end=3149
+  _globals['_TOKENFORMAT']._serialized_start=2971
+  _globals['_TOKENFORMAT']._serialized_end=3100
+  _globals['_CARDBRAND']._serialized_start=3103
+  _globals['_CARDBRAND']._serialized_end=3328
   _globals['_CARD']._serialized_start=166
   _globals['_CARD']._serialized_end=299
   _globals['_CARDTOKEN']._serialized_start=302
   _globals['_CARDTOKEN']._serialized_end=713
   _globals['_TOKENIZEREQUEST']._serialized_start=716
-  _globals['_TOKENIZEREQUEST']._serialized_end=950
-  _globals['_TOKENIZERESPONSE']._serialized_start=952
-  _globals['_TOKENIZERESPONSE']._serialized_end=1056
-  _globals['_GETTOKENREQUEST']._serialized_start=1058
-  _globals['_GETTOKENREQUEST']._serialized_end=1121
-  _globals['_GETTOKENRESPONSE']._serialized_start=1123
-  _globals['_GETTOKENRESPONSE']._serialized_end=1201
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1203
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1294
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1297
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1430
-  _globals['_DELETETOKENREQUEST']._serialized_start=1432
-  _globals['_DELETETOKENREQUEST']._serialized_end=1498
-  _globals['_DELETETOKENRESPONSE']._serialized_start=1500
-  _globals['_DELETETOKENRESPONSE']._serialized_end=1521
-  _globals['_BATCHTOKENIZEREQUEST']._serialized_start=1524
-  _globals['_BATCHTOKENIZEREQUEST']._serialized_end=1846
-  _globals['_BATCHTOKENIZEREQUEST_ITEM']._serialized_start=1757
-  _globals['_BATCHTOKENIZEREQUEST_ITEM']._serialized_end=1846
-  _globals['_BATCHTOKENIZERESPONSE']._serialized_start=1849
-  _globals['_BATCHTOKENIZERESPONSE']._serialized_end=2139
-  _globals['_BATCHTOKENIZERESPONSE_RESULT']._serialized_start=1958
-  _globals['_BATCHTOKENIZERESPONSE_RESULT']._serialized_end=2139
-  _globals['_BATCHDETOKENIZEREQUEST']._serialized_start=2142
-  _globals['_BATCHDETOKENIZEREQUEST']._serialized_end=2381
-  _globals['_BATCHDETOKENIZEREQUEST_ITEM']._serialized_start=2323
-  _globals['_BATCHDETOKENIZEREQUEST_ITEM']._serialized_end=2381
-  _globals['_BATCHDETOKENIZERESPONSE']._serialized_start=2384
-  _globals['_BATCHDETOKENIZERESPONSE']._serialized_end=2656
-  _globals['_BATCHDETOKENIZERESPONSE_RESULT']._serialized_start=2497
-  _globals['_BATCHDETOKENIZERESPONSE_RESULT']._serialized_end=2656
-  _globals['_DETOKENIZEDCARD']._serialized_start=2659
-  _globals['_DETOKENIZEDCARD']._serialized_end=2789
+  _globals['_TOKENIZEREQUEST']._serialized_end=987
+  _globals['_TOKENIZERESPONSE']._serialized_start=989
+  _globals['_TOKENIZERESPONSE']._serialized_end=1093
+  _globals['_GETTOKENREQUEST']._serialized_start=1095
+  _globals['_GETTOKENREQUEST']._serialized_end=1158
+  _globals['_GETTOKENRESPONSE']._serialized_start=1160
+  _globals['_GETTOKENRESPONSE']._serialized_end=1238
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1240
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1331
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1334
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1467
+  _globals['_REDEEMSECURITYCODEREQUEST']._serialized_start=1469
+  _globals['_REDEEMSECURITYCODEREQUEST']._serialized_end=1542
+  _globals['_REDEEMSECURITYCODERESPONSE']._serialized_start=1544
+  _globals['_REDEEMSECURITYCODERESPONSE']._serialized_end=1609
+  _globals['_DELETETOKENREQUEST']._serialized_start=1611
+  _globals['_DELETETOKENREQUEST']._serialized_end=1677
+  _globals['_DELETETOKENRESPONSE']._serialized_start=1679
+  _globals['_DELETETOKENRESPONSE']._serialized_end=1700
+  _globals['_BATCHTOKENIZEREQUEST']._serialized_start=1703
+  _globals['_BATCHTOKENIZEREQUEST']._serialized_end=2025
+  _globals['_BATCHTOKENIZEREQUEST_ITEM']._serialized_start=1936
+  _globals['_BATCHTOKENIZEREQUEST_ITEM']._serialized_end=2025
+  _globals['_BATCHTOKENIZERESPONSE']._serialized_start=2028
+  _globals['_BATCHTOKENIZERESPONSE']._serialized_end=2318
+  _globals['_BATCHTOKENIZERESPONSE_RESULT']._serialized_start=2137
+  _globals['_BATCHTOKENIZERESPONSE_RESULT']._serialized_end=2318
+  _globals['_BATCHDETOKENIZEREQUEST']._serialized_start=2321
+  _globals['_BATCHDETOKENIZEREQUEST']._serialized_end=2560
+  _globals['_BATCHDETOKENIZEREQUEST_ITEM']._serialized_start=2502
+  _globals['_BATCHDETOKENIZEREQUEST_ITEM']._serialized_end=2560
+  _globals['_BATCHDETOKENIZERESPONSE']._serialized_start=2563
+  _globals['_BATCHDETOKENIZERESPONSE']._serialized_end=2835
+  _globals['_BATCHDETOKENIZERESPONSE_RESULT']._serialized_start=2676
+  _globals['_BATCHDETOKENIZERESPONSE_RESULT']._serialized_end=2835
+  _globals['_DETOKENIZEDCARD']._serialized_start=2838
+  _globals['_DETOKENIZEDCARD']._serialized_end=2968
 # @@protoc_insertion_point(module_scope)

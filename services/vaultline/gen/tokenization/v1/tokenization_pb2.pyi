@@ -82,18 +82,20 @@ class CardToken(_message.Message):
     def __init__(self, token: _Optional[str] = ..., tenant: _Optional[str] = ..., brand: _Optional[_Union[CardBrand, str]] = ..., bin: _Optional[str] = ..., last4: _Optional[str] = ..., expiry_month: _Optional[int] = ..., expiry_year: _Optional[int] = ..., format: _Optional[_Union[TokenFormat, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("tenant", "card", "format", "request_id", "ttl")
+    __slots__ = ("tenant", "card", "format", "request_id", "ttl", "security_code")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_CODE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     card: Card
     format: TokenFormat
     request_id: str
     ttl: _duration_pb2.Duration
-    def __init__(self, tenant: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., format: _Optional[_Union[TokenFormat, str]] = ..., request_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    security_code: str
+    def __init__(self, tenant: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., format: _Optional[_Union[TokenFormat, str]] = ..., request_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., security_code: _Optional[str] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token", "created")
@@ -134,6 +136,20 @@ class DetokenizeResponse(_message.Message):
     card: Card
     token: CardToken
     def __init__(self, card: _Optional[_Union[Card, _Mapping]] = ..., token: _Optional[_Union[CardToken, _Mapping]] = ...) -> None: ...
+
+class RedeemSecurityCodeRequest(_message.Message):
+    __slots__ = ("tenant", "token")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    token: str
+    def __init__(self, tenant: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class RedeemSecurityCodeResponse(_message.Message):
+    __slots__ = ("security_code",)
+    SECURITY_CODE_FIELD_NUMBER: _ClassVar[int]
+    security_code: str
+    def __init__(self, security_code: _Optional[str] = ...) -> None: ...
 
 class DeleteTokenRequest(_message.Message):
     __slots__ = ("tenant", "token")

@@ -70,6 +70,11 @@ class TokenizationServiceStub:
                 request_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.BatchDetokenizeRequest.SerializeToString,
                 response_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.BatchDetokenizeResponse.FromString,
                 _registered_method=True)
+        self.RedeemSecurityCode = channel.unary_unary(
+                '/vaultline.tokenization.v1.TokenizationService/RedeemSecurityCode',
+                request_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RedeemSecurityCodeRequest.SerializeToString,
+                response_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RedeemSecurityCodeResponse.FromString,
+                _registered_method=True)
         self.DeleteToken = channel.unary_unary(
                 '/vaultline.tokenization.v1.TokenizationService/DeleteToken',
                 request_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenRequest.SerializeToString,
@@ -138,6 +143,17 @@ class TokenizationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RedeemSecurityCode(self, request, context):
+        """Returns the security code captured with the token's card, exactly once:
+        it is erased as it is answered, so a second call is NOT_FOUND. For the
+        merchant's payment service, to authorise the first payment (PCI DSS
+        3.3.2: a security code is never kept after authorisation). NOT_FOUND also
+        when none was captured, its hold expired, or the token is gone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteToken(self, request, context):
         """Deletes a token and its encrypted card for good. Afterwards every method
         answers NOT_FOUND for the token, and tokenizing the same card creates a
@@ -174,6 +190,11 @@ def add_TokenizationServiceServicer_to_server(servicer, server):
                     servicer.BatchDetokenize,
                     request_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.BatchDetokenizeRequest.FromString,
                     response_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.BatchDetokenizeResponse.SerializeToString,
+            ),
+            'RedeemSecurityCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemSecurityCode,
+                    request_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RedeemSecurityCodeRequest.FromString,
+                    response_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RedeemSecurityCodeResponse.SerializeToString,
             ),
             'DeleteToken': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteToken,
@@ -326,6 +347,33 @@ class TokenizationService:
             '/vaultline.tokenization.v1.TokenizationService/BatchDetokenize',
             vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.BatchDetokenizeRequest.SerializeToString,
             vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.BatchDetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemSecurityCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaultline.tokenization.v1.TokenizationService/RedeemSecurityCode',
+            vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RedeemSecurityCodeRequest.SerializeToString,
+            vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RedeemSecurityCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
