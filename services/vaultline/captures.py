@@ -33,6 +33,7 @@ from .errors import (
     InvalidInput,
     RequestIdReused,
 )
+from .runtime import periodically
 from .security.access import Grant
 from .service import validate_request_id, validate_tenant
 from .store import Store
@@ -208,12 +209,7 @@ class CaptureService:
 
     async def run_deadlines(self, every_seconds: float = 10.0) -> None:
         """`expire_unclaimed` every few seconds until cancelled."""
-        while True:
-            await asyncio.sleep(every_seconds)
-            try:
-                await self.expire_unclaimed()
-            except Exception:  # noqa: BLE001 - the next round tries again; the log says why
-                log.warning("capture deadlines", exc_info=True)
+        await periodically(every_seconds, self.expire_unclaimed, "capture deadlines", log)
 
     async def watch(self, grant: Grant, capture_id: str, after_seq: int
                     ) -> AsyncIterator[Any]:

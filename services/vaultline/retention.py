@@ -9,11 +9,11 @@ batches so it never holds long locks.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
+
+from .runtime import in_batches, periodically
 
 __all__ = ["PurgeStore", "Purged", "Purger"]
 
@@ -48,29 +48,14 @@ class Purger:
 
     async def purge_once(self) -> Purged:
         """Delete everything due now, batch by batch."""
-        tokens = await self._in_batches(self._store.purge_expired_tokens)
-        requests = await self._in_batches(
-            lambda limit: self._store.purge_tokenize_requests(self._retention, limit))
+        tokens = await in_batches(self._store.purge_expired_tokens, self._batch)
+        requests = await in_batches(
+            lambda limit: self._store.purge_tokenize_requests(self._retention, limit),
+            self._batch)
         if tokens or requests:
             log.info("purged %d expired tokens and %d idempotency records", tokens, requests)
         return Purged(tokens, requests)
 
-    async def _in_batches(self, delete: Callable[[int], Awaitable[int]]) -> int:
-        """Repeat `delete(batch)` until a batch comes back short; how many went in all."""
-        total = 0
-        while True:
-            n = await delete(self._batch)
-            total += n
-            if n < self._batch:
-                return total
-
     async def run(self) -> None:
         """Until cancelled; an outage is logged and the next pass tries again."""
-        while True:
-            await asyncio.sleep(self._every)
-            try:
-                await self.purge_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - retried at the next pass
-                log.warning("retention purge failed; retrying at the next pass", exc_info=True)
+        await periodically(self._every, self.purge_once, "retention purge", log)

@@ -11,10 +11,13 @@ cyclic garbage is still collected, just in larger, rarer passes (see load/README
 
 from __future__ import annotations
 
+import asyncio
 import gc
-from typing import Final
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, NoReturn
 
-__all__ = ["GC_THRESHOLDS", "tune_gc"]
+__all__ = ["GC_THRESHOLDS", "in_batches", "periodically", "tune_gc"]
 
 # Collect the youngest generation after 50,000 net new container objects (default 700); the
 # older generations keep their default ratios, so a full collection still happens regularly.
@@ -24,3 +27,28 @@ GC_THRESHOLDS: Final = (50_000, 10, 10)
 def tune_gc() -> None:
     """Apply GC_THRESHOLDS to this process; call once at start-up of a server or bulk job."""
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def periodically(every_seconds: float, job: Callable[[], Awaitable[object]], what: str,
+                       log: logging.Logger) -> NoReturn:
+    """Run `job` every `every_seconds` until cancelled. A failure is logged (as `what`) and
+    the next pass tries again: the background jobs (purges, sweeps, deadlines) never die."""
+    while True:
+        await asyncio.sleep(every_seconds)
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - retried at the next pass; the log says why
+            log.warning("%s failed; retrying at the next pass", what, exc_info=True)
+
+
+async def in_batches(delete: Callable[[int], Awaitable[int]], batch: int) -> int:
+    """Repeat `delete(batch)` until a batch comes back short; how many went in all (bounded
+    deletes never hold long locks)."""
+    total = 0
+    while True:
+        n = await delete(batch)
+        total += n
+        if n < batch:
+            return total

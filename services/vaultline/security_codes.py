@@ -12,7 +12,6 @@ No log line, audit field, metric or error carries a code; `HeldCode` never print
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from typing import Protocol
@@ -20,6 +19,7 @@ from typing import Protocol
 from .crypto import OpenFailed, security_code_associated_data
 from .errors import SecurityCodeNotFound
 from .keyring import Keyring
+from .runtime import in_batches, periodically
 
 __all__ = ["DEFAULT_HOLD", "MAX_HOLD", "SecurityCodeStore", "SecurityCodes"]
 
@@ -90,23 +90,11 @@ class SecurityCodes:
 
     async def sweep_once(self) -> int:
         """Erase every expired code, batch by batch; how many went."""
-        total = 0
-        while True:
-            n = await self._store.purge_expired_security_codes(self._batch)
-            total += n
-            if n < self._batch:
-                break
+        total = await in_batches(self._store.purge_expired_security_codes, self._batch)
         if total:
             log.info("erased %d expired security codes", total)
         return total
 
     async def run(self) -> None:
         """Sweep until cancelled; an outage is logged and the next sweep tries again."""
-        while True:
-            await asyncio.sleep(self._every)
-            try:
-                await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - retried at the next sweep
-                log.warning("security code sweep failed; retrying", exc_info=True)
+        await periodically(self._every, self.sweep_once, "security code sweep", log)

@@ -37,9 +37,9 @@ import grpc
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
-from ..errors import DatabaseUnavailable
 from ..ivr_store import IvrStore, SessionExists, SessionRow
 from ..resources import IVR_FLOWS_DIR
+from ..runtime import periodically
 from ..security.audit import AuditEvent, AuditWriter
 from . import interpreter as ivr
 from .agent_capture import AgentCaptures
@@ -175,15 +175,13 @@ class IvrService:
             await self.store.close()
 
     async def _sweep(self) -> None:
+        await periodically(self.config.sweep_interval, self._sweep_once, "ivr sweeper", log)
+
+    async def _sweep_once(self) -> None:
         assert self.store is not None
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            try:
-                n = await self.store.end_expired_sessions()
-                if n:
-                    log.info("ivr sweeper erased %d abandoned captures", n)
-            except DatabaseUnavailable:
-                log.warning("ivr sweeper: database unavailable")
+        n = await self.store.end_expired_sessions()
+        if n:
+            log.info("ivr sweeper erased %d abandoned captures", n)
 
     # ---- request plumbing --------------------------------------------------------------------
 
