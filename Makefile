@@ -12,7 +12,7 @@ VENV_STAMP := $(VENV)/.installed
 
 include infra/make/proto.mk
 
-.PHONY: help run test unit lint bench clean
+.PHONY: help run test unit lint bench clean browser
 
 help: ## show the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -27,8 +27,27 @@ $(VENV_STAMP): pyproject.toml
 run: $(VENV_STAMP) ## start OpenBao, PostgreSQL and the tokenizer (Ctrl-C stops)
 	$(VENV)/bin/vaultline dev up
 
-test: $(VENV_STAMP) lint proto ## every check: lint, proto lint/breaking/codegen, all tests
+test: $(VENV_STAMP) lint proto browser ## every check: lint, proto lint/breaking/codegen, all tests
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The agent panel's browser tests drive Debian's chromium through chromium-driver (nothing is
+# downloaded at test time). Installed here when missing and apt-get is available; otherwise
+# this says what to install. VAULTLINE_SKIP_BROWSER=1 skips those tests, explicitly.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## install Debian's chromium + chromium-driver for the browser tests, if missing
+	@if [ "$$VAULTLINE_SKIP_BROWSER" = 1 ]; then \
+	  echo "VAULTLINE_SKIP_BROWSER=1: the agent panel's browser tests will be skipped"; \
+	elif [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }; \
+	else \
+	  echo "the browser tests need Chromium: install Debian's chromium and chromium-driver" \
+	    "(/usr/bin/chromium, /usr/bin/chromedriver), or set VAULTLINE_SKIP_BROWSER=1" >&2; \
+	  exit 1; \
+	fi
 
 unit: $(VENV_STAMP) ## only the pure unit tests (seconds)
 	$(PY) -m pytest -q tests/unit
@@ -37,7 +56,8 @@ unit: $(VENV_STAMP) ## only the pure unit tests (seconds)
 PURE_CORES := $(addprefix services/vaultline/,card.py tokens.py crypto.py errors.py \
 	group_commit.py commit_delay.py runtime.py resources.py ivr/interpreter.py ivr/flows.py \
 	ivr/twiml.py ivr/signing.py ivr/sealing.py settlement/fileformat.py settlement/batch.py \
-	security/identity.py security/answers.py batches.py ivr/pay_connector.py ivr/payment.py)
+	security/identity.py security/answers.py batches.py ivr/pay_connector.py ivr/payment.py \
+	panel/links.py)
 
 lint: $(VENV_STAMP) ## ruff, mypy (--strict for the pure cores)
 	$(VENV)/bin/ruff check services tests load

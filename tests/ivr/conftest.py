@@ -18,8 +18,9 @@ from aiohttp import web
 
 from tests.fixtures.infra import PostgresHandle
 from vaultline.devstack import free_port
+from vaultline.httpserve import serve_app
 from vaultline.ivr import signing
-from vaultline.ivr.app import IvrConfig, RunningIvr, serve_app, start_ivr
+from vaultline.ivr.app import IvrConfig, RunningIvr, start_ivr
 from vaultline.twilio_sim import SimCall, TwilioSim
 
 FLOWS = Path(__file__).resolve().parents[2] / "ivr_flows"

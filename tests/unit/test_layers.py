@@ -21,12 +21,12 @@ LAYERS: dict[str, int] = {
     "batches": 1,
     "runtime": 1, "resources": 1, "gen": 1,
     # adapters: one module per external system
-    "store": 2, "ivr_store": 2, "vault": 2,
+    "store": 2, "ivr_store": 2, "vault": 2, "httpserve": 2,
     # the domain: operations, keys, access, audit
     "service": 3, "keyring": 3, "security": 3, "retention": 3, "dual_control": 3,
     "captures": 3, "security_codes": 3,
     # the products and the gRPC edge
-    "api": 4, "ivr": 4, "settlement": 4, "observability": 4, "twilio_sim": 4,
+    "api": 4, "ivr": 4, "panel": 4, "settlement": 4, "observability": 4, "twilio_sim": 4,
     # configuration: the environment and stack.json, read by entry points only
     "config": 5,
     # entry points
@@ -127,3 +127,21 @@ def test_pure_cores_do_no_io() -> None:
         if target.split(".")[0] in IO_LIBRARIES
     ]
     assert offending == []
+
+
+def test_the_agent_panel_reaches_nothing_inside_the_card_data_zone() -> None:
+    """The panel runs outside the zone with the crm identity only: no database, no OpenBao,
+    no keys, no card-data code — transitively, whatever it imports."""
+    graph = {m: {t for t, _ in targets} for m, targets in _graph().items()}
+    reached: set[str] = set()
+    todo = [m for m in graph if m.startswith("vaultline.panel")]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += graph[module]
+    allowed = ("vaultline.panel", "vaultline.gen", "vaultline.httpserve")
+    assert sorted(m for m in reached if not m.startswith(allowed)) == []
+    third_party = {t.split(".")[0] for m in reached if m in _modules()
+                   for t, _ in _imports(m, _modules()[m])}
+    assert not third_party & {"asyncpg", "hvac"}

@@ -35,8 +35,11 @@ def _ext(cert: x509.Certificate, kind: type[_E]) -> x509.Extension[_E]:
     return cert.extensions.get_extension_for_class(kind)
 
 
-def _verifier(ca: IssuedCert = CA, at: dt.datetime = NOW) -> verification.PolicyBuilder:
-    return verification.PolicyBuilder().store(verification.Store([ca.certificate])).time(at)
+def _verifier(ca: IssuedCert = CA, at: dt.datetime | None = None) -> verification.PolicyBuilder:
+    """Verification at `at`, by default the moment of the call: certificates are issued when
+    the test runs, back-dated by minutes only, which may be after the module was imported."""
+    return verification.PolicyBuilder().store(verification.Store([ca.certificate])).time(
+        at or dt.datetime.now(dt.UTC))
 
 
 # --- issuing ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     tokenizer.py  serve, dev up, db migrate, keys status|rotate, pki init
     audit.py      audit verify|tail
     ivr.py        ivr serve, sim call
+    panel.py      panel serve|link
     settle.py     settle create|approve|run|status|list
     tenant.py     tenant shred
 
@@ -25,6 +26,7 @@ from ..errors import VaultlineError
 from .audit import add_audit_commands
 from .common import DEFAULT_HOME, setup_logging
 from .ivr import add_ivr_commands
+from .panel import add_panel_commands
 from .settle import add_settle_commands
 from .tenant import add_tenant_commands
 from .tokenizer import add_tokenizer_commands
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_commands(sub)
     add_audit_commands(sub, str(DEFAULT_HOME))
     add_ivr_commands(sub)
+    add_panel_commands(sub)
     add_settle_commands(sub)
     add_tenant_commands(sub)
     return parser

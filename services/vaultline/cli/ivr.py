@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import time
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, read_secret_file, read_stack, stack_file
+from ..panel.links import request_id_for, sign_link
 from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import DEMO_CARD
 from .common import run_until_signalled
@@ -179,13 +178,6 @@ def _sim_request(info: dict[str, Any], path: str, body: dict[str, Any] | None = 
     return answer
 
 
-def _request_id(call_sid: str) -> str:
-    """A StartCapture request id derived from the call (a retry is the same request), in
-    letters and 2-7 only: a call SID's hex could hold the 12-digit run request ids refuse."""
-    digest = hashlib.sha256(call_sid.encode()).digest()
-    return "sim-" + base64.b32encode(digest).decode().lower().rstrip("=")[:24]
-
-
 _FIELD_LABELS = {0: "-", 1: "card number", 2: "expiry", 3: "security code", 4: "postal code"}
 _STATE_LABELS = {1: "STARTED", 2: "CAPTURING", 3: "COMPLETED", 4: "FAILED", 5: "CANCELLED"}
 
@@ -246,12 +238,19 @@ def cmd_sim_agent_call(args: argparse.Namespace) -> int:
         if args.hold:
             print("holding: start the capture from the CRM or the agent panel with this"
                   " CallSid; Ctrl-C to stop", flush=True)
+            if info.get("panel_url") and info.get("panel_link_secret_file"):
+                from .panel import read_link_secret
+
+                query = sign_link(read_link_secret(Path(info["panel_link_secret_file"])),
+                                  call_sid, args.agent, "default", int(time.time()) + 300)
+                print(f"agent panel (link valid 5 minutes): {info['panel_url']}/panel?{query}",
+                      flush=True)
             await keys
             return 0
         async with tokenizer_channel(args.home, args.as_) as channel:
             stub = pb_grpc.CaptureServiceStub(channel)
             capture = (await stub.StartCapture(pb.StartCaptureRequest(
-                call_sid=call_sid, agent_id=args.agent, request_id=_request_id(call_sid),
+                call_sid=call_sid, agent_id=args.agent, request_id=request_id_for("sim-", call_sid),
                 fields=pb.CaptureFields(security_code=bool(args.cvv),
                                         postal_code=bool(args.postal))))).capture
             print(f"capture {capture.capture_id} started; the agent's view:", flush=True)

@@ -47,6 +47,8 @@ class DevStack:
         self.tokenizer: TokenizerServer | None = None
         self.ivr: Any = None
         self._ivr_channel: grpc.aio.Channel | None = None
+        self.panel: Any = None
+        self._panel_channel: grpc.aio.Channel | None = None
         self._lock_fd: int | None = None
         self.info: dict[str, Any] = {}
 
@@ -112,6 +114,7 @@ class DevStack:
             )
             grpc_address = await self.tokenizer.start()
             ivr_info = await self._start_ivr(grpc_address, pki, dsns["ivr_database_url"])
+            panel_info = await self._start_panel(grpc_address, pki)
         except BaseException:
             await self.stop()
             raise
@@ -131,6 +134,7 @@ class DevStack:
             },
             "pid": os.getpid(),
             **ivr_info,
+            **panel_info,
         }
         write_json(self.stack_file, self.info, mode=0o600)
 
@@ -145,6 +149,17 @@ class DevStack:
         self.ivr = await start_dev_ivr(dev_dir=self.dev_dir, database_url=ivr_dsn,
                                        channel=self._ivr_channel)
         return dict(stack_info(self.ivr, self.dev_dir))
+
+    async def _start_panel(self, grpc_address: str, pki: Any) -> dict[str, Any]:
+        """The agent panel, on the `crm` identity (it holds nothing else)."""
+        from ..security.tls import load_client_credentials
+        from .panel import start_dev_panel
+
+        crm = pki.clients["crm"]
+        self._panel_channel = grpc.aio.secure_channel(grpc_address, load_client_credentials(
+            pki.ca_cert, crm["cert"], crm["key"]))
+        self.panel, info = await start_dev_panel(self.dev_dir, self._panel_channel)
+        return info
 
     def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None, str | None]:
         """(address, the tokenizer's AppRole, the keys-admin's and the auditor's AppRole
@@ -191,6 +206,12 @@ class DevStack:
             return  # never started, or another process holds this home
         with contextlib.suppress(FileNotFoundError):
             self.stack_file.unlink()
+        if self.panel is not None:
+            await self.panel.stop()
+            self.panel = None
+        if self._panel_channel is not None:
+            await self._panel_channel.close()
+            self._panel_channel = None
         if self.ivr is not None:
             await self.ivr.stop()
             self.ivr = None
@@ -232,9 +253,13 @@ class DevStack:
                 f"  payment IVR      {i['ivr_base_url']}/voice/<flow>  (Twilio webhooks)",
                 f"  Twilio (sim)     {i['twilio_api_base_url']}",
             ]
+        if "panel_url" in i:
+            lines.append(f"  agent panel      {i['panel_url']}/panel  (sign in: vaultline "
+                         "panel link --call CA… --agent A1)")
         lines += [
             "",
             "Try:  vaultline sim call --flow card_capture     (keys in a network test card)",
+            "      vaultline sim agent-call --hold            (then open the panel link it prints)",
             "      vaultline keys status",
             "      vaultline audit verify",
         ]

@@ -231,6 +231,7 @@ class SimPayments:
             return web.Response(status=403)
         return web.json_response([
             {"sid": p.sid, "call_sid": p.call_sid, "status": p.status,
+             "status_callback": p.status_callback,
              "connector_attempts": p.connector_attempts,
              "connector_seconds": p.connector_seconds} for p in self.payments.values()])
 

@@ -29,6 +29,7 @@ import base64
 import email.utils
 import functools
 import secrets
+import time
 import xml.etree.ElementTree as ET  # noqa: S405 TwiML comes from the service under test
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class Event:
     detail: str = ""
     recording: str | None = None  # the recording status at that moment
     sensitive: bool = False
+    wall: float = 0.0  # real time (epoch seconds), for latency measurements
 
     def __repr__(self) -> str:
         detail = "*" * len(self.detail) if self.kind == "pressed" else self.detail
@@ -128,7 +130,8 @@ class SimCall:
         return 0 if self.agent is None else len(self.agent.events("tone"))
 
     def add(self, kind: str, detail: str = "", *, sensitive: bool = False) -> None:
-        self.timeline.append(Event(self.clock, kind, detail, self.recording, sensitive))
+        self.timeline.append(Event(self.clock, kind, detail, self.recording, sensitive,
+                                   time.time()))
 
     # what tests ask
     def heard(self) -> list[str]:
@@ -526,7 +529,7 @@ class TwilioSim:
         if call is None:
             return web.Response(status=404)
         presses = [{"t": round(e.t, 1), "key": "*" if e.detail.isdigit() else e.detail,
-                    "recording": e.recording} for e in call.events("pressed")]
+                    "recording": e.recording, "wall": e.wall} for e in call.events("pressed")]
         return web.json_response({
             "status": call.status, "presses": presses, "recording": call.recording_timeline(),
             "tones_heard_by_agent": call.tones_heard_by_agent(),

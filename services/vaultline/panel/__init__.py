@@ -1,0 +1,1 @@
+"""The agent panel: a web page outside the card data zone, on the crm identity only."""
