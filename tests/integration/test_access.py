@@ -4,13 +4,15 @@ revoked identities, quotas — and every answer, allowed or refused, in the audi
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
 from tests.fixtures.tokenizer import Running
-from tests.helpers import rpc_failure, tokenize_request, unique_name
+from tests.helpers import RpcFailure, rpc_failure, tokenize_request, unique_name
 from vaultline.gen.admin.v1 import admin_pb2 as admin_pb
 from vaultline.gen.settlement.v1 import settlement_pb2 as spb
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
@@ -192,14 +194,31 @@ async def test_plaintext_clients_are_refused(tokenizer: Running) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def spend_burst(call: Any, burst: int = 10, rate: float = 5.0) -> RpcFailure:
+    """Call until the quota refuses; the refusal. At least `burst` calls pass, and no more
+    than the bucket could have refilled meanwhile (the calls take time on a busy machine)."""
+    started, passed = time.monotonic(), 0
+    while True:
+        try:
+            await call()
+        except grpc.aio.AioRpcError as err:
+            refused = err
+            break
+        passed += 1
+        assert passed <= burst + rate * (time.monotonic() - started) + 1, "never refused"
+    assert passed >= burst, f"refused after {passed} calls, within the burst of {burst}"
+
+    async def the_refusal() -> None:
+        raise refused
+    return await rpc_failure(the_refusal())
+
+
 async def test_detokenize_quota_trips_and_recovers(tokenizer: Running) -> None:
     tenant = unique_name("q-", 10)
     token = (await tokenizer.stub.Tokenize(tokenize_request(VISA, tenant=tenant))).token.token
     tight = tokenizer.as_("bulk/bulk-tight")  # burst 10, 5 per second
     request = pb.DetokenizeRequest(tenant=tenant, token=token, purpose="quota test")
-    for _ in range(10):
-        assert (await tight.Detokenize(request)).card.pan == VISA
-    failure = await rpc_failure(tight.Detokenize(request))
+    failure = await spend_burst(lambda: tight.Detokenize(request))
     assert (failure.code, failure.reason) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED, "DETOKENIZE_QUOTA_EXCEEDED")
     # A batch counts one per token: 4 tokens need 4 units.
@@ -229,9 +248,7 @@ async def test_tokenize_quota_refuses_beyond_burst_and_is_per_identity(
     tenant = unique_name("q-", 10)
     tight = tokenizer.as_("ivr/ivr-tight")  # tokenize burst 10, 5 per second
     request = tokenize_request(VISA, tenant=tenant)
-    for _ in range(10):
-        await tight.Tokenize(request)
-    failure = await rpc_failure(tight.Tokenize(request))
+    failure = await spend_burst(lambda: tight.Tokenize(request))
     assert (failure.code, failure.reason) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED, "TOKENIZE_QUOTA_EXCEEDED")
     chunk = pb.BatchTokenizeRequest(tenant=tenant, items=[pb.BatchTokenizeRequest.Item(
