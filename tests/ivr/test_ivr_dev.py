@@ -38,7 +38,8 @@ async def test_sim_call_command_prints_masked_transcript_and_token(
     out = capsys.readouterr().out
     assert code == 0, out
     assert "4111111111111111" not in out and "411111" not in out
-    assert out.count("caller pressed *   (recording paused)") == 16 + 4 + 3
+    # Card, expiry, security code and the read-back's "1": every key while paused.
+    assert out.count("caller pressed *   (recording paused)") == 16 + 4 + 3 + 1
     assert "caller pressed #   (recording paused)" in out
     assert "paused (skip)" in out and "card digits pressed while recording: 0" in out
     assert "outcome success: token " in out and "VISA ending 1111" in out

@@ -147,12 +147,13 @@ def test_success_effects_in_order_and_card_erased() -> None:
     call.press("1230")
     assert call.step_kind == "security_code" and call.gather.num_digits == 3
     call.press("123")
-    assert call.effects[-1] == ResumeRecording() and not call.state.recording_paused
+    # The read-back is asked with the recording still paused: its key is a tone too.
+    assert call.effects == [PauseRecording()] and call.state.recording_paused
     assert call.state.phase == "confirming" and call.gather.num_digits == 1
     assert "Visa card ending in 1 1 1 1" in call.gather.prompts[-1].text
     assert VISA not in call.twiml()
     call.press("1")
-    assert call.effects[-2:] == [Tokenize(), NotifyCrm(Outcome.SUCCESS)]
+    assert call.effects[-3:] == [ResumeRecording(), Tokenize(), NotifyCrm(Outcome.SUCCESS)]
     assert call.state.ended and call.state.outcome == Outcome.SUCCESS
     assert call.state.token == "9999000011111111" and call.state.last4 == "1111"
     assert not call.state.secrets
@@ -174,7 +175,10 @@ def test_every_sensitive_prompt_is_asked_while_paused() -> None:
     for digits, key in ((VISA, "#"), ("1230", ""), ("123", ""), ("94111", "#")):
         assert call.state.recording_paused and call.flow.steps[call.state.step].sensitive
         call.press(digits, key)
-    assert not call.state.recording_paused and call.state.phase == "confirming"
+    # ... and so is the read-back: the recording resumes after the last key of the call.
+    assert call.state.recording_paused and call.state.phase == "confirming"
+    call.press("1")
+    assert not call.state.recording_paused
 
 
 def test_amex_security_code_is_four_digits() -> None:
@@ -332,12 +336,13 @@ def test_star_restarts_the_step_without_an_attempt() -> None:
     assert not call.state.secrets.expiry
 
 
-def test_star_at_confirmation_pauses_again_and_starts_over() -> None:
+def test_star_at_confirmation_starts_over_still_paused() -> None:
     call = Call(make_flow())
     enter_card(call)
     call.press("*")
-    assert call.effects[-1] == PauseRecording()
+    assert call.effects == [PauseRecording()]  # never resumed, so nothing to pause again
     assert call.state.recording_paused and call.step_kind == "card_number"
+    assert call.flow.reenter.text in call.heard
     assert not call.state.secrets and call.state.last4 == ""
     enter_card_again = ("5555555555554444", "#"), ("1230", ""), ("123", ""), ("1", "")
     for digits, key in enter_card_again:

@@ -398,9 +398,11 @@ def _input(flow: Flow, state: State, event: Input) -> Transition:
     state = replace(state, seq=state.seq + 1)
     if "*" in digits:
         if st.kind == "confirmation":
-            # Re-enter the whole card: pause again before asking for card data.
-            s = replace(state, phase="pausing", secrets=Secrets(), brand="", last4="")
-            return Transition(s, (Say(flow.reenter),), PauseRecording())
+            # Re-enter the whole card: the recording is still paused (it resumes only after
+            # the confirmation), so straight back to the first step.
+            s = replace(state, phase="collecting", step=0, attempts=0, secrets=Secrets(),
+                        brand="", last4="")
+            return _ask(flow, s, (Say(flow.reenter),))
         s = replace(state, secrets=_set(state.secrets, st.kind, ""))
         return Transition(s, (_gather(flow, st, s, (flow.reenter,)),))
 
@@ -414,23 +416,27 @@ def _input(flow: Flow, state: State, event: Input) -> Transition:
         return Transition(s, (_gather(flow, st, s, (st.reprompts[error],)),), error=error)
 
     if st.kind == "confirmation":
-        return Transition(replace(state, phase="tokenizing"), (), Tokenize())
+        # The last key of the capture: only now does the recording resume.
+        return Transition(replace(state, phase="resuming"), (), ResumeRecording())
     s = replace(state, attempts=0, secrets=_set(state.secrets, st.kind, value))
     if st.kind == "card_number":
         s = replace(s, brand=brand, last4=value[-4:])
     if state.step == flow.last_sensitive_index:
-        # The last card digits are in: resume the recording before anything else is said.
+        nxt = state.step + 1
+        if nxt < len(flow.steps):
+            # The read-back is asked while still paused: its key press is a keypad tone too,
+            # and a recording must hold none (the recording vault certifies that).
+            return _ask(flow, replace(s, phase="confirming", step=nxt, attempts=0), ())
+        # The last keys are in: resume the recording before anything else is said.
         return Transition(replace(s, phase="resuming"), (), ResumeRecording())
     return _ask(flow, replace(s, step=state.step + 1), ())
 
 
 def _after_sensitive(flow: Flow, state: State) -> Transition:
-    if flow.mode == "pay":  # the card is a token already: only its metadata is wanted
-        return Transition(replace(state, phase="tokenizing"), (), LookUpToken())
-    nxt = flow.last_sensitive_index + 1
-    if nxt < len(flow.steps):  # the confirmation
-        return _ask(flow, replace(state, phase="confirming", step=nxt, attempts=0), ())
-    return Transition(replace(state, phase="tokenizing"), (), Tokenize())
+    """The recording runs again after the last key: now the card becomes a token (with
+    <Pay> it is one already, and only its metadata is wanted)."""
+    effect: Effect = LookUpToken() if flow.mode == "pay" else Tokenize()
+    return Transition(replace(state, phase="tokenizing"), (), effect)
 
 
 # ---- <Pay> -----------------------------------------------------------------------------------
