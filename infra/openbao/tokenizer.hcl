@@ -31,3 +31,9 @@ path "vaultline-kv/data/audit/checkpoints/*" {
 path "vaultline-kv/metadata/audit/checkpoints/*" {
   capabilities = ["list"]
 }
+
+# The recording vault (issue 17): RecordingService.GetRecordingKey unwraps a recording's content
+# key for an allowed, audited listener (the qa role), whose machine decrypts the audio.
+path "transit/decrypt/vaultline-recordings" {
+  capabilities = ["update"]
+}

@@ -53,6 +53,8 @@ Variables (all `VAULTLINE_`-prefixed):
   SECURITY_CODE_HOLD_SECONDS  how long a captured security code is held for the payment
                             service to redeem once, then erased (default 600; at most 3600)
   SECURITY_CODE_SWEEP_SECONDS how often expired security codes are erased (default 30)
+  RECORDINGS_DIR            the recording store (encrypted recordings; the IVR writes it)
+  RECORDING_RETENTION_DAYS  recordings older than this are deleted, hourly (default 365)
   AUDIT_CHAIN               names this deployment's checkpoint folder in OpenBao, when
                             several vault databases share one OpenBao (default "default")
   AUDIT_CHECKPOINT_SECONDS  how often the audit chain's head is checkpointed into OpenBao
@@ -95,6 +97,10 @@ class TokenizerConfig:
     # How long a captured security code is held for authorisation (PCI DSS 3.3.2), at most 1 h.
     security_code_hold: dt.timedelta = dt.timedelta(minutes=10)
     security_code_sweep_seconds: float = 30.0
+    # The recording vault (issue 17): the recording store the IVR fills (None: the service
+    # answers metadata only), and how long recordings are kept.
+    recordings_dir: Path | None = None
+    recording_retention: dt.timedelta = dt.timedelta(days=365)
     audit_chain: str = "default"
     audit_checkpoint_seconds: float = 60.0
     audit_checkpoint_records: int = 1000
@@ -195,6 +201,9 @@ def tuning_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
             hours=positive_int("TOKENIZE_REQUEST_RETENTION_HOURS", "24")),
         "security_code_hold": dt.timedelta(seconds=hold_seconds),
         "security_code_sweep_seconds": float(positive_int("SECURITY_CODE_SWEEP_SECONDS", "30")),
+        "recording_retention": dt.timedelta(days=positive_int("RECORDING_RETENTION_DAYS", "365")),
+        **({"recordings_dir": Path(env["VAULTLINE_RECORDINGS_DIR"])}
+           if env.get("VAULTLINE_RECORDINGS_DIR") else {}),
         "audit_checkpoint_seconds": float(positive_int("AUDIT_CHECKPOINT_SECONDS", "60")),
         "audit_checkpoint_records": positive_int("AUDIT_CHECKPOINT_RECORDS", "1000"),
         "max_unary_message_bytes": positive_int("MAX_UNARY_MESSAGE_BYTES", str(1 << 20)),

@@ -19,6 +19,8 @@ input, the fields at fault — never the value that was sent. The gRPC layer tur
      ├── CaptureInProgress     the call already has a capture in progress   -> ALREADY_EXISTS
      ├── CaptureEnded          the capture has ended; nothing to change     -> FAILED_PRECONDITION
      ├── SecurityCodeNotFound  none held: redeemed, expired or never taken  -> NOT_FOUND
+     ├── RecordingNotFound     no such recording (or not the caller's tenant) -> NOT_FOUND
+     ├── RecordingNotPlayable  quarantined, not released, or not ready      -> FAILED_PRECONDITION
      └── DependencyUnavailable OpenBao or PostgreSQL cannot be reached      -> UNAVAILABLE
           ├── KeyServiceUnavailable
           └── DatabaseUnavailable
@@ -143,6 +145,22 @@ class SecurityCodeNotFound(VaultlineError):
 
     reason = "SECURITY_CODE_NOT_FOUND"
     message = "no security code is held for this token"
+
+
+class RecordingNotFound(VaultlineError):
+    reason = "RECORDING_NOT_FOUND"
+    message = "no such recording"
+
+
+class RecordingNotPlayable(VaultlineError):
+    """A recording whose key is not handed out: keypad tones found and no admin released it
+    (RECORDING_QUARANTINED), or not stored and certified yet (RECORDING_NOT_READY)."""
+
+    message = "this recording cannot be played"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
 
 
 class CaptureNotFound(VaultlineError):

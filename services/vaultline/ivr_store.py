@@ -213,3 +213,85 @@ class IvrStore:
                 "UPDATE ivr_sessions SET sealed = NULL, ended_at = now(), updated_at = now(),"
                 " outcome = 'session-timeout' WHERE ended_at IS NULL AND expires_at < now()")
         return int(status.split()[-1])
+
+    # ---- the recording vault's ingest (0014_recordings.sql) --------------------------------
+
+    async def call_tenant(self, call_sid: str) -> tuple[str, str] | None:
+        """What the IVR knows of a call: ("flow", name) from its IVR session, or ("tenant", t)
+        from its agent-assisted capture; None for a call it never handled."""
+        async with _translated():
+            session = await self._pool.fetchval(
+                "SELECT flow FROM ivr_sessions WHERE call_sid = $1 ORDER BY created_at DESC"
+                " LIMIT 1", call_sid)
+            if session is not None:
+                return "flow", str(session)
+            tenant = await self._pool.fetchval(
+                "SELECT tenant FROM captures WHERE call_sid = $1 ORDER BY created_at DESC"
+                " LIMIT 1", call_sid)
+        return ("tenant", str(tenant)) if tenant is not None else None
+
+    async def insert_recording(self, sid: str, call_sid: str, tenant: str, media_url: str,
+                               duration: int, public_key_sid: str, encrypted_cek: str,
+                               iv: str, state: str = "received") -> bool:
+        """A recording announced by Twilio; False when it was known already (a retry)."""
+        async with _translated():
+            status = await self._pool.execute(
+                "INSERT INTO recordings (sid, call_sid, tenant, media_url, duration_seconds,"
+                " public_key_sid, encrypted_cek, iv, state) VALUES ($1, $2, $3, $4, $5, $6, $7,"
+                " $8, $9) ON CONFLICT (sid) DO NOTHING",
+                sid, call_sid, tenant, media_url, duration, public_key_sid, encrypted_cek, iv,
+                state)
+        return status == "INSERT 0 1"
+
+    async def find_recording(self, sid: str) -> Any | None:
+        async with _translated():
+            return await self._pool.fetchrow("SELECT * FROM recordings WHERE sid = $1", sid)
+
+    async def pending_recordings(self, limit: int = 20) -> list[str]:
+        """Recordings whose ingest has not finished (Twilio still holds a copy), oldest
+        first; not the ones that need a person (unencrypted, corrupt)."""
+        async with _translated():
+            rows = await self._pool.fetch(
+                "SELECT sid FROM recordings WHERE twilio_deleted_at IS NULL"
+                " AND state NOT IN ('unencrypted', 'corrupt') ORDER BY created_at LIMIT $1",
+                limit)
+        return [r["sid"] for r in rows]
+
+    async def recording_stored(self, sid: str, media_file: str, sha256: bytes,
+                               size: int) -> None:
+        async with _translated():
+            await self._pool.execute(
+                "UPDATE recordings SET state = 'stored', media_file = $2, media_sha256 = $3,"
+                " media_bytes = $4, last_error = '', updated_at = now() WHERE sid = $1"
+                " AND state = 'received'", sid, media_file, sha256, size)
+
+    async def recording_scanned(self, sid: str, state: str, tones: list[list[float]],
+                                wrapped_cek: str) -> None:
+        """certified / quarantined (with where the tones are) / corrupt; the content key as
+        OpenBao decrypts it (its key version named)."""
+        async with _translated():
+            await self._pool.execute(
+                "UPDATE recordings SET state = $2, tones = $3::jsonb, encrypted_cek = $4,"
+                " certified_at = now(), last_error = '', updated_at = now() WHERE sid = $1",
+                sid, state, json.dumps(tones), wrapped_cek)
+
+    async def recording_twilio_deleted(self, sid: str) -> None:
+        async with _translated():
+            await self._pool.execute(
+                "UPDATE recordings SET twilio_deleted_at = now(), media_url = '',"
+                " updated_at = now() WHERE sid = $1", sid)
+
+    async def recording_failed(self, sid: str, error: str) -> None:
+        """One more failed attempt (the sweeper tries again); `error` is a fixed text."""
+        async with _translated():
+            await self._pool.execute(
+                "UPDATE recordings SET attempts = attempts + 1, last_error = $2,"
+                " updated_at = now() WHERE sid = $1", sid, error[:200])
+
+    async def scannable_recordings(self) -> list[Any]:
+        """Every stored recording (`vaultline recordings scan`)."""
+        async with _translated():
+            return list(await self._pool.fetch(
+                "SELECT * FROM recordings WHERE media_file <> ''"
+                " AND state IN ('stored', 'certified', 'quarantined', 'corrupt')"
+                " ORDER BY created_at"))

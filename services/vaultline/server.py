@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .api.admin import AuditServicer, KeyServicer
 from .api.capture import CaptureServicer
 from .api.gate import Gate
+from .api.recordings import RecordingServicer
 from .api.settlement import SettlementServicer
 from .api.tokenization import TokenizationServicer
 from .captures import CaptureHub, CaptureService
@@ -29,12 +30,16 @@ from .gen.admin.v1 import admin_service_pb2 as admin_svc_pb
 from .gen.admin.v1 import admin_service_pb2_grpc as admin_grpc
 from .gen.capture.v1 import capture_service_pb2 as capture_svc_pb
 from .gen.capture.v1 import capture_service_pb2_grpc as capture_grpc
+from .gen.recordings.v1 import recordings_service_pb2 as recordings_svc_pb
+from .gen.recordings.v1 import recordings_service_pb2_grpc as recordings_grpc
 from .gen.settlement.v1 import settlement_service_pb2 as settlement_svc_pb
 from .gen.settlement.v1 import settlement_service_pb2_grpc as settlement_grpc
 from .gen.tokenization.v1 import tokenization_service_pb2 as svc_pb
 from .gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
 from .keyring import Keyring
 from .observability import Metrics, start_metrics_server, stop_metrics_server
+from .recordings.files import RecordingFiles
+from .recordings.library import RecordingLibrary
 from .retention import Purger
 from .security.access import Guard, load_policy
 from .security.anchor import AuditCheckpointer
@@ -43,7 +48,7 @@ from .security.tls import load_server_credentials
 from .security_codes import SecurityCodes
 from .service import TokenService
 from .store import Store
-from .vault import TransitClient
+from .vault import RECORDINGS_KEY, TransitClient
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ SERVICE_NAME = svc_pb.DESCRIPTOR.services_by_name["TokenizationService"].full_na
 ADMIN_SERVICES = tuple(s.full_name for s in admin_svc_pb.DESCRIPTOR.services_by_name.values())
 SETTLEMENT_SERVICE = settlement_svc_pb.DESCRIPTOR.services_by_name["SettlementService"].full_name
 CAPTURE_SERVICE = capture_svc_pb.DESCRIPTOR.services_by_name["CaptureService"].full_name
+RECORDING_SERVICE = (
+    recordings_svc_pb.DESCRIPTOR.services_by_name["RecordingService"].full_name)
 HEALTH_PERIOD_S = 5.0
 # What we send is bounded by the chunk limit (20,000 items; a few MB even if every item is an
 # error); what we receive by the configured limits.
@@ -80,6 +87,9 @@ class TokenizerServer:
         self._capture_deadlines: asyncio.Task[None] | None = None
         self.security_codes: SecurityCodes | None = None
         self._code_sweeps: asyncio.Task[None] | None = None
+        self.recordings: RecordingLibrary | None = None
+        self._recording_keys: TransitClient | None = None
+        self._recording_retention: asyncio.Task[None] | None = None
         self.metrics_address = ""
         self._metrics_server: object | None = None
 
@@ -127,6 +137,14 @@ class TokenizerServer:
         )
         settlement_grpc.add_SettlementServiceServicer_to_server(
             SettlementServicer(batches, gate), server)
+        self._recording_keys = TransitClient(
+            config.vault_addr, config.vault_credentials, key_name=RECORDINGS_KEY)
+        self.recordings = RecordingLibrary(
+            self.store,
+            RecordingFiles(config.recordings_dir) if config.recordings_dir is not None else None,
+            self._recording_keys, retention=config.recording_retention)
+        recordings_grpc.add_RecordingServiceServicer_to_server(
+            RecordingServicer(self.recordings, gate), server)
         self.captures = CaptureService(self.store, self.capture_hub)
         capture_grpc.add_CaptureServiceServicer_to_server(
             CaptureServicer(self.captures, gate), server)
@@ -148,6 +166,7 @@ class TokenizerServer:
                 *ADMIN_SERVICES,
                 SETTLEMENT_SERVICE,
                 CAPTURE_SERVICE,
+                RECORDING_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -171,6 +190,7 @@ class TokenizerServer:
         self._purging = asyncio.create_task(self.purger.run())
         self._capture_deadlines = asyncio.create_task(self.captures.run_deadlines())
         self._code_sweeps = asyncio.create_task(self.security_codes.run())
+        self._recording_retention = asyncio.create_task(self.recordings.run())
         if config.metrics_listen:
             mhost, mport = config.metrics_listen.rsplit(":", 1)
             self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
@@ -205,13 +225,13 @@ class TokenizerServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in (self._checkpointing, self._purging, self._capture_deadlines,
-                     self._code_sweeps):
+                     self._code_sweeps, self._recording_retention):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._checkpointing = self._purging = self._capture_deadlines = None
-        self._code_sweeps = None
+        self._code_sweeps = self._recording_retention = None
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

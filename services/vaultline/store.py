@@ -494,6 +494,41 @@ class Store:
         )
         return int(status.split()[-1])
 
+    # ---- the recording vault (0014_recordings.sql) -------------------------------------
+
+    async def list_recordings(self, tenant: str, before: tuple[dt.datetime, str] | None,
+                              limit: int) -> list[asyncpg.Record]:
+        """A tenant's recordings, newest first, after the (created_at, sid) `before`."""
+        if before is None:
+            return await self._fetch(
+                "SELECT * FROM recordings WHERE tenant = $1"
+                " ORDER BY created_at DESC, sid DESC LIMIT $2", tenant, limit)
+        return await self._fetch(
+            "SELECT * FROM recordings WHERE tenant = $1 AND (created_at, sid) < ($2, $3)"
+            " ORDER BY created_at DESC, sid DESC LIMIT $4", tenant, before[0], before[1], limit)
+
+    async def find_recording(self, tenant: str, sid: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            "SELECT * FROM recordings WHERE tenant = $1 AND sid = $2", tenant, sid)
+
+    async def release_recording(self, tenant: str, sid: str, by: str, reason: str
+                                ) -> asyncpg.Record | None:
+        """Release a quarantined recording for listening; None if it is not quarantined."""
+        return await self._fetchrow(
+            "UPDATE recordings SET override_by = $3, override_reason = $4, updated_at = now()"
+            " WHERE tenant = $1 AND sid = $2 AND state = 'quarantined' RETURNING *",
+            tenant, sid, by, reason)
+
+    async def purge_recordings(self, older_than: dt.timedelta, limit: int = 1000
+                               ) -> list[str]:
+        """Delete up to `limit` recordings older than `older_than`; their store file names
+        (the caller deletes the files after the rows)."""
+        rows = await self._fetch(
+            "DELETE FROM recordings WHERE sid = ANY(ARRAY(SELECT sid FROM recordings"
+            " WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT $2))"
+            " RETURNING media_file", older_than, limit)
+        return [r["media_file"] for r in rows]
+
     # ---- idempotency -----------------------------------------------------------------
 
     async def purge_tokenize_requests(self, older_than: dt.timedelta, limit: int = 10_000) -> int:

@@ -68,6 +68,11 @@ MAX_BATCH: Final = 250
 _TOKEN_RENEW_MARGIN_S: Final = 30.0
 
 
+# The recording vault's key (issue 17): RSA-4096 in transit, not exportable; Twilio wraps each
+# recording's content key to its public half.
+RECORDINGS_KEY: Final = "vaultline-recordings"
+
+
 class VaultError(Exception):
     """Base of all OpenBao/Vault errors. ``operation`` and ``status`` say what failed."""
 
@@ -291,6 +296,40 @@ class TransitClient:
         op = "transit rewrap"
         return [_wrapped(op, item.get("ciphertext"), i)
                 for i, item in enumerate(self._batch(op, "rewrap_data", wrapped))]
+
+    # -- the recording vault's RSA key (a client built with key_name="vaultline-recordings")
+
+    def public_key_pem(self) -> tuple[int, str]:
+        """(latest version, the PEM of its public half): what Twilio encrypts recordings to.
+        The private half is not exportable; reading the key never shows it."""
+        op = "transit read key"
+        data = self._data(op, self._call(op, lambda t: t.read_key(
+            name=self._key, mount_point=self._mount)))
+        latest = data.get("latest_version")
+        keys = data.get("keys")
+        entry = keys.get(str(latest)) if isinstance(keys, dict) else None
+        pem = entry.get("public_key") if isinstance(entry, dict) else None
+        if not isinstance(latest, int) or not isinstance(pem, str) or "PUBLIC KEY" not in pem:
+            raise _invalid(op, "the key has no public half (not an asymmetric key?)")
+        return latest, pem
+
+    def key_versions(self) -> list[int]:
+        """The versions that still decrypt, newest first."""
+        op = "transit read key"
+        data = self._data(op, self._call(op, lambda t: t.read_key(
+            name=self._key, mount_point=self._mount)))
+        latest, lowest = data.get("latest_version"), data.get("min_decryption_version")
+        if not isinstance(latest, int) or not isinstance(lowest, int):
+            raise _invalid(op, "malformed key versions")
+        return list(range(latest, max(lowest, 1) - 1, -1))
+
+    def unwrap_content_key(self, wrapped: str) -> bytes:
+        """A recording's 256-bit content key, from its RSA-OAEP (SHA-256) wrapping as
+        `vault:v<N>:<base64>`; the private key stays inside OpenBao."""
+        op = "transit decrypt"
+        data = self._data(op, self._call(op, lambda t: t.decrypt_data(
+            name=self._key, ciphertext=wrapped, mount_point=self._mount)))
+        return _b64_key(op, data.get("plaintext"))
 
     def rotate_key(self) -> None:
         op = "transit rotate"

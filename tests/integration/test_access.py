@@ -30,13 +30,14 @@ ALLOWED = {
     "settlement": {"Detokenize", "BatchDetokenize", "GetToken"},
     # Issue 15: only the payment service redeems a held security code.
     "payments": {"RedeemSecurityCode", "GetToken"},
+    "qa": set(),  # recordings only (tests/ivr/test_recording_service.py)
     "admin": set(),  # no TokenizationService method at all
 }
 METHODS = ["Tokenize", "BatchTokenize", "GetToken", "Detokenize", "BatchDetokenize", "DeleteToken",
            "RedeemSecurityCode"]
 IDENTITY = {"ivr": "ivr/ivr-1", "intake": "intake/intake-1", "crm": "crm/crm-1",
             "settlement": "settlement/settlement-1", "payments": "payments/payments-1",
-            "admin": "admin/admin-1"}
+            "qa": "qa/qa-1", "admin": "admin/admin-1"}
 
 
 async def _invoke(stub: pb_grpc.TokenizationServiceStub, method: str, tenant: str, token: str):  # type: ignore[no-untyped-def]

@@ -276,6 +276,18 @@ async def test_no_pan_anywhere(home: Path) -> None:
         assert b"card digits keyed while recording: 0" in agent.stdout
         responses.append(agent.stdout + agent.stderr)
         db = await _database_dump(info)
+        # The recording vault holds every call's recording, encrypted: no file is audio
+        # (no WAV header, no PCM), and its listing holds no card data either.
+        stored = sorted(Path(info["recordings_dir"]).glob("RE*.wav.enc"))
+        assert len(stored) >= 4, stored
+        for path in stored:
+            media = path.read_bytes()
+            assert b"RIFF" not in media[:64] and b"WAVEfmt" not in media, path.name
+        listing = subprocess.run(
+            [*VAULTLINE, "--home", str(home), "recordings", "list"],
+            capture_output=True, timeout=60, check=False)
+        assert listing.returncode == 0 and b"certified" in listing.stdout, listing.stderr
+        responses.append(listing.stdout + listing.stderr)
     finally:
         assert stack.interrupt() == 0
     report: dict[str, list[str]] = {}

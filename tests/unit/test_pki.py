@@ -192,7 +192,7 @@ def test_init_dev_pki_layout_and_modes(tmp_path: Path) -> None:
             "key": str(pki_dir / "clients" / f"{role}-{name}.key"),
         }
         for key, (role, name) in zip(
-            ["ivr", "crm", "settlement", "settlement-2", "admin", "intake", "payments"],
+            ["ivr", "crm", "settlement", "settlement-2", "admin", "intake", "payments", "qa"],
             DEV_IDENTITIES,
             strict=True
         )

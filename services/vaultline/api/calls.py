@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -41,10 +42,22 @@ def _code_name(exc: BaseException) -> str:
     return code_for(exc).name if isinstance(exc, VaultlineError) else "INTERNAL"
 
 
+_RECORDING_SID = re.compile(r"RE[0-9a-f]{32}\Z")
+
+
+def _subject(request: Any) -> str:
+    """What a call is about, for the audit record's token column: the token, or the
+    recording (RecordingService)."""
+    return getattr(request, "token", "") or getattr(request, "recording_sid", "")
+
+
 def _audited_token(raw: str) -> str:
-    """A token as it may appear in the audit trail: only a well-formed token, never a PAN."""
+    """A token as it may appear in the audit trail: only a well-formed token (or recording
+    SID), never a PAN."""
     if not raw:
         return ""
+    if _RECORDING_SID.match(raw):
+        return raw
     try:
         return parse_token(raw)[0]
     except TokenError:
@@ -147,7 +160,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                     gate.take_quota(call, 1)
                 response = await fn(self, request, context)
                 if audits_success:
-                    token = getattr(request, "token", "") or getattr(
+                    token = _subject(request) or getattr(
                         getattr(response, "token", None), "token", "")
                     await gate.audit([gate.event(
                         call, "OK", tenant=tenant or _response_tenant(response), token=token,
@@ -157,8 +170,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                 return response
             except Exception as exc:  # noqa: BLE001 - the translation table decides
                 await answer.fail(exc, gate, call, context, tenant=tenant,
-                                  token=getattr(request, "token", ""),
-                                  purpose=_purpose_of(request))
+                                  token=_subject(request), purpose=_purpose_of(request))
 
     return wrapper  # type: ignore[return-value]
 
@@ -174,7 +186,7 @@ def _purpose_of(request: Any) -> str:
     """What the audit record names as purpose: the settlement batch or capture the request is
     about (their ids never hold a digit run), else its purpose."""
     return (getattr(request, "batch_id", "") or getattr(request, "capture_id", "")
-            or getattr(request, "purpose", ""))
+            or getattr(request, "purpose", "") or getattr(request, "reason", ""))
 
 
 def _response_tenant(response: Any) -> str:
@@ -197,16 +209,22 @@ def server_streaming(fn: F) -> F:
         gate: Gate = self._gate
         call = open_call(method, context)
         purpose = _purpose_of(request)
+        scoped = hasattr(request, "tenant")
+        tenant = (request.tenant or "default") if scoped else ""
         with _observed(gate, method) as answer:
             try:
                 call = gate.admit(call, context)
                 _check_size(gate, request)
+                if scoped:
+                    gate.check_tenant(call, tenant)
                 async for response in fn(self, request, context):
                     yield response
-                await gate.audit([gate.event(call, "OK", tenant="",
+                await gate.audit([gate.event(call, "OK", tenant=tenant,
+                                             token=_subject(request),
                                              purpose=_audited_purpose(purpose))])
             except Exception as exc:  # noqa: BLE001 - the translation table decides
-                await answer.fail(exc, gate, call, context, tenant="", purpose=purpose)
+                await answer.fail(exc, gate, call, context, tenant=tenant,
+                                  token=_subject(request), purpose=purpose)
 
     return wrapper  # type: ignore[return-value]
 

@@ -26,6 +26,8 @@ from ..errors import (
     InvalidInput,
     InvalidPageToken,
     KeyAdminNotConfigured,
+    RecordingNotFound,
+    RecordingNotPlayable,
     RequestIdReused,
     SecurityCodeNotFound,
     TokenNotFound,
@@ -58,6 +60,8 @@ _TABLE: tuple[tuple[type[VaultlineError], grpc.StatusCode], ...] = (
     (DailyBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CaptureNotFound, grpc.StatusCode.NOT_FOUND),
     (SecurityCodeNotFound, grpc.StatusCode.NOT_FOUND),
+    (RecordingNotFound, grpc.StatusCode.NOT_FOUND),
+    (RecordingNotPlayable, grpc.StatusCode.FAILED_PRECONDITION),
     (CaptureInProgress, grpc.StatusCode.ALREADY_EXISTS),
     (CaptureEnded, grpc.StatusCode.FAILED_PRECONDITION),
 )

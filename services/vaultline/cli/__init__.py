@@ -5,6 +5,7 @@
     audit.py      audit verify|tail
     ivr.py        ivr serve, sim call
     panel.py      panel serve|link
+    recordings.py recordings public-key|list|play|export|release|purge|scan
     settle.py     settle create|approve|run|status|list
     tenant.py     tenant shred
 
@@ -27,6 +28,7 @@ from .audit import add_audit_commands
 from .common import DEFAULT_HOME, setup_logging
 from .ivr import add_ivr_commands
 from .panel import add_panel_commands
+from .recordings import add_recordings_commands
 from .settle import add_settle_commands
 from .tenant import add_tenant_commands
 from .tokenizer import add_tokenizer_commands
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_commands(sub, str(DEFAULT_HOME))
     add_ivr_commands(sub)
     add_panel_commands(sub)
+    add_recordings_commands(sub)
     add_settle_commands(sub)
     add_tenant_commands(sub)
     return parser

@@ -7,12 +7,14 @@ secrets (Twilio auth token, session secret, CRM signing secret) are 0600 files i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 
 from ..ivr.app import IvrConfig, RunningIvr, start_ivr
@@ -21,6 +23,7 @@ from ..ivr.flows import load_flows
 from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import TwilioSim
 from ..twilio_sim.payments import ConnectorConfig
+from ..vault import RECORDINGS_KEY, AppRoleCredentials, TransitClient
 from . import free_port
 
 __all__ = ["CONNECTOR_FILE", "start_dev_ivr", "stack_info"]
@@ -42,8 +45,13 @@ def _secret_file(path: Path, make: bytes) -> bytes:
 
 async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.Channel,
                         flows_dir: Path = IVR_FLOWS_DIR, host: str = "127.0.0.1",
-                        port: int = 0, sim_port: int = 0) -> RunningIvr:
-    """Simulator REST side + webhook service on loopback; `stack_info()` for stack.json."""
+                        port: int = 0, sim_port: int = 0, recordings_dir: Path | None = None,
+                        vault_addr: str = "", recordings_approle: Path | None = None
+                        ) -> RunningIvr:
+    """Simulator REST side + webhook service on loopback; `stack_info()` for stack.json.
+    With `recordings_approle`, the recording vault is on: OpenBao's recording key is
+    registered with the simulated account (as `vaultline recordings public-key` output is
+    with Twilio), and its recording status callbacks reach the IVR's ingest."""
     sim = TwilioSim()
     await sim.start(host, sim_port)
     try:
@@ -66,6 +74,11 @@ async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.C
             connector_credentials=ConnectorCredentials.from_file(connector_file),
             capture_crm_callback_url=sim.rest_base_url + "/_sim/crm",
             card_types={tenant: DEV_CARD_TYPES for tenant in ("default", "demo")},
+            recordings_dir=recordings_dir if recordings_approle else None,
+            metrics_listen=f"{host}:0",
+            recordings_vault_addr=vault_addr,
+            recordings_credentials=(AppRoleCredentials.from_file(recordings_approle)
+                                    if recordings_approle else None),
         )
         # The simulated Twilio account's Pay Connector points at the webhook's endpoint.
         creds = config.connector_credentials
@@ -73,11 +86,29 @@ async def start_dev_ivr(*, dev_dir: Path, database_url: str, channel: grpc.aio.C
         sim.payments.connectors[config.pay_connector_name] = ConnectorConfig(
             base + "/pay/connector", creds.username, creds.password)
         running = await start_ivr(config, channel, host=host, port=port, flows=flows)
+        if config.recordings_credentials is not None:
+            await _register_recording_key(sim, config, base)
     except BaseException:
         await sim.stop()
         raise
     running.sim = sim
     return running
+
+
+async def _register_recording_key(sim: TwilioSim, config: IvrConfig, base: str) -> None:
+    """The public half of OpenBao's recording key, registered with the simulated account
+    (Twilio's Credentials/PublicKeys), and the account's recording status callback set."""
+    assert config.recordings_credentials is not None
+    with TransitClient(config.recordings_vault_addr, config.recordings_credentials,
+                       key_name=RECORDINGS_KEY) as keys:
+        _, pem = await asyncio.to_thread(keys.public_key_pem)
+    auth = aiohttp.BasicAuth(sim.account_sid, sim.auth_token)
+    async with aiohttp.ClientSession() as http, http.post(
+            sim.rest_base_url + "/v1/Credentials/PublicKeys", auth=auth,
+            data={"PublicKey": pem, "FriendlyName": "vaultline-recordings"}) as response:
+        if response.status != 201:
+            raise RuntimeError(f"the simulator refused the recording key ({response.status})")
+    sim.recordings.status_callback = base + "/recordings/status"
 
 
 def stack_info(running: RunningIvr, dev_dir: Path) -> dict[str, Any]:
@@ -89,4 +120,7 @@ def stack_info(running: RunningIvr, dev_dir: Path) -> dict[str, Any]:
         "twilio_account_sid": running.service.config.account_sid,
         "pay_connector_url": running.ivr_base_url.rstrip("/") + "/pay/connector",
         "pay_connector_credentials_file": str(dev_dir / CONNECTOR_FILE),
+        **({"recordings_dir": str(running.service.config.recordings_dir)}
+           if running.service.config.recordings_dir is not None else {}),
+        "ivr_metrics_address": running.service.metrics_address,
     }

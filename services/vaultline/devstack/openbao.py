@@ -36,7 +36,7 @@ from vaultline.devstack import (
     write_secret_json,
 )
 from vaultline.resources import OPENBAO_DIR
-from vaultline.vault import AppRoleCredentials
+from vaultline.vault import RECORDINGS_KEY, AppRoleCredentials
 
 __all__ = [
     "KEK_NAME",
@@ -62,6 +62,7 @@ ROLES: Final[dict[str, tuple[str, str]]] = {
     "vaultline-tokenizer": ("tokenizer", "approle-tokenizer.json"),
     "vaultline-keys-admin": ("keys-admin", "approle-keys-admin.json"),
     "vaultline-auditor": ("auditor", "approle-auditor.json"),
+    "vaultline-recordings": ("recordings", "approle-recordings.json"),
 }
 ROLE_SETTINGS: Final[dict[str, Any]] = {
     "token_ttl": "1h",
@@ -104,6 +105,8 @@ class OpenBaoBootstrap:
     auditor: AppRoleCredentials | None = field(default=None)
     auditor_file: Path | None = field(default=None)
     init_file: Path | None = field(default=None)  # None for an external server
+    recordings: AppRoleCredentials | None = field(default=None)  # the IVR's recording ingest
+    recordings_file: Path | None = field(default=None)
 
 
 class _Api:
@@ -451,6 +454,7 @@ def configure_openbao(addr: str, token: str, dev_dir: Path, *, infra_dir: Path |
 
     _ensure_kek(api)
     _ensure_audit_anchor(api, mounts.get("data", mounts))
+    _ensure_transit_key(api, RECORDINGS_KEY, "rsa-4096")
 
     # Every *.hcl here is a policy named after its file (server.hcl.tmpl is not *.hcl).
     policies = {path.stem: path for path in sorted(infra_dir.glob("*.hcl"))}
@@ -478,6 +482,8 @@ def configure_openbao(addr: str, token: str, dev_dir: Path, *, infra_dir: Path |
         keys_admin_file=creds["vaultline-keys-admin"][1],
         auditor=creds["vaultline-auditor"][0],
         auditor_file=creds["vaultline-auditor"][1],
+        recordings=creds["vaultline-recordings"][0],
+        recordings_file=creds["vaultline-recordings"][1],
         init_file=init_file if init_file.exists() else None,
     )
 

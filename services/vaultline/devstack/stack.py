@@ -88,11 +88,12 @@ class DevStack:
             self.stack_file.unlink()  # a stale file from a killed run must not mislead tools
         # VAULTLINE_DEK_MAX_*, _COMMIT_DELAY_MS as `serve` reads them; refused before any start.
         tuning = tuning_from_env()
+        tuning.setdefault("recordings_dir", self.home / "recordings")  # the IVR fills it
         try:
             # mTLS in the dev stack too: a dev CA and one certificate per client identity.
             pki = await asyncio.to_thread(init_dev_pki, self.home / "pki")
-            vault_addr, tokenizer_creds, admin_file, auditor_file = await asyncio.to_thread(
-                self._start_openbao)
+            vault_addr, tokenizer_creds, admin_file, auditor_file, recordings_file = (
+                await asyncio.to_thread(self._start_openbao))
             dsns = await asyncio.to_thread(self._start_postgres)
             app_dsn = dsns["database_url"]
             applied = await migrate(dsns["owner_dsn"])
@@ -113,7 +114,8 @@ class DevStack:
                 )
             )
             grpc_address = await self.tokenizer.start()
-            ivr_info = await self._start_ivr(grpc_address, pki, dsns["ivr_database_url"])
+            ivr_info = await self._start_ivr(grpc_address, pki, dsns["ivr_database_url"],
+                                             vault_addr, recordings_file)
             panel_info = await self._start_panel(grpc_address, pki)
         except BaseException:
             await self.stop()
@@ -131,6 +133,7 @@ class DevStack:
                 "tokenizer_approle": str(self.dev_dir / "approle-tokenizer.json"),
                 "keys_admin_approle": admin_file,
                 "auditor_approle": auditor_file,
+                "recordings_approle": recordings_file,
             },
             "pid": os.getpid(),
             **ivr_info,
@@ -138,16 +141,20 @@ class DevStack:
         }
         write_json(self.stack_file, self.info, mode=0o600)
 
-    async def _start_ivr(self, grpc_address: str, pki: Any, ivr_dsn: str) -> dict[str, Any]:
-        """The payment IVR webhook service and the Twilio simulator's REST side it calls."""
+    async def _start_ivr(self, grpc_address: str, pki: Any, ivr_dsn: str, vault_addr: str,
+                         recordings_file: str | None) -> dict[str, Any]:
+        """The payment IVR webhook service and the Twilio simulator's REST side it calls;
+        with the recordings AppRole, the recording vault's ingest too."""
         from ..security.tls import load_client_credentials
         from .ivr import stack_info, start_dev_ivr
 
         ivr_client = pki.clients["ivr"]
         self._ivr_channel = grpc.aio.secure_channel(grpc_address, load_client_credentials(
             pki.ca_cert, ivr_client["cert"], ivr_client["key"]))
-        self.ivr = await start_dev_ivr(dev_dir=self.dev_dir, database_url=ivr_dsn,
-                                       channel=self._ivr_channel)
+        self.ivr = await start_dev_ivr(
+            dev_dir=self.dev_dir, database_url=ivr_dsn, channel=self._ivr_channel,
+            recordings_dir=self.home / "recordings", vault_addr=vault_addr,
+            recordings_approle=Path(recordings_file) if recordings_file else None)
         return dict(stack_info(self.ivr, self.dev_dir))
 
     async def _start_panel(self, grpc_address: str, pki: Any) -> dict[str, Any]:
@@ -161,19 +168,23 @@ class DevStack:
         self.panel, info = await start_dev_panel(self.dev_dir, self._panel_channel)
         return info
 
-    def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None, str | None]:
-        """(address, the tokenizer's AppRole, the keys-admin's and the auditor's AppRole
-        files): the two admin files only go to stack.json, for the admin commands."""
+    def _start_openbao(self) -> tuple[str, AppRoleCredentials, str | None, str | None,
+                                      str | None]:
+        """(address, the tokenizer's AppRole, the keys-admin's, the auditor's and the
+        recording ingest's AppRole files): the admin files only go to stack.json, for the
+        admin commands; the recordings one to the IVR."""
         addr = os.environ.get("VAULTLINE_VAULT_ADDR")
         if addr:
             return (addr, vault_credentials_from_env(),
                     os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE"),
-                    os.environ.get("VAULTLINE_AUDITOR_APPROLE_FILE"))
+                    os.environ.get("VAULTLINE_AUDITOR_APPROLE_FILE"),
+                    os.environ.get("VAULTLINE_RECORDINGS_APPROLE_FILE"))
         self.openbao = OpenBaoServer(self.home / "openbao", dev_dir=self.dev_dir)
         self.openbao.start()
         boot = self.openbao.bootstrap()
         return (self.openbao.addr, boot.tokenizer, str(boot.keys_admin_file),
-                str(boot.auditor_file) if boot.auditor_file else None)
+                str(boot.auditor_file) if boot.auditor_file else None,
+                str(boot.recordings_file) if boot.recordings_file else None)
 
     def _start_postgres(self) -> dict[str, str]:
         """The DSN of each role, by its stack.json key (an external server's from the

@@ -13,6 +13,8 @@ proxy in front changes nothing; a bad or missing signature is a bare 403 and an 
     /pay/connector             Twilio's Generic Pay Connector (HTTP Basic, JSON; `connector`)
     /pay/status/{capture}      an agent-assisted capture's Payment StatusCallbacks
                                (`agent_capture`, which also takes the agents' commands)
+    /recordings/status         recording status callbacks: the recording vault's ingest
+                               (`vaultline.recordings.ingest`)
 
 Each request: load the call's session row, open its sealed fields, run the interpreter,
 perform each side effect and feed the result back, then save with compare-and-set on the
@@ -35,13 +37,17 @@ from typing import Any
 import aiohttp
 import grpc
 from aiohttp import web
+from prometheus_client import CollectorRegistry, start_http_server
 from twilio.request_validator import RequestValidator
 
 from ..httpserve import ConnectionLimits, serve_app
 from ..ivr_store import IvrStore, SessionExists, SessionRow
+from ..recordings.files import RecordingFiles
+from ..recordings.ingest import RecordingIngest
 from ..resources import IVR_FLOWS_DIR
 from ..runtime import periodically
 from ..security.audit import AuditEvent, AuditWriter
+from ..vault import RECORDINGS_KEY, AppRoleCredentials, TransitClient
 from . import interpreter as ivr
 from .agent_capture import AgentCaptures
 from .connector import ConnectorCredentials, PayConnector
@@ -100,6 +106,16 @@ class IvrConfig:
     # "visa mastercard"); a tenant not listed gets Twilio's default (visa mastercard amex).
     card_types: Mapping[str, str] = field(default_factory=dict)
     connector_token_format: str = "opaque"  # noqa: S105 - a token format, not a secret
+    # The recording vault (issue 17): where encrypted recordings are kept, and the OpenBao
+    # login that unwraps their content keys to certify them; None: recordings are not ingested.
+    recordings_dir: Path | None = None
+    recordings_vault_addr: str = ""
+    recordings_credentials: AppRoleCredentials | None = field(default=None, repr=False)
+    recordings_tenant: str = "default"  # for a recorded call the IVR never handled
+    recordings_sweep_seconds: float = 60.0
+    # host:port for Prometheus /metrics of the IVR (recordings ingested by outcome, the
+    # quarantines among them); None: not served.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         if self.session_ttl > dt.timedelta(minutes=15):
@@ -126,6 +142,12 @@ class IvrService:
         self._sweeper: asyncio.Task[None] | None = None
         self._agent_loop: asyncio.Task[None] | None = None
         self.agent: AgentCaptures | None = None
+        self.recordings: RecordingIngest | None = None
+        self.registry = CollectorRegistry()
+        self._metrics_server: Any = None
+        self.metrics_address = ""
+        self._recordings_loop: asyncio.Task[None] | None = None
+        self._recording_keys: TransitClient | None = None
         self._audit: AuditWriter | None = None
         self.connector = PayConnector(
             config.connector_credentials, self._tokenizer, self._sealer,
@@ -137,6 +159,7 @@ class IvrService:
             web.post("/pay/connector", self.connector.handle),
             web.post("/pay/status/{capture}", self.payment_status),
             web.post("/voice/status", self.status_callback),
+            web.post("/recordings/status", self.recording_status),
             web.post("/voice/queue/{queue}", self.queue),
             web.post("/voice/{flow}", self.call_enters),
             web.post("/voice/{flow}/input", self.gather_input),
@@ -161,13 +184,32 @@ class IvrService:
             crm_url=c.capture_crm_callback_url, audit_identity=c.audit_identity,
             card_types=c.card_types)
         self._agent_loop = asyncio.create_task(self.agent.run())
+        if c.recordings_dir is not None and c.recordings_credentials is not None:
+            self._recording_keys = TransitClient(
+                c.recordings_vault_addr, c.recordings_credentials, key_name=RECORDINGS_KEY)
+            self.recordings = RecordingIngest(
+                self.store, RecordingFiles(c.recordings_dir), self._rest,
+                self._recording_keys, self._audit, tenant_of=self._tenant_of_call,
+                audit_identity=c.audit_identity, sweep_seconds=c.recordings_sweep_seconds,
+                registry=self.registry)
+            self._recordings_loop = asyncio.create_task(self.recordings.run())
+        if c.metrics_listen:
+            host, _, port = c.metrics_listen.rpartition(":")
+            self._metrics_server, _thread = start_http_server(int(port), addr=host,
+                                                              registry=self.registry)
+            self.metrics_address = f"{host}:{self._metrics_server.server_port}"
 
     async def close(self) -> None:
-        for task in (self._sweeper, self._agent_loop):
+        for task in (self._sweeper, self._agent_loop, self._recordings_loop):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._recording_keys is not None:
+            self._recording_keys.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self._rest is not None:
             await self._rest.close()
         if self._http is not None:
@@ -296,6 +338,29 @@ class IvrService:
         assert self.agent is not None
         status = await self.agent.status_callback(request.match_info["capture"], form)
         return web.Response(status=status)
+
+    async def recording_status(self, request: web.Request) -> web.StreamResponse:
+        form = await self._signed_form(request)
+        if form is None:
+            return self._forbidden()
+        if self.recordings is None:
+            log.error("a recording status callback came in, but recordings are not configured "
+                      "(recordings_dir, recordings credentials)")
+            return web.Response(status=503)
+        return web.Response(status=await self.recordings.callback(form))
+
+    async def _tenant_of_call(self, call_sid: str) -> str:
+        """The tenant a recorded call belongs to: its flow's, or its capture's."""
+        assert self.store is not None
+        known = await self.store.call_tenant(call_sid)
+        if known is not None:
+            kind, value = known
+            if kind == "tenant":
+                return value
+            flow = self.flows.get(value)
+            if flow is not None:
+                return flow.tenant
+        return self.config.recordings_tenant
 
     async def queue(self, request: web.Request) -> web.StreamResponse:
         form = await self._signed_form(request)

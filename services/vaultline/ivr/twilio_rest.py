@@ -68,9 +68,46 @@ class TwilioRest:
                  timeout: float = 5.0) -> None:
         self._http = BaseUrlHttpClient(base_url, timeout)
         self._client = Client(account_sid, auth_token, http_client=self._http)
+        self._base = base_url.rstrip("/")
+        self._auth = aiohttp.BasicAuth(account_sid, auth_token)
+        self._media: aiohttp.ClientSession | None = None
+        self._timeout = timeout
 
     async def close(self) -> None:
         await self._http.close()
+        if self._media is not None:
+            await self._media.close()
+
+    # ---- recordings: the encrypted media, then Twilio's copy deleted (issue 17) ------------
+
+    async def download_recording(self, sid: str, max_bytes: int = 512 << 20) -> bytes:
+        """A recording's media (.wav; encrypted when Voice Recording Encryption is on)."""
+        if self._media is None:
+            self._media = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self._timeout, sock_read=max(self._timeout, 30.0)))
+        account = self._client.account_sid
+        url = f"{self._base}/2010-04-01/Accounts/{account}/Recordings/{sid}.wav"
+        async with _translated("recording download", not_found=RecordingNotFound):
+            async with self._media.get(url, auth=self._auth) as response:
+                if response.status == 404:
+                    raise RecordingNotFound("recording download", 404)
+                if response.status != 200:
+                    raise TwilioUnavailable("recording download", response.status)
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise TwilioUnavailable("recording download (too large)", None)
+        return bytes(body)
+
+    async def delete_recording(self, sid: str) -> bool:
+        """Delete Twilio's copy; False when it was gone already (404)."""
+        try:
+            async with _translated("recording delete", not_found=RecordingNotFound):
+                await self._client.recordings(sid).delete_async()
+        except RecordingNotFound:
+            return False
+        return True
 
     async def _recording(self, call_sid: str, status: str, **extra: Any) -> RecordingUpdate:
         operation = f"recording {status}"

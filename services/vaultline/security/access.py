@@ -47,10 +47,15 @@ KNOWN_METHODS = frozenset(
             "StartCapture", "WatchCapture", "GetCapture", "CancelCapture",
             "RestartCaptureField",
         ),
+        *(
+            "ListRecordings", "GetRecordingKey", "GetRecordingMedia", "ReleaseRecording",
+            "PurgeRecordings",
+        ),
     }
 )
-# Methods that reveal card data: a purpose is required and a quota applies.
-REVEALING_METHODS = frozenset({"Detokenize", "BatchDetokenize"})
+# Methods that reveal card data — or a recording's key: a purpose is required and a quota
+# applies.
+REVEALING_METHODS = frozenset({"Detokenize", "BatchDetokenize", "GetRecordingKey"})
 # Methods that take card numbers in: each answer confirms something about a card (its token,
 # whether it was seen before), so they have a quota of their own.
 TOKENIZING_METHODS = frozenset({"Tokenize", "BatchTokenize"})

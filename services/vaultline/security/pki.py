@@ -51,6 +51,7 @@ DEV_IDENTITIES: Final[tuple[tuple[str, str], ...]] = (
     ("admin", "admin-1"),
     ("intake", "intake-1"),  # another card-receiving channel (a web checkout, a migration)
     ("payments", "payments-1"),  # the merchant's payment service: redeems security codes
+    ("qa", "qa-1"),  # quality assurance: listens to call recordings
 )
 DEFAULT_SERVER_HOSTS: Final = ("localhost", "127.0.0.1")
 _ORGANIZATION: Final = "Vaultline"

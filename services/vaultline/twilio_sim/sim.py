@@ -40,6 +40,7 @@ import aiohttp
 from aiohttp import web
 
 from .payments import PaymentScript, SimPayments, twilio_error
+from .recordings import SimRecordings
 from .signature import sign
 
 __all__ = ["Call", "Delay", "Event", "HangUp", "Press", "SimCall", "Timeout", "TwilioSim",
@@ -190,12 +191,16 @@ class TwilioSim:
         self.calls: dict[str, SimCall] = {}
         self.rest_requests: list[tuple[str, str, dict[str, str]]] = []
         self.recording_fault: int | None = None  # answer Recordings updates with this status
+        # A broken recording set-up (tests): pause requests are answered but the recording
+        # keeps running — what a flow that forgets to pause does to the audio.
+        self.pauses_ignored = False
         self.webhook_timeout = 15.0  # Twilio's default for voice webhooks
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self.rest_base_url = ""
         self.crm_events: list[dict[str, Any]] = []  # what the demo CRM sink received
         self.payments = SimPayments(self)
+        self.recordings = SimRecordings(self)
 
     def __repr__(self) -> str:
         return f"TwilioSim(account_sid={self.account_sid}, rest={self.rest_base_url})"
@@ -206,7 +211,11 @@ class TwilioSim:
         self._http = aiohttp.ClientSession()
         app = web.Application()
         base = f"/{API_VERSION}/Accounts/{{account}}/Calls/{{call}}"
+        recordings = f"/{API_VERSION}/Accounts/{{account}}/Recordings/{{rec}}"
         app.add_routes([
+            web.post("/v1/Credentials/PublicKeys", self.recordings.register_key),
+            web.get(recordings, self.recordings.get),
+            web.delete(recordings, self.recordings.delete),
             web.post(base + "/Recordings/{rec}.json", self._rest_recording_update),
             web.post(base + "/Recordings.json", self._rest_recording_create),
             web.get(base + "/Recordings.json", self._rest_recording_list),
@@ -219,6 +228,8 @@ class TwilioSim:
             web.post("/_sim/agent-calls", self._control_agent_call),
             web.get("/_sim/calls/{call}", self._control_call_state),
             web.get("/_sim/payments", self.payments.listing),
+            web.post("/_sim/recordings", self.recordings.control_synthetic),
+            web.get("/_sim/recordings", self.recordings.control_state),
             web.post("/_sim/crm", self._crm_sink),
         ])
         self._runner = web.AppRunner(app, access_log=None)
@@ -298,6 +309,14 @@ class TwilioSim:
         call.add("hangup", "caller")
         if status_callback:
             await self._call_completed(call, status_callback)
+        await self._recording_done(call)
+
+    async def _recording_done(self, call: SimCall) -> None:
+        """A recorded call has ended: its recording completes (rendered, encrypted, announced)
+        when the account has a recording status callback or an encryption key set up."""
+        if call.recording_sid and (self.recordings.status_callback
+                                   or self.recordings.current_key):
+            await self.recordings.finish(call)
 
     async def _call_completed(self, call: SimCall, status_callback: str) -> None:
         """Twilio's call status callback for a call that has ended."""
@@ -345,6 +364,7 @@ class TwilioSim:
             call.add("hangup", call.ended_by or "end-of-twiml")
             if status_callback:
                 await self._call_completed(call, status_callback)
+            await self._recording_done(call)
 
     async def _fetch(self, call: SimCall, url: str, extra: Mapping[str, str]) -> str | None:
         params = {**self.call_params(call), **extra}
@@ -553,7 +573,9 @@ class TwilioSim:
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
-        return (user == self.account_sid and request.match_info["account"] == self.account_sid
+        # The accounts API (Credentials/PublicKeys) names no account in its path.
+        return (user == self.account_sid
+                and request.match_info.get("account", self.account_sid) == self.account_sid
                 and secrets.compare_digest(password, self.auth_token))
 
     async def _rest_common(self, request: web.Request
@@ -614,6 +636,9 @@ class TwilioSim:
             return twilio_error(400, 21220, "Invalid Status")
         if behavior is not None and (status != "paused" or behavior not in ("skip", "silence")):
             return twilio_error(400, 21220, "Invalid PauseBehavior")
+        if self.pauses_ignored and status == "paused":
+            call.add("rest", "pause answered but ignored (broken recording set-up)")
+            return web.json_response({**self._recording_json(call), "status": "paused"})
         call.recording = status
         call.pause_behavior = (behavior or "silence") if status == "paused" else None
         call.add("recording", status + (f" ({call.pause_behavior})" if status == "paused"

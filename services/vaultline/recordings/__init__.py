@@ -1,0 +1,1 @@
+"""Call recordings: the DTMF detector, audio, ingest, certification and the recording store."""
