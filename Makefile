@@ -57,7 +57,8 @@ PURE_CORES := $(addprefix services/vaultline/,card.py tokens.py crypto.py errors
 	group_commit.py commit_delay.py runtime.py resources.py ivr/interpreter.py ivr/flows.py \
 	ivr/twiml.py ivr/signing.py ivr/sealing.py settlement/fileformat.py settlement/batch.py \
 	security/identity.py security/answers.py batches.py ivr/pay_connector.py ivr/payment.py \
-	panel/links.py recordings/dtmf.py recordings/audio.py)
+	panel/links.py recordings/dtmf.py recordings/audio.py \
+	recordings/envelope.py)
 
 lint: $(VENV_STAMP) ## ruff, mypy (--strict for the pure cores)
 	$(VENV)/bin/ruff check services tests load

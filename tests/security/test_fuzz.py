@@ -121,3 +121,37 @@ async def test_fuzz_batch_detokenize(tokenizer: Running, tenant, purpose, items)
                     assert token not in str(result.error)
     except grpc.aio.AioRpcError as err:
         _checked(err, tenant, purpose)
+
+
+@FUZZ
+@given(tenant=anything, sid=anything, purpose=anything, page_token=anything,
+       page_size=ints, reason=anything, days=ints)
+async def test_fuzz_recordings(tokenizer: Running, tenant, sid, purpose, page_token,  # type: ignore[no-untyped-def]
+                               page_size, reason, days) -> None:
+    from vaultline.gen.recordings.v1 import recordings_pb2 as rpb
+    from vaultline.gen.recordings.v1 import recordings_service_pb2_grpc as rpb_grpc
+
+    qa = rpb_grpc.RecordingServiceStub(tokenizer.channel("qa/qa-1"))
+    admin = rpb_grpc.RecordingServiceStub(tokenizer.channel("admin/admin-1"))
+    calls = [
+        qa.ListRecordings(rpb.ListRecordingsRequest(tenant=tenant, page_size=page_size,
+                                                    page_token=page_token)),
+        qa.GetRecordingKey(rpb.GetRecordingKeyRequest(tenant=tenant, recording_sid=sid,
+                                                      purpose=purpose)),
+        admin.ReleaseRecording(rpb.ReleaseRecordingRequest(tenant=tenant, recording_sid=sid,
+                                                           reason=reason)),
+        # Refused, or a century (which deletes nothing another test made).
+        admin.PurgeRecordings(rpb.PurgeRecordingsRequest(
+            older_than_days=days if days < 1 else 36_500)),
+    ]
+    for call in calls:
+        try:
+            await call
+        except grpc.aio.AioRpcError as err:
+            _checked(err, tenant, sid, purpose, page_token, reason)
+    try:
+        async for _ in qa.GetRecordingMedia(rpb.GetRecordingMediaRequest(
+                tenant=tenant, recording_sid=sid)):
+            pass
+    except grpc.aio.AioRpcError as err:
+        _checked(err, tenant, sid)

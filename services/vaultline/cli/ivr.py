@@ -19,6 +19,12 @@ main parser by `add_ivr_commands(subparsers)`.
   PAY_CARD_TYPES           the card types each tenant accepts in agent-assisted captures,
                            e.g. "default=visa mastercard;demo=visa" (Twilio's ValidCardTypes
                            names; a tenant not listed gets visa mastercard amex)
+  RECORDINGS_DIR           the recording vault's store: with RECORDINGS_APPROLE_FILE (the
+                           `recordings` AppRole) and VAULT_ADDR, recording status callbacks
+                           (POST /recordings/status) are ingested; unset: answered 503
+  RECORDINGS_TENANT        the tenant of recorded calls the IVR never handled (default:
+                           default)
+  IVR_METRICS_LISTEN       host:port for Prometheus /metrics (unset: not served)
 """
 
 from __future__ import annotations
@@ -69,6 +75,23 @@ def parse_card_types(text: str) -> dict[str, str]:
     return out
 
 
+def _recordings_config() -> dict[str, Any]:
+    """The recording vault's IvrConfig settings from the environment (all or nothing)."""
+    from ..vault import AppRoleCredentials
+
+    directory = os.environ.get("VAULTLINE_RECORDINGS_DIR")
+    if not directory:
+        return {}
+    approle = _env("RECORDINGS_APPROLE_FILE")
+    try:
+        credentials = AppRoleCredentials.from_file(approle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"VAULTLINE_RECORDINGS_APPROLE_FILE: {exc}") from None
+    return {"recordings_dir": Path(directory), "recordings_vault_addr": _env("VAULT_ADDR"),
+            "recordings_credentials": credentials,
+            "recordings_tenant": _env("RECORDINGS_TENANT", "default")}
+
+
 def cmd_ivr_serve(args: argparse.Namespace) -> int:
     import grpc
 
@@ -95,6 +118,8 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         connector_tenant=_env("PAY_CONNECTOR_TENANT", "default"),
         connector_token_format=_env("PAY_CONNECTOR_TOKEN_FORMAT", "opaque"),
         card_types=parse_card_types(os.environ.get("VAULTLINE_PAY_CARD_TYPES", "")),
+        **_recordings_config(),
+        metrics_listen=os.environ.get("VAULTLINE_IVR_METRICS_LISTEN") or None,
     )
 
     async def main() -> None:
@@ -261,6 +286,9 @@ def cmd_sim_agent_call(args: argparse.Namespace) -> int:
                 print("  " + _agent_view(last), flush=True)
         done.set()
         await keys
+        # Paid: the customer hangs up, the conference ends, and its recording completes.
+        await asyncio.to_thread(_sim_request, info, f"/_sim/calls/{call_sid}/hangup", {
+            "status_callback": info["ivr_base_url"].rstrip("/") + "/voice/status"})
         state = await asyncio.to_thread(_sim_request, info, f"/_sim/calls/{call_sid}")
         print(f"\ntones heard by the agent: {state['tones_heard_by_agent']}")
         print(f"card digits keyed while recording: {state['card_digits_while_recording']}")

@@ -95,7 +95,7 @@ async def _fetch_and_open(args: argparse.Namespace) -> bytes:
     """The recording's plaintext WAV, decrypted here: key and media from the service."""
     from ..gen.recordings.v1 import recordings_pb2 as pb
     from ..gen.recordings.v1 import recordings_service_pb2_grpc as pb_grpc
-    from ..recordings.envelope import open_media
+    from ..recordings.envelope import MediaMismatch, open_media
 
     async with tokenizer_channel(args.home, args.as_) as channel:
         stub = pb_grpc.RecordingServiceStub(channel)
@@ -108,7 +108,7 @@ async def _fetch_and_open(args: argparse.Namespace) -> bytes:
             print(f"\rfetched {len(media) / 1024:,.0f} KiB", end="", file=sys.stderr)
         print(file=sys.stderr)
     if hashlib.sha256(media).hexdigest() != key.media_sha256:
-        raise ConfigError("the media fetched is not the one stored (SHA-256 differs)")
+        raise MediaMismatch()
     return open_media(key.content_key, key.iv, bytes(media))
 
 

@@ -15,7 +15,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["EncryptionDetails", "EnvelopeError", "MediaTampered", "open_media",
+__all__ = ["EncryptionDetails", "EnvelopeError", "MediaMismatch", "MediaTampered", "open_media",
            "parse_encryption_details", "vault_ciphertext"]
 
 _KEY_SID: Final = re.compile(r"CR[0-9a-f]{32}\Z")
@@ -32,6 +32,14 @@ class MediaTampered(EnvelopeError):
     def __init__(self) -> None:
         super().__init__("the recording failed its integrity check (AES-GCM): it was altered, "
                          "truncated, or belongs to another recording")
+
+
+class MediaMismatch(MediaTampered):
+    """The media is not the one the vault stored (its SHA-256 differs)."""
+
+    def __init__(self) -> None:
+        EnvelopeError.__init__(self, "the recording is not the one stored (its SHA-256 "
+                                     "differs): it was altered or truncated")
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,6 +227,7 @@ class TwilioSim:
             web.post("/_sim/calls", self._control_call),
             web.post("/_sim/agent-calls", self._control_agent_call),
             web.get("/_sim/calls/{call}", self._control_call_state),
+            web.post("/_sim/calls/{call}/hangup", self._control_hang_up),
             web.get("/_sim/payments", self.payments.listing),
             web.post("/_sim/recordings", self.recordings.control_synthetic),
             web.get("/_sim/recordings", self.recordings.control_state),
@@ -295,6 +296,9 @@ class TwilioSim:
         call = self.new_call(from_=from_, to=to, record=record)
         call.status = "in-progress"
         call.add("conference", "customer joined")
+        # The conversation before the card (in the recording, as speech).
+        call.add("heard", "Agent: thanks for calling, how can I help you today?")
+        call.clock += 3.0
         agent = SimCall(_sid("CA"), self.account_sid, "client:agent", to, status="in-progress")
         agent.add("conference", "agent joined")
         call.agent = agent
@@ -304,6 +308,9 @@ class TwilioSim:
 
     async def hang_up(self, call: SimCall, status_callback: str | None = None) -> None:
         """The customer hangs up a live (conference) call: Twilio's status callback follows."""
+        if call.agent is not None and call.status == "in-progress":
+            call.add("heard", "Agent: that's all done, thank you. Goodbye.")
+            call.clock += 2.0
         call.status = "completed"
         call.ended_by = "caller"
         call.add("hangup", "caller")
@@ -529,6 +536,19 @@ class TwilioSim:
             "crm_events": [e for e in self.crm_events
                            if e.get("data", {}).get("call_sid") == call.sid],
         })
+
+    async def _control_hang_up(self, request: web.Request) -> web.Response:
+        """The customer of a live call hangs up (`{"status_callback": url}` optional): the
+        call's status callback follows, and its recording completes."""
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.Response(status=403)
+        call = self.calls.get(request.match_info["call"])
+        if call is None:
+            return web.Response(status=404)
+        spec = await request.json() if request.can_read_body else {}
+        if call.status != "completed":
+            await self.hang_up(call, spec.get("status_callback") or None)
+        return web.json_response({"status": call.status})
 
     async def _control_agent_call(self, request: web.Request) -> web.Response:
         """Place a conference (customer + agent legs) whose customer keys `attempts`."""
