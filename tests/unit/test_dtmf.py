@@ -70,3 +70,29 @@ def test_wav_round_trip() -> None:
     back = from_wav(to_wav(audio))
     assert back.size == audio.size and np.max(np.abs(back - audio)) < 1e-4
     assert len(detect_tones(back)) == 1
+
+
+def test_a_tone_on_either_leg_of_a_dual_channel_recording_is_found() -> None:
+    """Twilio's dual-channel recordings put each leg on its own channel: the customer's keys
+    may be on the second one only."""
+    import io
+    import wave
+
+    from vaultline.recordings.audio import channels_of_wav
+    from vaultline.recordings.ingest import _tones_in_any
+
+    agent = speech_like(1.0, seed=9)
+    customer = np.concatenate([silence(0.4), dtmf("7", 0.1), silence(0.5)])
+    pcm = np.empty(agent.size * 2, dtype="<i2")
+    pcm[0::2] = (agent * 32767).astype("<i2")
+    pcm[1::2] = (customer * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(pcm.tobytes())
+    channels = channels_of_wav(buffer.getvalue())
+    assert len(channels) == 2 and detect_tones(channels[0]) == []
+    (span,) = _tones_in_any(channels)
+    assert abs(span.start - 0.4) < 0.03

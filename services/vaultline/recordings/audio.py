@@ -14,7 +14,8 @@ import numpy.typing as npt
 
 from .dtmf import HIGH, LOW, RATE
 
-__all__ = ["KEYS", "WavError", "dtmf", "from_wav", "silence", "speech_like", "to_wav"]
+__all__ = ["KEYS", "WavError", "channels_of_wav", "dtmf", "from_wav", "silence", "speech_like",
+           "to_wav"]
 
 KEYS: Final = "123A456B789C*0#D"  # row by row: low tone = row, high tone = column
 Samples = npt.NDArray[np.float64]
@@ -83,8 +84,9 @@ def to_wav(samples: Samples) -> bytes:
     return buffer.getvalue()
 
 
-def from_wav(data: bytes) -> Samples:
-    """The samples of an 8 kHz 16-bit PCM WAV (the first channel of a dual-channel one)."""
+def channels_of_wav(data: bytes) -> list[Samples]:
+    """Every channel of an 8 kHz 16-bit PCM WAV (a dual-channel recording has one per leg:
+    a keypad tone on either must be found)."""
     try:
         with wave.open(io.BytesIO(data), "rb") as wav:
             if wav.getsampwidth() != 2 or wav.getframerate() != RATE:
@@ -93,6 +95,9 @@ def from_wav(data: bytes) -> Samples:
             pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
     except (wave.Error, EOFError) as exc:
         raise WavError("not a WAV file") from exc
-    if channels > 1:
-        pcm = pcm[::channels]
-    return pcm.astype(np.float64) / 32768.0
+    return [pcm[c::channels].astype(np.float64) / 32768.0 for c in range(channels)]
+
+
+def from_wav(data: bytes) -> Samples:
+    """The samples of a mono WAV (the first channel of a multi-channel one)."""
+    return channels_of_wav(data)[0]

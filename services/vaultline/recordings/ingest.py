@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 from ..runtime import periodically
 from ..security.audit import AuditEvent, AuditWriter
 from ..vault import VaultInvalidResponse, VaultPermissionDenied, run_transit
-from .audio import WavError, from_wav
+from .audio import WavError, channels_of_wav
 from .dtmf import ToneSpan, detect_tones
 from .envelope import EnvelopeError, open_media, parse_encryption_details, vault_ciphertext
 from .files import RecordingFiles
@@ -74,13 +74,19 @@ async def scan_media(keys: RecordingKeys, encrypted_cek: str, iv: bytes, media: 
                 raise
             continue  # not this version's
         try:
-            samples = from_wav(open_media(cek, iv, media))
+            channels = channels_of_wav(open_media(cek, iv, media))
         except (EnvelopeError, WavError) as exc:
             raise ScanFailed(str(exc)) from None
         finally:
             del cek
-        return await asyncio.to_thread(detect_tones, samples), wrapped
+        return await asyncio.to_thread(_tones_in_any, channels), wrapped
     raise ScanFailed("no version of the recording key unwraps its content key")
+
+
+def _tones_in_any(channels: list[Any]) -> list[ToneSpan]:
+    """Every keypad tone on any channel (one per call leg in a dual-channel recording)."""
+    spans = [span for samples in channels for span in detect_tones(samples)]
+    return sorted(spans, key=lambda s: (s.start, s.end))
 
 
 class RecordingIngest:
