@@ -26,8 +26,8 @@ LAYERS: dict[str, int] = {
     "service": 3, "keyring": 3, "security": 3, "retention": 3, "dual_control": 3,
     "captures": 3, "security_codes": 3,
     # the products and the gRPC edge
-    "api": 4, "ivr": 4, "panel": 4, "recordings": 4, "settlement": 4, "observability": 4,
-    "twilio_sim": 4,
+    "api": 4, "ivr": 4, "panel": 4, "recordings": 4, "descope": 4, "settlement": 4,
+    "observability": 4, "twilio_sim": 4,
     # configuration: the environment and stack.json, read by entry points only
     "config": 5,
     # entry points

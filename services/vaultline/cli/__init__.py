@@ -6,6 +6,7 @@
     ivr.py        ivr serve, sim call
     panel.py      panel serve|link
     recordings.py recordings public-key|list|play|export|release|purge|scan
+    descope.py    discover
     settle.py     settle create|approve|run|status|list
     tenant.py     tenant shred
 
@@ -26,6 +27,7 @@ from ..devstack import DevstackError
 from ..errors import VaultlineError
 from .audit import add_audit_commands
 from .common import DEFAULT_HOME, setup_logging
+from .descope import add_descope_commands
 from .ivr import add_ivr_commands
 from .panel import add_panel_commands
 from .recordings import add_recordings_commands
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ivr_commands(sub)
     add_panel_commands(sub)
     add_recordings_commands(sub)
+    add_descope_commands(sub)
     add_settle_commands(sub)
     add_tenant_commands(sub)
     return parser

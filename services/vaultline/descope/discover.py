@@ -1,0 +1,245 @@
+"""Data discovery (PCI DSS 12.5.2): where card numbers are stored, and how many.
+
+Sources: a PostgreSQL database (every text, varchar, char, json and jsonb column of every
+table outside the system schemas, or the `tables` asked for), a CSV file (per column), a JSONL
+file (per top-level key) or any other text file such as a log (per file). A database is read in
+one read-only transaction through server-side cursors, a few thousand rows at a time, so
+memory stays bounded whatever the table's size; nothing is ever written to a source.
+
+A `Finding` per table.column (or file column) counts the values holding card numbers, the
+cards, their brands, and keeps a few masked examples. The keys of the affected rows (primary
+key values; line numbers for files) go to the report sink, never card digits: a key that itself
+holds a card number is masked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import asyncpg
+
+from .detect import CardSpan, find_cards, might_hold_card
+
+__all__ = ["Finding", "Discovery", "discover_file", "discover_postgres", "mask_value"]
+
+EXAMPLES: Final = 5
+FETCH: Final = 5000
+TEXT_TYPES: Final = ("text", "character varying", "character", "json", "jsonb")
+_SYSTEM_SCHEMAS: Final = ("pg_catalog", "information_schema", "vaultline_descope",
+                          "pg_toast")
+
+
+@dataclass
+class Finding:
+    source: str
+    table: str
+    column: str
+    values_with_cards: int = 0
+    cards: int = 0
+    brands: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, spans: list[CardSpan], show_bin: bool) -> None:
+        self.values_with_cards += 1
+        self.cards += len(spans)
+        for span in spans:
+            self.brands[span.brand.name] += 1
+            example = span.masked(show_bin=show_bin)
+            if len(self.examples) < EXAMPLES and example not in self.examples:
+                self.examples.append(example)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "table": self.table, "column": self.column,
+                "values_with_cards": self.values_with_cards, "cards": self.cards,
+                "brands": dict(sorted(self.brands.items())), "examples": self.examples}
+
+
+ReportSink = Callable[[dict[str, Any]], None]
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class Discovery:
+    """Everything one run found, and what it looked at."""
+
+    findings: dict[tuple[str, str, str], Finding] = field(default_factory=dict)
+    scanned: Counter[str] = field(default_factory=Counter)  # rows (or lines) per table/file
+
+    def finding(self, source: str, table: str, column: str) -> Finding:
+        key = (source, table, column)
+        if key not in self.findings:
+            self.findings[key] = Finding(source, table, column)
+        return self.findings[key]
+
+    @property
+    def found(self) -> list[Finding]:
+        return [f for f in self.findings.values() if f.cards]
+
+
+def mask_value(value: Any) -> Any:
+    """A key value as a report may hold it: any card number inside masked."""
+    text = str(value)
+    spans = find_cards(text)
+    for span in reversed(spans):
+        text = text[:span.start] + span.masked() + text[span.end:]
+    return text if spans else value
+
+
+def _display_source(dsn: str) -> str:
+    """The DSN without its password."""
+    try:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(dsn)
+        host = parts.hostname or ""
+        netloc = f"{parts.username}@{host}" if parts.username else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "postgresql"
+
+
+async def _tables(conn: asyncpg.Connection, only: set[str] | None
+                  ) -> list[tuple[str, str, list[str], list[str]]]:
+    """(schema, table, primary key columns, text-like columns) of every table to scan."""
+    rows = await conn.fetch(
+        "SELECT c.table_schema, c.table_name, c.column_name FROM information_schema.columns c"
+        " JOIN information_schema.tables t ON t.table_schema = c.table_schema"
+        " AND t.table_name = c.table_name AND t.table_type = 'BASE TABLE'"
+        " WHERE c.data_type = ANY($1) AND NOT c.table_schema = ANY($2)"
+        " ORDER BY c.table_schema, c.table_name, c.ordinal_position",
+        list(TEXT_TYPES), list(_SYSTEM_SCHEMAS))
+    columns: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        name = f"{r['table_schema']}.{r['table_name']}"
+        if only is None or name in only or r["table_name"] in only:
+            columns.setdefault((r["table_schema"], r["table_name"]), []).append(
+                r["column_name"])
+    out = []
+    for (schema, table), cols in columns.items():
+        keys = await conn.fetch(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+            " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = $1::regclass AND i.indisprimary"
+            " ORDER BY array_position(i.indkey, a.attnum)", _qualified(schema, table))
+        out.append((schema, table, [k["attname"] for k in keys], cols))
+    return out
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _qualified(schema: str, table: str) -> str:
+    return f"{_ident(schema)}.{_ident(table)}"
+
+
+async def discover_postgres(dsn: str, *, tables: Iterable[str] | None = None,
+                            show_bin: bool = False, report: ReportSink | None = None,
+                            progress: Progress | None = None,
+                            discovery: Discovery | None = None) -> Discovery:
+    """Scan a database, read-only; the discovery so far (extended when one is given)."""
+    found = discovery or Discovery()
+    source = _display_source(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            only = set(tables) if tables else None
+            for schema, table, keys, cols in await _tables(conn, only):
+                name = f"{schema}.{table}"
+                key_sql = ", ".join(f"{_ident(k)}::text" for k in keys) or "ctid::text"
+                select = ", ".join(f"{_ident(c)}::text" for c in cols)
+                query = f"SELECT {key_sql}, {select} FROM {_qualified(schema, table)}"  # noqa: S608 - quoted identifiers from the catalog
+                nkeys = max(len(keys), 1)
+                key_names = keys or ["ctid"]
+                count = 0
+                async for row in conn.cursor(query, prefetch=FETCH):
+                    count += 1
+                    for i, column in enumerate(cols):
+                        value = row[nkeys + i]
+                        if value is None or not might_hold_card(value):
+                            continue
+                        spans = find_cards(value)
+                        if not spans:
+                            continue
+                        found.finding(source, name, column).add(spans, show_bin)
+                        if report is not None:
+                            report({"source": source, "table": name, "column": column,
+                                    "key": {k: mask_value(row[j])
+                                            for j, k in enumerate(key_names)},
+                                    "cards": len(spans)})
+                    if progress is not None and count % 50_000 == 0:
+                        progress(name, count)
+                found.scanned[name] += count
+                if progress is not None:
+                    progress(name, count)
+    finally:
+        await conn.close()
+    return found
+
+
+def _json_strings(value: Any, path: str = "$") -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _json_strings(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _json_strings(item, f"{path}[{i}]")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield path, str(value)
+
+
+def discover_file(path: Path, *, show_bin: bool = False, report: ReportSink | None = None,
+                  progress: Progress | None = None,
+                  discovery: Discovery | None = None) -> Discovery:
+    """Scan a CSV (per column), JSONL (per JSON path) or any text file (per file)."""
+    found = discovery or Discovery()
+    source, name = str(path), path.name
+    kind = path.suffix.lower()
+    lines = 0
+    with path.open("r", encoding="utf-8", errors="replace", newline="") as fh:
+        if kind == ".csv":
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            for lines, record in enumerate(reader, 2):
+                for i, value in enumerate(record):
+                    column = header[i] if i < len(header) else f"column {i + 1}"
+                    _check(found, source, name, column, value, lines, show_bin, report)
+        else:
+            for lines, line in enumerate(fh, 1):
+                if kind == ".jsonl":
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        doc = line
+                    for column, value in _json_strings(doc):
+                        column = column.split("[", 1)[0]
+                        _check(found, source, name, column, value, lines, show_bin, report)
+                else:
+                    _check(found, source, name, "", line, lines, show_bin, report)
+                if progress is not None and lines % 100_000 == 0:
+                    progress(name, lines)
+    found.scanned[name] += lines
+    if progress is not None:
+        progress(name, lines)
+    return found
+
+
+def _check(found: Discovery, source: str, name: str, column: str, value: str, line: int,
+           show_bin: bool, report: ReportSink | None) -> None:
+    if not might_hold_card(value):
+        return
+    spans = find_cards(value)
+    if spans:
+        found.finding(source, name, column).add(spans, show_bin)
+        if report is not None:
+            report({"source": source, "table": name, "column": column,
+                    "key": {"line": line}, "cards": len(spans)})
