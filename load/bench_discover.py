@@ -39,9 +39,9 @@ CREATE TABLE bench_notes (id bigint PRIMARY KEY, body text);
 INSERT INTO bench_notes
 SELECT i, CASE
   WHEN i % 1000 = 0
-    THEN 'Customer paid with 4111 1111 1111 1111 on ' || (DATE '2026-01-01' + (i % 300))
+    THEN 'Customer paid with 4111 1111 1111 1111 on ' || (DATE '2026-01-01' + (i % 300)::int)
   WHEN i % 1000 = 500 THEN 'card 5555-5555-5555-4444 declined, retried'
-  ELSE 'Called about order ORD-' || (100000 + i) || ' on ' || (DATE '2026-01-01' + (i % 300))
+  ELSE 'Called about order ORD-' || (100000 + i) || ' on ' || (DATE '2026-01-01' + (i % 300)::int)
        || ', call back on +44 20 7946 ' || lpad((i % 10000)::text, 4, '0')
        || '. Ref ' || md5(i::text)
 END

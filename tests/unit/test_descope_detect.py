@@ -41,6 +41,7 @@ assert len(VISA19) == 19
     # A card followed by its expiry, joined by a space: the card is still found.
     ("4111 1111 1111 1111 1230", ["4111111111111111"]),
     ('{"card": "4111111111111111", "amount": 12}', ["4111111111111111"]),
+    ("card:4111111111111111;exp=1230", ["4111111111111111"]),
 ])
 def test_cards_are_found_in_every_written_form(text: str, found: list[str]) -> None:
     assert [s.pan.reveal() for s in find_cards(text)] == found
@@ -60,6 +61,8 @@ def test_cards_are_found_in_every_written_form(text: str, found: list[str]) -> N
     "9999999999999995",  # Luhn-valid, no issuer
     "3.14159265358979323846",  # a long decimal
     "550e8400-e29b-41d4-a716-446655440000",  # a UUID
+    "ref 9a4111111111111111f0c3",  # digits inside a hex digest
+    "user_4111111111111111",  # inside an identifier
 ])
 def test_digit_runs_that_are_not_cards_are_not_reported(text: str) -> None:
     assert find_cards(text) == []

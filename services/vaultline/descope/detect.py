@@ -2,7 +2,8 @@
 
 A card number, for discovery, is a run of 13–19 digits — written plain or with any mix of
 single spaces, dashes or dots between digits — that passes Luhn and falls in an issuer range
-Vaultline accepts (`card.Pan.parse`), and is not part of a longer digit run. A longer run
+Vaultline accepts (`card.Pan.parse`), and is not part of a longer digit run or glued to a
+letter (a run inside a hex digest or an identifier is not a card). A longer run
 (an order number, an IBAN, a timestamp glued to a number) is not a card as a whole; a card
 may still be one or more of its separator-delimited groups (e.g. "4111 1111 1111 1111 1230",
 a card then an expiry), taken leftmost-longest.
@@ -24,8 +25,10 @@ __all__ = ["CardSpan", "MAX_DIGITS", "MIN_DIGITS", "find_cards", "might_hold_car
 
 MIN_DIGITS: Final = 13
 MAX_DIGITS: Final = 19
-# A maximal run of digits joined by single separators (space, dash, dot).
-_RUN: Final = re.compile(r"[0-9](?:[ .\-]?[0-9])*")
+# A maximal run of at least 13 digits joined by single separators (space, dash, dot),
+# standing on its own: not glued to a letter, digit or underscore (a hex digest, an
+# identifier). The engine tries the leftmost start first, so a run is found whole.
+_RUN: Final = re.compile(r"(?<![0-9A-Za-z_])[0-9](?:[ .\-]?[0-9]){12,}(?![0-9A-Za-z_])")
 _GROUP: Final = re.compile(r"[0-9]+")
 # Cheap pre-filter: at least 13 digits joined by at most single separators somewhere.
 _MAYBE: Final = re.compile(r"[0-9](?:[ .\-]?[0-9]){12}")
@@ -102,6 +105,5 @@ def find_cards(text: str) -> list[CardSpan]:
         return []
     spans: list[CardSpan] = []
     for match in _RUN.finditer(text):
-        if match.end() - match.start() >= MIN_DIGITS:
-            spans.extend(_in_run(text, match.start(), match.end()))
+        spans.extend(_in_run(text, match.start(), match.end()))
     return spans
