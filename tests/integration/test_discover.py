@@ -165,3 +165,62 @@ def test_nothing_found_is_exit_zero_and_bad_sources_are_usage_errors(tmp_path: P
     missing = discover(str(tmp_path / "nope.csv"))
     assert missing.returncode == 2 and "neither a postgresql:// DSN nor a readable file" in (
         missing.stderr)
+
+
+def descope(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULTLINE_")}
+    return subprocess.run([*VAULTLINE, "descope", *args], capture_output=True, text=True,
+                          timeout=120, check=False, env=env)
+
+
+def test_a_plan_says_how_each_column_is_rewritten(crm: str, tmp_path: Path) -> None:
+    import yaml
+
+    plan_file = tmp_path / "plan.yaml"
+    made = descope("plan", crm, "--output", str(plan_file))
+    assert made.returncode == 0, made.stderr
+    assert "3 table(s), 3 column(s)" in made.stdout
+    text = plan_file.read_text()
+    assert "discover-reader-pw" not in text  # the DSN's password stays out of the plan
+    plan = yaml.safe_load(text)
+    assert plan["token_format"] == "numeric_keep_bin" and plan["tenant"] == "default"
+    tables = {t["table"]: t for t in plan["tables"]}
+    assert tables["public.orders"]["key"] == ["id"]
+    assert tables["public.orders"]["columns"] == [{"column": "card_number", "rewrite": "whole"}]
+    assert tables["public.notes"]["columns"] == [{"column": "body", "rewrite": "embedded"}]
+    assert tables["public.payloads"]["columns"] == [
+        {"column": "doc", "rewrite": "json", "paths": ["$.payment.card"]}]
+    # An edited plan is checked, every problem named with its field.
+    plan["tables"][0]["columns"][0]["rewrite"] = "shred"
+    plan["token_format"] = "base64"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(plan))
+    refused = descope("verify", str(bad), "--dsn", crm)
+    assert refused.returncode == 2
+    assert "token_format: must be one of" in refused.stderr
+    assert "tables[0].columns[0].rewrite: must be one of whole, embedded, json" in (
+        refused.stderr)
+
+
+async def test_verify_exits_zero_only_when_no_card_is_left(
+    crm: str, tmp_path: Path, postgres: PostgresHandle,
+) -> None:
+    plan_file = tmp_path / "plan.yaml"
+    assert descope("plan", crm, "--output", str(plan_file)).returncode == 0
+    before = descope("verify", str(plan_file), "--dsn", crm)
+    assert before.returncode == 1 and "7 card number(s) left" in before.stdout
+    # What `descope run` will do, done by hand here: every planted card replaced.
+    parts = urllib.parse.urlsplit(crm)
+    owner = urllib.parse.urlunsplit(urllib.parse.urlsplit(postgres.superuser_dsn)._replace(
+        path=parts.path))
+    conn = await asyncpg.connect(owner)
+    try:
+        await conn.execute("UPDATE orders SET card_number = 'tok' WHERE card_number IS NOT NULL")
+        await conn.execute("UPDATE notes SET body = 'paid by card (tokenized)'"
+                           " WHERE body ~ '[0-9]{4}[ -]?[0-9]{4}'")
+        await conn.execute("UPDATE payloads SET doc = '{}'::jsonb WHERE id = 1")
+    finally:
+        await conn.close()
+    after = descope("verify", str(plan_file), "--dsn", crm)
+    assert after.returncode == 0, after.stdout
+    assert "no card number left in the planned columns" in after.stdout

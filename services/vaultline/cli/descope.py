@@ -1,4 +1,5 @@
-"""`vaultline discover SOURCE…`: where card numbers are stored (PCI DSS 12.5.2).
+"""`vaultline discover SOURCE…`: where card numbers are stored (PCI DSS 12.5.2); and
+`vaultline descope plan|verify`: the plan of what to rewrite, and proof nothing is left.
 
 A SOURCE is a PostgreSQL DSN (postgresql://…: every text, varchar, char, json and jsonb column
 of every table, or those of --tables), a CSV file, a JSONL file or any text file (a log).
@@ -92,6 +93,58 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def _dsn(args: argparse.Namespace) -> str:
+    dsn = args.dsn or os.environ.get("VAULTLINE_DESCOPE_DSN", "")
+    if not _is_dsn(dsn):
+        raise ConfigError("the CRM database: --dsn postgresql://… (or VAULTLINE_DESCOPE_DSN)")
+    return dsn
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..descope.discover import discover_postgres, display_source
+    from ..descope.plan import FORMATS, dump_plan, make_plan
+
+    if not _is_dsn(args.source):
+        raise ConfigError(f"{args.source}: plans are made for a postgresql:// DSN")
+    if args.token_format not in FORMATS:
+        raise ConfigError(f"--token-format must be one of {', '.join(FORMATS)}")
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise ConfigError(f"{output} exists (--force replaces it)")
+    found = asyncio.run(discover_postgres(
+        args.source, tables=args.tables.split(",") if args.tables else None))
+    plan = make_plan(found, display_source(args.source), tenant=args.tenant,
+                     token_format=args.token_format)
+    missing = [t.table for t in plan.tables if not t.key]
+    if missing:
+        raise ConfigError(f"no primary key on {', '.join(missing)}: rows cannot be rewritten "
+                          "safely in place")
+    output.write_text(dump_plan(plan), encoding="utf-8")
+    columns = sum(len(t.columns) for t in plan.tables)
+    print(f"wrote {output}: {len(plan.tables)} table(s), {columns} column(s) to rewrite; "
+          "review it, then `vaultline descope run`")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..descope.discover import discover_postgres
+    from ..descope.plan import PlanError, load_plan
+
+    try:
+        plan = load_plan(Path(args.plan))
+    except PlanError as exc:
+        raise ConfigError(str(exc)) from None
+    found = asyncio.run(discover_postgres(_dsn(args), tables=[t.table for t in plan.tables]))
+    planned = {(t.table, c.column) for t in plan.tables for c in t.columns}
+    left = [f for f in found.found if (f.table, f.column) in planned]
+    for f in left:
+        print(f"  {f.table}.{f.column}: {f.cards} card number(s) left in "
+              f"{f.values_with_cards} value(s)")
+    print("no card number left in the planned columns" if not left
+          else f"{sum(f.cards for f in left)} card number(s) left")
+    return 1 if left else 0
+
+
 def add_descope_commands(subparsers: Any) -> None:
     discover = subparsers.add_parser(
         "discover", help="find stored card numbers (databases, CSV/JSONL/log files)",
@@ -108,3 +161,26 @@ def add_descope_commands(subparsers: Any) -> None:
     discover.add_argument("--report", metavar="FILE",
                           help="write the affected rows' keys here (JSON lines, mode 0600)")
     discover.set_defaults(func=cmd_discover)
+
+    descope = subparsers.add_parser("descope", help="replace stored card numbers with tokens")
+    sub = descope.add_subparsers(dest="descope_command", required=True, metavar="SUBCOMMAND")
+    plan = sub.add_parser(
+        "plan", help="write a de-scoping plan (YAML) from a discovery of a database",
+        description="Discover the card numbers in a database and write the plan `descope run` "
+        "follows: per table its key and the columns to rewrite — whole, embedded or json — "
+        "and the token format (format-preserving by default). Review and edit it.")
+    plan.add_argument("source", metavar="DSN", help="postgresql://… (read-only access does)")
+    plan.add_argument("--output", required=True, metavar="PLAN.yaml")
+    plan.add_argument("--force", action="store_true", help="replace --output")
+    plan.add_argument("--tables", help="only these tables (comma-separated)")
+    plan.add_argument("--tenant", default="default", help="the vault tenant (default: default)")
+    plan.add_argument("--token-format", default="numeric_keep_bin",
+                      help="numeric_keep_bin (default), numeric or opaque")
+    plan.set_defaults(func=cmd_plan)
+    verify = sub.add_parser(
+        "verify", help="exit 0 only when no card number is left in a plan's columns",
+        description="Run discovery again on the plan's tables and report any card number "
+        "left in its columns. Exit 0 when none is left, 1 otherwise.")
+    verify.add_argument("plan", metavar="PLAN.yaml")
+    verify.add_argument("--dsn", help="postgresql://… (or VAULTLINE_DESCOPE_DSN)")
+    verify.set_defaults(func=cmd_verify)

@@ -26,7 +26,8 @@ import asyncpg
 
 from .detect import CardSpan, find_cards, might_hold_card
 
-__all__ = ["Finding", "Discovery", "discover_file", "discover_postgres", "mask_value"]
+__all__ = ["Discovery", "Finding", "discover_file", "discover_postgres", "display_source",
+           "mask_value"]
 
 EXAMPLES: Final = 5
 FETCH: Final = 5000
@@ -44,6 +45,11 @@ class Finding:
     cards: int = 0
     brands: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    # For a de-scoping plan: values that are a card number and nothing else, the column's
+    # type, and (JSON columns) the paths whose strings hold cards.
+    whole_values: int = 0
+    data_type: str = ""
+    json_paths: set[str] = field(default_factory=set)
 
     def add(self, spans: list[CardSpan], show_bin: bool) -> None:
         self.values_with_cards += 1
@@ -70,6 +76,7 @@ class Discovery:
 
     findings: dict[tuple[str, str, str], Finding] = field(default_factory=dict)
     scanned: Counter[str] = field(default_factory=Counter)  # rows (or lines) per table/file
+    keys: dict[str, list[str]] = field(default_factory=dict)  # primary key columns per table
 
     def finding(self, source: str, table: str, column: str) -> Finding:
         key = (source, table, column)
@@ -91,7 +98,7 @@ def mask_value(value: Any) -> Any:
     return text if spans else value
 
 
-def _display_source(dsn: str) -> str:
+def display_source(dsn: str) -> str:
     """The DSN without its password."""
     try:
         from urllib.parse import urlsplit, urlunsplit
@@ -107,21 +114,22 @@ def _display_source(dsn: str) -> str:
 
 
 async def _tables(conn: asyncpg.Connection, only: set[str] | None
-                  ) -> list[tuple[str, str, list[str], list[str]]]:
-    """(schema, table, primary key columns, text-like columns) of every table to scan."""
+                  ) -> list[tuple[str, str, list[str], list[tuple[str, str]]]]:
+    """(schema, table, primary key columns, text-like (column, type)) of every table."""
     rows = await conn.fetch(
-        "SELECT c.table_schema, c.table_name, c.column_name FROM information_schema.columns c"
+        "SELECT c.table_schema, c.table_name, c.column_name, c.data_type"
+        " FROM information_schema.columns c"
         " JOIN information_schema.tables t ON t.table_schema = c.table_schema"
         " AND t.table_name = c.table_name AND t.table_type = 'BASE TABLE'"
         " WHERE c.data_type = ANY($1) AND NOT c.table_schema = ANY($2)"
         " ORDER BY c.table_schema, c.table_name, c.ordinal_position",
         list(TEXT_TYPES), list(_SYSTEM_SCHEMAS))
-    columns: dict[tuple[str, str], list[str]] = {}
+    columns: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for r in rows:
         name = f"{r['table_schema']}.{r['table_name']}"
         if only is None or name in only or r["table_name"] in only:
             columns.setdefault((r["table_schema"], r["table_name"]), []).append(
-                r["column_name"])
+                (r["column_name"], r["data_type"]))
     out = []
     for (schema, table), cols in columns.items():
         keys = await conn.fetch(
@@ -146,13 +154,16 @@ async def discover_postgres(dsn: str, *, tables: Iterable[str] | None = None,
                             discovery: Discovery | None = None) -> Discovery:
     """Scan a database, read-only; the discovery so far (extended when one is given)."""
     found = discovery or Discovery()
-    source = _display_source(dsn)
+    source = display_source(dsn)
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction(readonly=True, isolation="repeatable_read"):
             only = set(tables) if tables else None
-            for schema, table, keys, cols in await _tables(conn, only):
+            for schema, table, keys, typed in await _tables(conn, only):
                 name = f"{schema}.{table}"
+                found.keys[name] = keys
+                cols = [c for c, _ in typed]
+                types = dict(typed)
                 key_sql = ", ".join(f"{_ident(k)}::text" for k in keys) or "ctid::text"
                 select = ", ".join(f"{_ident(c)}::text" for c in cols)
                 query = f"SELECT {key_sql}, {select} FROM {_qualified(schema, table)}"  # noqa: S608 - quoted identifiers from the catalog
@@ -164,7 +175,9 @@ async def discover_postgres(dsn: str, *, tables: Iterable[str] | None = None,
                     count += len(rows)
                     for i, column in enumerate(cols):
                         for index, spans in _cards_by_row(rows, nkeys + i):
-                            found.finding(source, name, column).add(spans, show_bin)
+                            finding = found.finding(source, name, column)
+                            finding.add(spans, show_bin)
+                            _shape(finding, types[column], rows[index][nkeys + i])
                             if report is not None:
                                 row = rows[index]
                                 report({"source": source, "table": name, "column": column,
@@ -179,6 +192,25 @@ async def discover_postgres(dsn: str, *, tables: Iterable[str] | None = None,
     finally:
         await conn.close()
     return found
+
+
+def _shape(finding: Finding, data_type: str, value: str) -> None:
+    """What a plan needs to know of a value with cards: is it a card and nothing else, and
+    (JSON) at which paths are the cards."""
+    finding.data_type = data_type
+    if data_type in ("json", "jsonb"):
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            return
+        for path, text in _json_strings(doc):
+            if find_cards(text):
+                finding.json_paths.add(path)
+        return
+    stripped = value.strip()
+    spans = find_cards(stripped)
+    if len(spans) == 1 and spans[0].start == 0 and spans[0].end == len(stripped):
+        finding.whole_values += 1
 
 
 def _cards_by_row(rows: list[Any], column: int) -> Iterator[tuple[int, list[CardSpan]]]:
