@@ -176,3 +176,46 @@ async def test_the_stored_file_is_not_audio(rec_env: IvrEnv) -> None:  # noqa: F
     # Byte values spread as encrypted data does (PCM audio clusters near zero).
     counts = [media.count(bytes([b])) for b in range(256)]
     assert max(counts) < 3 * len(media) / 256
+
+
+RECORDING_ROLES = {
+    "qa": {"ListRecordings", "GetRecordingKey", "GetRecordingMedia"},
+    "admin": {"ListRecordings", "ReleaseRecording", "PurgeRecordings"},
+}
+WHO = {"ivr": "ivr/ivr-1", "intake": "intake/intake-1", "crm": "crm/crm-1",
+       "settlement": "settlement/settlement-1", "payments": "payments/payments-1",
+       "qa": "qa/qa-1", "admin": "admin/admin-1"}
+
+
+@pytest.mark.parametrize("role", sorted(WHO))
+async def test_every_role_and_method(tokenizer: Any, role: str) -> None:
+    """The recording methods' role matrix: only what the policy grants is allowed."""
+    stub = service(tokenizer, WHO[role])
+    unknown = "RE" + "f" * 32
+
+    async def media() -> None:
+        async for _ in stub.GetRecordingMedia(pb.GetRecordingMediaRequest(
+                recording_sid=unknown)):
+            pass
+
+    calls = {
+        "ListRecordings": lambda: stub.ListRecordings(pb.ListRecordingsRequest()),
+        "GetRecordingKey": lambda: stub.GetRecordingKey(pb.GetRecordingKeyRequest(
+            recording_sid=unknown, purpose="matrix")),
+        "GetRecordingMedia": media,
+        "ReleaseRecording": lambda: stub.ReleaseRecording(pb.ReleaseRecordingRequest(
+            recording_sid=unknown, reason="matrix test")),
+        "PurgeRecordings": lambda: stub.PurgeRecordings(pb.PurgeRecordingsRequest(
+            older_than_days=36_500)),
+    }
+    for method, call in calls.items():
+        try:
+            await call()
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+        allowed = method in RECORDING_ROLES.get(role, set())
+        if allowed:  # answered (an unknown recording is NOT_FOUND), never refused
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method)
+        else:
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (role, method, code)
