@@ -11,3 +11,9 @@ path "transit/keys/vaultline-recordings" {
 path "transit/decrypt/vaultline-recordings" {
   capabilities = ["update"]
 }
+
+# Each certification (certified / quarantined, the media's hash, where the tones are) is
+# signed, so a database password alone cannot release a quarantined recording.
+path "transit/sign/vaultline-recording-certs" {
+  capabilities = ["update"]
+}

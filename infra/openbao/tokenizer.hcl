@@ -37,3 +37,8 @@ path "vaultline-kv/metadata/audit/checkpoints/*" {
 path "transit/decrypt/vaultline-recordings" {
   capabilities = ["update"]
 }
+
+# ... and only for a recording whose certification the ingest signed.
+path "transit/verify/vaultline-recording-certs" {
+  capabilities = ["update"]
+}

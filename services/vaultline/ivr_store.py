@@ -266,14 +266,14 @@ class IvrStore:
                 " AND state = 'received'", sid, media_file, sha256, size)
 
     async def recording_scanned(self, sid: str, state: str, tones: list[list[float]],
-                                wrapped_cek: str) -> None:
-        """certified / quarantined (with where the tones are) / corrupt; the content key as
-        OpenBao decrypts it (its key version named)."""
+                                wrapped_cek: str, certification: str = "") -> None:
+        """certified / quarantined (with where the tones are, and the certification's OpenBao
+        signature) / corrupt; the content key as OpenBao decrypts it (its key version)."""
         async with _translated():
             await self._pool.execute(
                 "UPDATE recordings SET state = $2, tones = $3::jsonb, encrypted_cek = $4,"
-                " certified_at = now(), last_error = '', updated_at = now() WHERE sid = $1",
-                sid, state, json.dumps(tones), wrapped_cek)
+                " certification = $5, certified_at = now(), last_error = '', updated_at = now()"
+                " WHERE sid = $1", sid, state, json.dumps(tones), wrapped_cek, certification)
 
     async def recording_twilio_deleted(self, sid: str) -> None:
         async with _translated():

@@ -59,6 +59,9 @@ _log = logging.getLogger(__name__)
 
 DATA_KEY_BYTES: Final = 32
 AUDIT_KEY: Final = "vaultline-audit"  # Ed25519, signs audit checkpoints
+# Ed25519: the recording ingest signs each certification (certified / quarantined, the media's
+# hash, where the tones are); the tokenizer verifies it before handing out a recording's key.
+RECORDING_CERT_KEY: Final = "vaultline-recording-certs"
 KV_MOUNT: Final = "vaultline-kv"
 CHECKPOINTS: Final = "audit/checkpoints"
 # OpenBao caps one request at max_request_json_strings (1000 by default) JSON strings; each
@@ -378,21 +381,21 @@ class TransitClient:
 
     # -- audit checkpoints ---------------------------------------------------------------------
 
-    def sign(self, message: bytes) -> str:
-        """An Ed25519 signature of `message` by the audit key (`vault:v1:…`)."""
+    def sign(self, message: bytes, key: str = AUDIT_KEY) -> str:
+        """An Ed25519 signature of `message` by `key` (the audit key by default; `vault:v1:…`)."""
         op = "transit sign"
         data = self._data(op, self._call(op, lambda t: t.sign_data(
-            name=AUDIT_KEY, hash_input=base64.b64encode(message).decode("ascii"),
+            name=key, hash_input=base64.b64encode(message).decode("ascii"),
             mount_point=self._mount)))
         signature = data.get("signature")
         if not isinstance(signature, str) or not signature.startswith("vault:v"):
             raise _invalid(op, "no signature in response")
         return signature
 
-    def verify(self, message: bytes, signature: str) -> bool:
+    def verify(self, message: bytes, signature: str, key: str = AUDIT_KEY) -> bool:
         op = "transit verify"
         data = self._data(op, self._call(op, lambda t: t.verify_signed_data(
-            name=AUDIT_KEY, hash_input=base64.b64encode(message).decode("ascii"),
+            name=key, hash_input=base64.b64encode(message).decode("ascii"),
             signature=signature, mount_point=self._mount)))
         return data.get("valid") is True
 

@@ -219,3 +219,21 @@ async def test_every_role_and_method(tokenizer: Any, role: str) -> None:
             assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (role, method)
         else:
             assert code == grpc.StatusCode.PERMISSION_DENIED, (role, method, code)
+
+
+async def test_a_database_password_alone_cannot_release_a_quarantine(
+    rec_env: IvrEnv, library: Any, superuser_db: str,  # noqa: F811
+) -> None:
+    """An insider with the database (not the OpenBao key) flips a quarantined recording to
+    certified: its certification signature no longer matches, and no key is handed out."""
+    sid = await one_recording(rec_env, broken=True)
+    conn = await asyncpg.connect(superuser_db)
+    try:
+        await conn.execute("UPDATE recordings SET state = 'certified', tones = '[]'::jsonb"
+                           " WHERE sid = $1", sid)
+    finally:
+        await conn.close()
+    failure = await rpc_failure(service(library, "qa/qa-1").GetRecordingKey(
+        pb.GetRecordingKeyRequest(recording_sid=sid, purpose="qa review")))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                              "RECORDING_NOT_CERTIFIED")

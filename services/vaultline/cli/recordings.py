@@ -180,7 +180,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     from ..ivr_store import IvrStore
     from ..recordings.files import RecordingFiles
-    from ..recordings.ingest import ScanFailed, scan_media
+    from ..recordings.ingest import ScanFailed, scan_media, sign_certification
 
     directory = env_or_stack("VAULTLINE_RECORDINGS_DIR", args.home, "recordings_dir")
     dsn = env_or_stack("VAULTLINE_IVR_DATABASE_URL", args.home, "ivr_database_url")
@@ -203,8 +203,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
                         state, spans, wrapped = "corrupt", [], row["encrypted_cek"]
                         failed += 1
                         print(f"  {row['sid']}: {exc}", file=sys.stderr)
+                    # Every scan is signed afresh: a state written around the ingest (a
+                    # database password alone) is corrected and signed here.
+                    signature = "" if state == "corrupt" else await sign_certification(
+                        keys, row["sid"], state, bytes(row["media_sha256"]), spans)
+                    await store.recording_scanned(row["sid"], state, spans, wrapped,
+                                                  signature)
                     if state != row["state"] or spans != json.loads(row["tones"]):
-                        await store.recording_scanned(row["sid"], state, spans, wrapped)
                         changed += 1
                         print(f"  {row['sid']}: {row['state']} -> {state}", file=sys.stderr)
                     print(f"\rscanned {i}/{len(rows)}", end="", file=sys.stderr)

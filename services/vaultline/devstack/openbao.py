@@ -36,7 +36,7 @@ from vaultline.devstack import (
     write_secret_json,
 )
 from vaultline.resources import OPENBAO_DIR
-from vaultline.vault import RECORDINGS_KEY, AppRoleCredentials
+from vaultline.vault import RECORDING_CERT_KEY, RECORDINGS_KEY, AppRoleCredentials
 
 __all__ = [
     "KEK_NAME",
@@ -455,6 +455,7 @@ def configure_openbao(addr: str, token: str, dev_dir: Path, *, infra_dir: Path |
     _ensure_kek(api)
     _ensure_audit_anchor(api, mounts.get("data", mounts))
     _ensure_transit_key(api, RECORDINGS_KEY, "rsa-4096")
+    _ensure_transit_key(api, RECORDING_CERT_KEY, "ed25519")
 
     # Every *.hcl here is a policy named after its file (server.hcl.tmpl is not *.hcl).
     policies = {path.stem: path for path in sorted(infra_dir.glob("*.hcl"))}

@@ -15,8 +15,9 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["EncryptionDetails", "EnvelopeError", "MediaMismatch", "MediaTampered", "open_media",
-           "parse_encryption_details", "vault_ciphertext"]
+__all__ = ["EncryptionDetails", "EnvelopeError", "MediaMismatch", "MediaTampered",
+           "certification_message", "open_media", "parse_encryption_details",
+           "vault_ciphertext"]
 
 _KEY_SID: Final = re.compile(r"CR[0-9a-f]{32}\Z")
 _WRAPPED: Final = re.compile(r"vault:v[1-9][0-9]{0,5}:[A-Za-z0-9+/=]{16,2048}\Z")
@@ -88,3 +89,13 @@ def open_media(cek: bytes, iv: bytes, media: bytes) -> bytes:
         return AESGCM(cek).decrypt(iv, media, None)
     except (InvalidTag, ValueError):
         raise MediaTampered() from None
+
+
+def certification_message(sid: str, state: str, media_sha256: bytes,
+                          tones: list[tuple[float, float]]) -> bytes:
+    """What a recording's certification signature covers, canonically (domain-separated:
+    it can be no other signed message)."""
+    spans = ";".join(f"{start:.2f}-{end:.2f}" for start, end in tones)
+    return (b"vaultline-recording-certification\x00v1\x00" + sid.encode() + b"\x00"
+            + state.encode() + b"\x00" + media_sha256.hex().encode() + b"\x00"
+            + spans.encode())

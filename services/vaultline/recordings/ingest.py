@@ -31,13 +31,24 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ..runtime import periodically
 from ..security.audit import AuditEvent, AuditWriter
-from ..vault import VaultInvalidResponse, VaultPermissionDenied, run_transit
+from ..vault import (
+    RECORDING_CERT_KEY,
+    VaultInvalidResponse,
+    VaultPermissionDenied,
+    run_transit,
+)
 from .audio import WavError, channels_of_wav
 from .dtmf import ToneSpan, detect_tones
-from .envelope import EnvelopeError, open_media, parse_encryption_details, vault_ciphertext
+from .envelope import (
+    EnvelopeError,
+    certification_message,
+    open_media,
+    parse_encryption_details,
+    vault_ciphertext,
+)
 from .files import RecordingFiles
 
-__all__ = ["RecordingIngest", "RecordingKeys", "scan_media"]
+__all__ = ["RecordingIngest", "RecordingKeys", "scan_media", "sign_certification"]
 
 log = logging.getLogger("vaultline.recordings")
 
@@ -51,6 +62,7 @@ class RecordingKeys(Protocol):
 
     def key_versions(self) -> list[int]: ...
     def unwrap_content_key(self, wrapped: str) -> bytes: ...
+    def sign(self, message: bytes, key: str = ...) -> str: ...
 
 
 class ScanFailed(Exception):
@@ -81,6 +93,14 @@ async def scan_media(keys: RecordingKeys, encrypted_cek: str, iv: bytes, media: 
             del cek
         return await asyncio.to_thread(_tones_in_any, channels), wrapped
     raise ScanFailed("no version of the recording key unwraps its content key")
+
+
+async def sign_certification(keys: RecordingKeys, sid: str, state: str, media_sha256: bytes,
+                             spans: list[list[float]]) -> str:
+    """The OpenBao signature of a certification (what GetRecordingKey verifies)."""
+    message = certification_message(sid, state, media_sha256,
+                                    [(float(s), float(e)) for s, e in spans])
+    return await run_transit(keys.sign, message, RECORDING_CERT_KEY)
 
 
 def _tones_in_any(channels: list[Any]) -> list[ToneSpan]:
@@ -200,18 +220,19 @@ class RecordingIngest:
             self.recordings.labels("corrupt").inc()
             return
         spans = [[round(t.start, 2), round(t.end, 2)] for t in tones]
+        state = "quarantined" if tones else "certified"
+        signature = await sign_certification(self._keys, sid, state,
+                                             bytes(row["media_sha256"]), spans)
+        await self._store.recording_scanned(sid, state, spans, wrapped, signature)
         if tones:
             where = ", ".join(f"{s:.2f}-{e:.2f}s" for s, e in spans)
             log.warning("recording %s of call %s QUARANTINED: %d keypad tone(s) at %s — the "
                         "recording ran during card entry", sid, call_sid, len(tones), where)
-            await self._store.recording_scanned(sid, "quarantined", spans, wrapped)
             await self._record(tenant, sid, call_sid, "quarantined", "TONES_FOUND",
                                purpose=f"tones at {where}"[:200])
-            self.recordings.labels("quarantined").inc()
         else:
-            await self._store.recording_scanned(sid, "certified", [], wrapped)
             await self._record(tenant, sid, call_sid, "certified", "OK")
-            self.recordings.labels("certified").inc()
+        self.recordings.labels(state).inc()
 
     # ---- retries -------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from typing import Any, Final, Protocol
 
 from ..errors import FieldViolation, InvalidInput, RecordingNotFound, RecordingNotPlayable
 from ..runtime import periodically
-from ..vault import run_transit
+from ..vault import RECORDING_CERT_KEY, run_transit
+from .envelope import certification_message
 from .files import RecordingFiles
 
 __all__ = ["RecordingKey", "RecordingLibrary"]
@@ -48,6 +49,7 @@ class LibraryStore(Protocol):
 
 class ContentKeys(Protocol):
     def unwrap_content_key(self, wrapped: str) -> bytes: ...
+    def verify(self, message: bytes, signature: str, key: str = ...) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,14 @@ class RecordingLibrary:
             raise RecordingNotPlayable("RECORDING_QUARANTINED")
         if row["state"] not in ("certified", "quarantined") or self._keys is None:
             raise RecordingNotPlayable("RECORDING_NOT_READY")
+        message = certification_message(row["sid"], row["state"],
+                                         bytes(row["media_sha256"] or b""), tones(row))
+        if not row["certification"] or not await run_transit(
+                self._keys.verify, message, row["certification"], RECORDING_CERT_KEY):
+            # Written around the ingest (a database password, not the OpenBao key).
+            log.error("recording %s: its certification is not signed by the ingest; refused",
+                      sid)
+            raise RecordingNotPlayable("RECORDING_NOT_CERTIFIED")
         cek = await run_transit(self._keys.unwrap_content_key, row["encrypted_cek"])
         return RecordingKey(cek, base64.b64decode(row["iv"]),
                             bytes(row["media_sha256"]).hex())
