@@ -57,10 +57,6 @@ class SecurityCodes:
         self._every = sweep_every_seconds
         self._batch = batch
 
-    @property
-    def hold_for(self) -> dt.timedelta:
-        return self._hold
-
     async def hold(self, tenant: str, token: str, code: str) -> None:
         """Seal and hold `code` (already validated) for `token`, replacing any it held."""
         key = await self._keyring.security_code_key(tenant)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..errors import FieldViolation, InvalidInput, VaultlineError
+from ..recordings.envelope import RECORDING_SID
 from ..security.access import REVEALING_METHODS, TOKENIZING_METHODS
 from ..service import validate_purpose, validate_tenant
 from ..tokens import TokenError, parse_token
@@ -42,9 +42,6 @@ def _code_name(exc: BaseException) -> str:
     return code_for(exc).name if isinstance(exc, VaultlineError) else "INTERNAL"
 
 
-_RECORDING_SID = re.compile(r"RE[0-9a-f]{32}\Z")
-
-
 def _subject(request: Any) -> str:
     """What a call is about, for the audit record's token column: the token, or the
     recording (RecordingService)."""
@@ -56,7 +53,7 @@ def _audited_token(raw: str) -> str:
     SID), never a PAN."""
     if not raw:
         return ""
-    if _RECORDING_SID.match(raw):
+    if RECORDING_SID.match(raw):
         return raw
     try:
         return parse_token(raw)[0]
@@ -147,9 +144,7 @@ def _unary(fn: F, *, audits_success: bool) -> F:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         gate: Gate = self._gate
         call = open_call(method, context)
-        # Administration requests name no tenant: the policy's tenant binding does not apply.
-        scoped = hasattr(request, "tenant")
-        tenant = (request.tenant or "default") if scoped else ""
+        scoped, tenant = _scope(request)
         with _observed(gate, method) as answer:
             try:
                 call = gate.admit(call, context)
@@ -173,6 +168,14 @@ def _unary(fn: F, *, audits_success: bool) -> F:
                                   token=_subject(request), purpose=_purpose_of(request))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _scope(request: Any) -> tuple[bool, str]:
+    """Whether a request names a tenant (the policy's tenant binding applies), and which.
+    Administration requests name none."""
+    if hasattr(request, "tenant"):
+        return True, request.tenant or "default"
+    return False, ""
 
 
 def _check_size(gate: Gate, request: Any) -> None:
@@ -209,8 +212,7 @@ def server_streaming(fn: F) -> F:
         gate: Gate = self._gate
         call = open_call(method, context)
         purpose = _purpose_of(request)
-        scoped = hasattr(request, "tenant")
-        tenant = (request.tenant or "default") if scoped else ""
+        scoped, tenant = _scope(request)
         with _observed(gate, method) as answer:
             try:
                 call = gate.admit(call, context)

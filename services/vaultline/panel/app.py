@@ -136,6 +136,9 @@ class PanelService:
     def __init__(self, config: PanelConfig, channel: grpc.aio.Channel) -> None:
         self.config = config
         self._keys = PanelKeys(config.link_secret)
+        # The page, its script and its style, read once.
+        self._page = (STATIC_DIR / "panel.html").read_text(encoding="utf-8")
+        self._static = {name: (STATIC_DIR / name).read_bytes() for name in _STATIC}
         self._stub = pb_grpc.CaptureServiceStub(channel)
         self._csp = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                      "connect-src 'self'; img-src 'self'; base-uri 'none'; "
@@ -227,7 +230,7 @@ class PanelService:
         session = self._session(request)
         if session is None:
             return self._refused()
-        text = (STATIC_DIR / "panel.html").read_text(encoding="utf-8")
+        text = self._page
         for key, value in (("csrf", self._keys.csrf_token(session)), ("call", session.call),
                            ("agent", session.agent), ("tenant", session.tenant)):
             text = text.replace("{{" + key + "}}", html.escape(value, quote=True))
@@ -237,7 +240,7 @@ class PanelService:
         name = request.match_info["name"]
         if name not in _STATIC:
             raise web.HTTPNotFound()
-        return web.Response(body=(STATIC_DIR / name).read_bytes(), content_type=_STATIC[name])
+        return web.Response(body=self._static[name], content_type=_STATIC[name])
 
     # ---- the API ---------------------------------------------------------------------------
 

@@ -15,11 +15,13 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["EncryptionDetails", "EnvelopeError", "MediaMismatch", "MediaTampered",
+__all__ = ["RECORDING_SID", "EncryptionDetails", "EnvelopeError", "MediaMismatch",
+           "MediaTampered",
            "certification_message", "open_media", "parse_encryption_details",
            "vault_ciphertext"]
 
 _KEY_SID: Final = re.compile(r"CR[0-9a-f]{32}\Z")
+RECORDING_SID: Final = re.compile(r"RE[0-9a-f]{32}\Z")  # Twilio's recording SIDs
 _WRAPPED: Final = re.compile(r"vault:v[1-9][0-9]{0,5}:[A-Za-z0-9+/=]{16,2048}\Z")
 
 

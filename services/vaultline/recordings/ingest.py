@@ -40,6 +40,7 @@ from ..vault import (
 from .audio import WavError, channels_of_wav
 from .dtmf import ToneSpan, detect_tones
 from .envelope import (
+    RECORDING_SID,
     EnvelopeError,
     certification_message,
     open_media,
@@ -52,7 +53,6 @@ __all__ = ["RecordingIngest", "RecordingKeys", "scan_media", "sign_certification
 
 log = logging.getLogger("vaultline.recordings")
 
-_RECORDING_SID: Final = re.compile(r"RE[0-9a-f]{32}\Z")
 _CALL_SID: Final = re.compile(r"CA[0-9a-f]{32}\Z")
 METHOD: Final = "ivr/recordings/"
 
@@ -134,7 +134,7 @@ class RecordingIngest:
         if form.get("RecordingStatus") != "completed":
             return 204
         sid, call_sid = form.get("RecordingSid", ""), form.get("CallSid", "")
-        if not _RECORDING_SID.match(sid) or not _CALL_SID.match(call_sid):
+        if not RECORDING_SID.match(sid) or not _CALL_SID.match(call_sid):
             return 400
         tenant = await self._tenant_of(call_sid)
         duration = form.get("RecordingDuration", "0")
@@ -157,7 +157,7 @@ class RecordingIngest:
         if await self._store.insert_recording(
                 sid, call_sid, tenant, form.get("RecordingUrl", ""), seconds,
                 details.public_key_sid, details.encrypted_cek,
-                _b64(details.iv)):
+                base64.b64encode(details.iv).decode()):
             await self._record(tenant, sid, call_sid, "received", "OK")
         try:
             await self.process(sid)
@@ -211,7 +211,7 @@ class RecordingIngest:
         sid, call_sid, tenant = row["sid"], row["call_sid"], row["tenant"]
         try:
             tones, wrapped = await scan_media(self._keys, row["encrypted_cek"],
-                                              _unb64(row["iv"]), media)
+                                              base64.b64decode(row["iv"]), media)
         except ScanFailed as exc:
             log.error("recording %s of call %s does not decrypt (%s): kept at Twilio for "
                       "review", sid, call_sid, exc)
@@ -258,10 +258,3 @@ class RecordingIngest:
             outcome=outcome, request_id=sid, peer=call_sid, purpose=purpose,
             at=dt.datetime.now(dt.UTC))])
 
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text)

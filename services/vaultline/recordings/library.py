@@ -15,7 +15,6 @@ import base64
 import datetime as dt
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -23,14 +22,13 @@ from typing import Any, Final, Protocol
 from ..errors import FieldViolation, InvalidInput, RecordingNotFound, RecordingNotPlayable
 from ..runtime import periodically
 from ..vault import RECORDING_CERT_KEY, run_transit
-from .envelope import certification_message
+from .envelope import RECORDING_SID, certification_message
 from .files import RecordingFiles
 
 __all__ = ["RecordingKey", "RecordingLibrary"]
 
 log = logging.getLogger("vaultline.recordings")
 
-_SID: Final = re.compile(r"RE[0-9a-f]{32}\Z")
 CHUNK: Final = 64 * 1024
 MAX_PAGE: Final = 500
 
@@ -67,7 +65,7 @@ def _invalid(field: str, description: str) -> InvalidInput:
 
 
 def validate_sid(sid: str) -> str:
-    if not _SID.match(sid):
+    if not RECORDING_SID.match(sid):
         raise _invalid("recording_sid", "must be a recording SID (RE and 32 hex digits)")
     return sid
 

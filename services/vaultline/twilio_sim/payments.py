@@ -36,7 +36,8 @@ from aiohttp import web
 
 from ..card import CardBrand, detect_brand, luhn_ok
 
-__all__ = ["ConnectorConfig", "PaymentScript", "SimPayment", "SimPayments", "twilio_error"]
+__all__ = ["ConnectorConfig", "PaymentScript", "SimPayment", "SimPayments", "twilio_error",
+           "twilio_time"]
 
 KEY_SECONDS = 0.3
 FIELDS = ("payment-card-number", "expiration-date", "security-code", "postal-code")
@@ -59,6 +60,11 @@ _VALUE_PARAM = {
     "security-code": "SecurityCode",
     "postal-code": "PaymentCardPostalCode",
 }
+
+
+def twilio_time() -> str:
+    """Now, as Twilio writes dates (RFC 2822, UTC)."""
+    return dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
 
 def twilio_error(status: int, code: int, message: str) -> web.Response:
@@ -213,7 +219,7 @@ class SimPayments:
         return web.json_response(self._json(payment), status=202)
 
     def _json(self, payment: SimPayment) -> dict[str, Any]:
-        now = dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        now = twilio_time()
         api = f"/2010-04-01/Accounts/{self._sim.account_sid}"
         return {"sid": payment.sid, "call_sid": payment.call_sid,
                 "account_sid": self._sim.account_sid, "date_created": now,
@@ -474,7 +480,7 @@ class SimPayments:
     # ---- StatusCallbacks ----------------------------------------------------------------------
 
     async def _callback(self, payment: SimPayment, params: Mapping[str, str]) -> None:
-        now = dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
+        now = twilio_time()
         full = {"AccountSid": self._sim.account_sid, "CallSid": payment.call_sid,
                 "Sid": payment.sid, "DateCreated": now, "DateUpdated": now, **params}
         payment.callbacks.append(dict(full))

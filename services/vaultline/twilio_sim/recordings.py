@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..recordings.audio import KEYS, dtmf, silence, speech_like, to_wav
-from .payments import twilio_error
+from .payments import twilio_error, twilio_time
 
 __all__ = ["SimRecording", "SimRecordings", "render"]
 
@@ -81,10 +80,6 @@ def render(call: Any) -> np.ndarray:
             parts.append(np.concatenate([dtmf(event.detail, TONE_SECONDS),
                                          silence(max(gap - TONE_SECONDS, 0.05))]))
     return np.concatenate(parts) if parts else silence(0.5)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
 
 class SimRecordings:
@@ -133,7 +128,7 @@ class SimRecordings:
                           "iv": base64.b64encode(iv).decode()}
         else:
             media = wav
-        recording = SimRecording(sid, call_sid, media, duration, encryption, created=_now())
+        recording = SimRecording(sid, call_sid, media, duration, encryption, created=twilio_time())
         self.recordings[recording.sid] = recording
         if self.status_callback and announce:
             await self._post_callback(recording)
@@ -197,7 +192,7 @@ class SimRecordings:
         self.current_key = sid
         return web.json_response({"sid": sid, "account_sid": self._sim.account_sid,
                                   "friendly_name": str(form.get("FriendlyName", "")),
-                                  "date_created": _now(), "date_updated": _now(),
+                                  "date_created": twilio_time(), "date_updated": twilio_time(),
                                   "url": f"https://accounts.twilio.com/v1/Credentials/"
                                          f"PublicKeys/{sid}"}, status=201)
 

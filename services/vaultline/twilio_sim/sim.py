@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import functools
 import secrets
 import time
@@ -39,7 +38,7 @@ from urllib.parse import urljoin
 import aiohttp
 from aiohttp import web
 
-from .payments import PaymentScript, SimPayments, twilio_error
+from .payments import PaymentScript, SimPayments, twilio_error, twilio_time
 from .recordings import SimRecordings
 from .signature import sign
 
@@ -167,10 +166,6 @@ Call = SimCall
 
 def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
-
-
-def _rfc2822() -> str:
-    return email.utils.formatdate(usegmt=True).replace("GMT", "+0000")
 
 
 # ---- the simulator ---------------------------------------------------------------------------
@@ -329,7 +324,7 @@ class TwilioSim:
         """Twilio's call status callback for a call that has ended."""
         params = {**self.call_params(call), "CallDuration": str(int(call.clock)),
                   "CallbackSource": "call-progress-events", "SequenceNumber": "0",
-                  "Timestamp": _rfc2822()}
+                  "Timestamp": twilio_time()}
         status, _ = await self.post(status_callback, params)
         call.add("status-callback", f"completed -> {status}")
 
@@ -613,7 +608,7 @@ class TwilioSim:
         return call, form, None
 
     def _recording_json(self, call: SimCall) -> dict[str, Any]:
-        now = _rfc2822()
+        now = twilio_time()
         return {
             "account_sid": self.account_sid, "api_version": API_VERSION, "call_sid": call.sid,
             "conference_sid": None, "channels": 1, "date_created": now, "date_updated": now,
@@ -682,7 +677,7 @@ class TwilioSim:
         if "Url" in form:
             call.add("redirected", form["Url"])
             await call.redirects.put((form["Url"], form.get("Method", "POST")))
-        now = _rfc2822()
+        now = twilio_time()
         return web.json_response({
             "sid": call.sid, "account_sid": self.account_sid, "to": call.to,
             "from": call.from_, "status": call.status, "direction": "inbound",
