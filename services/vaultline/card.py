@@ -13,7 +13,7 @@ import re
 import struct
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, NoReturn, final
+from typing import Any, Final, NoReturn, final
 
 __all__ = [
     "Card",
@@ -21,6 +21,7 @@ __all__ = [
     "CardError",
     "Expiry",
     "Pan",
+    "UNKNOWN_EXPIRY",
     "detect_brand",
     "has_digit_run",
     "luhn_ok",
@@ -279,6 +280,11 @@ class Expiry:
         if type(self.year) is not int or not 2000 <= self.year <= 2099:
             raise CardError(*_INVALID_YEAR)
 
+    @property
+    def known(self) -> bool:
+        """False only for `UNKNOWN_EXPIRY`: a card found in stored data without its expiry."""
+        return self.month != 0
+
     @classmethod
     def parse(cls, month: int, year: int, *, today: datetime.date) -> Expiry:
         """Validate an expiry as entered; 2-digit years are 20YY; refuses expired cards."""
@@ -411,9 +417,16 @@ _set_card_pan = Card.__dict__["pan"].__set__
 _set_card_expiry = Card.__dict__["expiry"].__set__
 _set_card_name = Card.__dict__["cardholder_name"].__set__
 
+# The expiry of a card found in stored data without one (de-scoping a CRM): month and year 0,
+# which no entered expiry can be. It sorts before every real expiry, so tokenizing the card
+# again with its expiry records it (see TokenService: a newer expiry re-seals the card).
+UNKNOWN_EXPIRY: Final[Expiry] = _new_object(Expiry)
+object.__setattr__(UNKNOWN_EXPIRY, "month", 0)
+object.__setattr__(UNKNOWN_EXPIRY, "year", 0)
+
 # Expiry is immutable, so decoded cards share one object per month (a bounded set: only the
-# valid ones, at most 12 x 100, are kept).
-_EXPIRIES: dict[tuple[int, int], Expiry] = {}
+# valid ones, at most 12 x 100, and the unknown one are kept).
+_EXPIRIES: dict[tuple[int, int], Expiry] = {(0, 0): UNKNOWN_EXPIRY}
 
 
 def _known_expiry(month: int, year: int) -> Expiry:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from .card import (
+    UNKNOWN_EXPIRY,
     Card,
     CardBrand,
     CardError,
@@ -167,6 +168,31 @@ def validate_request_id(request_id: str) -> str:
     return request_id
 
 
+_DESCOPE_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")
+_RUN_ID = re.compile(r"[0-9a-f]{16,64}\Z")
+_MAX_COUNT = 10**9
+
+
+def describe_descope_chunk(run_id: str, table: str, chunk: int,
+                           counts: Sequence[tuple[str, int]]) -> str:
+    """The audit purpose of one de-scoping chunk: the run, the table, the chunk and its
+    counts. Refused when the table is not schema.table or could hold a card number (a digit
+    run), or a count is out of range."""
+    if not _RUN_ID.match(run_id):
+        raise _invalid("INVALID_RUN_ID", "run_id", "must be 16 to 64 lower-case hex digits")
+    if not _DESCOPE_TABLE.match(table) or has_digit_run(table):
+        raise _invalid("INVALID_TABLE", "table", "must be schema.table")
+    if not 1 <= chunk <= _MAX_COUNT:
+        raise _invalid("INVALID_COUNT", "chunk", "must be from 1")
+    for name, value in counts:
+        if not 0 <= value <= _MAX_COUNT:
+            raise _invalid("INVALID_COUNT", name, "must be a count")
+    # Words between the numbers, so no two of them read as one digit run; the run's first
+    # eight hex digits name it (all of it may be digits).
+    described = ", ".join(f"{name} {value}" for name, value in counts)
+    return f"descope run {run_id[:8]} {table} chunk {chunk}: {described}"
+
+
 def validate_purpose(purpose: str) -> str:
     """The purpose, stripped; refused when empty, too long, unprintable or holding a run of
     12 digits in any spelling. The length is checked first, so a huge purpose costs nothing."""
@@ -230,10 +256,18 @@ def check_format_for(card: Card, token_format: TokenFormat) -> None:
                        "a token keeps the BIN only of a card number of 16 or more digits")
 
 
-def parse_card(raw: CardInput, today: dt.date) -> Card:
+def parse_card(raw: CardInput, today: dt.date, *, expiry_unknown: bool = False) -> Card:
+    """A validated card; with `expiry_unknown` (a card found in stored data) the expiry must be
+    unset and is recorded as unknown."""
     try:
         pan = Pan.parse(raw.pan)
-        expiry = Expiry.parse(raw.expiry_month, raw.expiry_year, today=today)
+        if expiry_unknown:
+            if raw.expiry_month or raw.expiry_year:
+                raise _invalid("INVALID_EXPIRY", "card.expiry_month",
+                               "must be unset in a chunk whose expiry is unknown")
+            expiry = UNKNOWN_EXPIRY
+        else:
+            expiry = Expiry.parse(raw.expiry_month, raw.expiry_year, today=today)
         name = validate_cardholder_name(raw.cardholder_name)
     except CardError as exc:
         raise _invalid(exc.reason, exc.field, exc.description) from None
@@ -441,8 +475,11 @@ class TokenService:
         fmt: int,
         ttl: dt.timedelta | None,
         cards: Sequence[CardInput],
+        *,
+        expiry_unknown: bool = False,
     ) -> list[IssuedToken | VaultlineError]:
         """Tokenize a chunk; each item answers with its result or its own error, in order.
+        With `expiry_unknown`, the cards come without an expiry (de-scoping stored data).
 
         Raises (for the whole chunk) only on a bad tenant/format/TTL/size or an outage.
         """
@@ -455,7 +492,7 @@ class TokenService:
         parsed: list[tuple[int, Card]] = []
         for i, raw in enumerate(cards):
             try:
-                card = parse_card(raw, today)
+                card = parse_card(raw, today, expiry_unknown=expiry_unknown)
                 check_format_for(card, token_format)
                 parsed.append((i, card))
             except InvalidInput as exc:

@@ -31,13 +31,15 @@ ALLOWED = {
     # Issue 15: only the payment service redeems a held security code.
     "payments": {"RedeemSecurityCode", "GetToken"},
     "qa": set(),  # recordings only (tests/ivr/test_recording_service.py)
+    # Issue 18: de-scoping tokenizes what a CRM stores and audits its chunks; reveals nothing.
+    "descope": {"BatchTokenize", "GetToken", "RecordDescopeChunk"},
     "admin": set(),  # no TokenizationService method at all
 }
 METHODS = ["Tokenize", "BatchTokenize", "GetToken", "Detokenize", "BatchDetokenize", "DeleteToken",
-           "RedeemSecurityCode"]
+           "RedeemSecurityCode", "RecordDescopeChunk"]
 IDENTITY = {"ivr": "ivr/ivr-1", "intake": "intake/intake-1", "crm": "crm/crm-1",
             "settlement": "settlement/settlement-1", "payments": "payments/payments-1",
-            "qa": "qa/qa-1", "admin": "admin/admin-1"}
+            "qa": "qa/qa-1", "admin": "admin/admin-1", "descope": "descope/descope-1"}
 
 
 async def _invoke(stub: pb_grpc.TokenizationServiceStub, method: str, tenant: str, token: str):  # type: ignore[no-untyped-def]
@@ -55,6 +57,9 @@ async def _invoke(stub: pb_grpc.TokenizationServiceStub, method: str, tenant: st
     if method == "RedeemSecurityCode":  # none held: NOT_FOUND, which is "allowed"
         return await stub.RedeemSecurityCode(
             pb.RedeemSecurityCodeRequest(tenant=tenant, token=token))
+    if method == "RecordDescopeChunk":
+        return await stub.RecordDescopeChunk(pb.RecordDescopeChunkRequest(
+            tenant=tenant, run_id="0123abcd" * 4, table="public.notes", chunk=1, rows_read=10))
     if method == "BatchTokenize":
         chunk = pb.BatchTokenizeRequest(tenant=tenant, items=[pb.BatchTokenizeRequest.Item(
             reference="a", card=pb.Card(pan=VISA, expiry_month=12, expiry_year=2031))])
@@ -119,7 +124,7 @@ async def test_role_method_matrix(tokenizer: Running, role: str, superuser_db: s
             assert any(m == method for m, _ in audited), (role, method)
 
 
-@pytest.mark.parametrize("role", ["ivr", "crm", "settlement", "payments"])
+@pytest.mark.parametrize("role", ["ivr", "crm", "settlement", "payments", "descope"])
 async def test_tenant_binding(tokenizer: Running, role: str) -> None:
     # The -tenant-a identities may use tenant-a only.
     bound = tokenizer.as_(f"{role}/{role}-tenant-a")

@@ -107,6 +107,42 @@ async def test_fuzz_batch_tokenize(tokenizer: Running, tenant, fmt, items) -> No
 
 
 @FUZZ
+@given(tenant=anything, fmt=ints, items=st.lists(st.tuples(text, cards), max_size=5))
+async def test_fuzz_batch_tokenize_without_expiry(tokenizer: Running, tenant, fmt, items) -> None:  # type: ignore[no-untyped-def]
+    chunk = pb.BatchTokenizeRequest(tenant=tenant, format=fmt, expiry_unknown=True, items=[
+        pb.BatchTokenizeRequest.Item(reference=ref, card=card) for ref, card in items])
+    try:
+        async for response in tokenizer.as_("descope/descope-1").BatchTokenize(iter([chunk])):
+            for result, (_, card) in zip(response.results, items, strict=True):
+                if result.HasField("error"):
+                    assert result.error.code != grpc.StatusCode.INTERNAL.value[0]
+                    assert result.error.message in FIXED_MESSAGES
+                    if len(card.pan) >= 6:
+                        assert card.pan not in str(result.error)
+                else:  # only a card given without an expiry is taken
+                    assert (card.expiry_month, card.expiry_year) == (0, 0)
+                    assert result.token.expiry_month == 0
+    except grpc.aio.AioRpcError as err:
+        _checked(err, tenant)
+
+
+counts = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@FUZZ
+@given(tenant=anything, run_id=anything, table=anything, chunk=counts, rows=counts,
+       cards_replaced=counts)
+async def test_fuzz_record_descope_chunk(tokenizer: Running, tenant, run_id, table, chunk,  # type: ignore[no-untyped-def]
+                                         rows, cards_replaced) -> None:
+    try:
+        await tokenizer.as_("descope/descope-1").RecordDescopeChunk(pb.RecordDescopeChunkRequest(
+            tenant=tenant, run_id=run_id, table=table, chunk=chunk, rows_read=rows,
+            cards_replaced=cards_replaced))
+    except grpc.aio.AioRpcError as err:
+        _checked(err, tenant, run_id, table)
+
+
+@FUZZ
 @given(tenant=anything, purpose=anything, items=st.lists(st.tuples(text, anything), max_size=5))
 async def test_fuzz_batch_detokenize(tokenizer: Running, tenant, purpose, items) -> None:  # type: ignore[no-untyped-def]
     chunk = pb.BatchDetokenizeRequest(tenant=tenant, purpose=purpose, items=[

@@ -77,7 +77,11 @@ def test_the_shipped_policy_keeps_tokenizing_inside_the_card_data_zone() -> None
     policy = load_policy(ACCESS_POLICY)
     tokenizers = {role for role, methods in policy.roles.items()
                   if methods & {"Tokenize", "BatchTokenize"}}
-    assert tokenizers == {"ivr", "intake"}  # never the CRM: it would be a PAN oracle
+    # Never the CRM: it would be a PAN oracle. De-scoping (issue 18) runs inside the zone.
+    assert tokenizers == {"ivr", "intake", "descope"}
+    # Only de-scoping tokenizes cards without an expiry, and it reveals nothing.
+    assert policy.expiryless_roles == {"descope"}
+    assert not policy.roles["descope"] & {"Detokenize", "BatchDetokenize", "Tokenize"}
     assert policy.roles["crm"] == {"GetToken", "DeleteToken", "StartCapture", "WatchCapture",
                                    "GetCapture", "CancelCapture", "RestartCaptureField"}
     # A held security code goes to the payment service alone (issue 15, item 3).
@@ -99,6 +103,21 @@ def test_bulk_reveals_need_a_batch_unless_a_role_opts_out() -> None:
     assert policy.grants["spiffe://vaultline/settlement/s-1"].reveals_need_batch
     assert not policy.grants["spiffe://vaultline/bulk/b-1"].reveals_need_batch
     assert policy.unbatched_roles == {"bulk"}
+
+
+def test_tokenizing_without_expiry_is_a_role_flag() -> None:
+    policy = parse_policy(POLICY.replace(
+        '[roles.settlement]\nmethods = ["Detokenize", "GetToken"]',
+        '[roles.settlement]\nmethods = ["Detokenize", "GetToken"]\n'
+        '[roles.descope]\nmethods = ["BatchTokenize"]\ntokenize_without_expiry = true\n'
+        '[identities."spiffe://vaultline/descope/d-1"]\ntenants = ["*"]'))
+    assert policy.grants["spiffe://vaultline/descope/d-1"].tokenizes_without_expiry
+    assert not policy.grants["spiffe://vaultline/settlement/s-1"].tokenizes_without_expiry
+    with pytest.raises(PolicyError, match="tokenize_without_expiry: must be true or false"):
+        parse_policy(POLICY.replace(
+            '[roles.settlement]\nmethods = ["Detokenize", "GetToken"]',
+            '[roles.settlement]\nmethods = ["Detokenize", "GetToken"]\n'
+            'tokenize_without_expiry = "yes"'))
 
 
 def test_the_daily_detokenize_budget_defaults_to_100_and_is_overridable() -> None:

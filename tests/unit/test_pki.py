@@ -192,7 +192,8 @@ def test_init_dev_pki_layout_and_modes(tmp_path: Path) -> None:
             "key": str(pki_dir / "clients" / f"{role}-{name}.key"),
         }
         for key, (role, name) in zip(
-            ["ivr", "crm", "settlement", "settlement-2", "admin", "intake", "payments", "qa"],
+            ["ivr", "crm", "settlement", "settlement-2", "admin", "intake", "payments", "qa",
+             "descope"],
             DEV_IDENTITIES,
             strict=True
         )

@@ -70,3 +70,30 @@ def test_empty_file_has_header_and_zero_trailer() -> None:
 
 def test_detail_record_repr_hides_the_pan() -> None:
     assert VISA not in repr(DetailRecord(1, "r", VISA, "1231", 1, "EUR", ""))
+
+
+def test_a_card_without_expiry_is_rejected_not_settled() -> None:
+    """De-scoping tokenizes cards found in stored data without their expiry (issue 18): the
+    processor needs one, so the row is rejected (EXPIRY_UNKNOWN) rather than sent as 0000."""
+    import io
+
+    from vaultline.gen.settlement.v1 import settlement_pb2 as spb
+    from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
+    from vaultline.settlement.fileformat import FileBuilder
+    from vaultline.settlement.job import _records, _Rejects
+
+    rows = [spb.BatchRow(reference=f"r{i}", token=f"tok_{i}", amount_minor=100, currency="EUR")
+            for i in range(2)]
+    response = pb.BatchDetokenizeResponse()
+    known = response.results.add(reference="r0")
+    known.card.card.pan, known.card.card.expiry_month = "4111111111111111", 12
+    known.card.card.expiry_year = 2031
+    unknown = response.results.add(reference="r1")
+    unknown.card.card.pan = "5555555555554444"  # expiry 0/0: unknown
+    out = io.StringIO()
+    rejects = _Rejects(out)
+    builder = FileBuilder("b-1", dt.datetime.now(dt.UTC), 2)
+    records = _records(builder, rejects, rows, response)
+    assert b"|r0|4111111111111111|1231|" in records
+    assert b"5555555555554444" not in records and builder.records == 1
+    assert out.getvalue().splitlines()[1:] == ["r1,tok_1,EXPIRY_UNKNOWN"]

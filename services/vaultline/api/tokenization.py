@@ -19,6 +19,7 @@ from ..dual_control import BatchService, DailyRevealBudget
 from ..errors import DailyBudgetExceeded, DualControlRefused, RequestIdReused, VaultlineError
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from ..security.access import AccessDenied
 from ..security.audit import PendingAudit
 from ..service import (
     CardInput,
@@ -26,9 +27,11 @@ from ..service import (
     Revealed,
     TokenRecord,
     TokenService,
+    describe_descope_chunk,
     ttl_from_wire,
     validate_chunk,
     validate_purpose,
+    validate_tenant,
 )
 from .calls import streaming, unary, unary_audited_by_method
 from .context import admitted, current_call
@@ -219,6 +222,18 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
         code = await self._service.redeem_security_code(request.tenant, request.token)
         return pb.RedeemSecurityCodeResponse(security_code=code)
 
+    @unary_audited_by_method
+    async def RecordDescopeChunk(
+        self, request: pb.RecordDescopeChunkRequest, context: Any
+    ) -> pb.RecordDescopeChunkResponse:
+        call, _ = admitted()
+        tenant = validate_tenant(request.tenant)
+        purpose = describe_descope_chunk(request.run_id, request.table, request.chunk, (
+            ("read", request.rows_read), ("rewritten", request.rows_rewritten),
+            ("cards", request.cards_replaced), ("reread", request.rows_reread)))
+        await self._gate.audit([self._gate.event(call, "OK", tenant=tenant, purpose=purpose)])
+        return pb.RecordDescopeChunkResponse()
+
     @unary
     async def DeleteToken(
         self, request: pb.DeleteTokenRequest, context: Any
@@ -235,6 +250,9 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
 
         async def handle(chunk: pb.BatchTokenizeRequest) -> pb.BatchTokenizeResponse:
             self._gate.check_tenant(call, chunk.tenant)
+            if chunk.expiry_unknown and not (
+                    call.grant is not None and call.grant.tokenizes_without_expiry):
+                raise AccessDenied("EXPIRY_REQUIRED")
             items = chunk.items
             validate_chunk(len(items))
             self._gate.take_quota(call, len(items))
@@ -243,6 +261,7 @@ class TokenizationServicer(pb_grpc.TokenizationServiceServicer):
                 chunk.format,
                 ttl_in(chunk.HasField("ttl"), chunk.ttl),
                 [card_in(item.card) for item in items],
+                expiry_unknown=chunk.expiry_unknown,
             )
             issued = [o.created for o in outcomes if type(o) is IssuedToken]
             new = sum(issued)

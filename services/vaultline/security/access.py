@@ -34,6 +34,7 @@ KNOWN_METHODS = frozenset(
         "BatchDetokenize",
         "DeleteToken",
         "RedeemSecurityCode",
+        "RecordDescopeChunk",
         "GetKeyStatus",
         "RotateKek",
         "ShredTenant",
@@ -59,6 +60,9 @@ REVEALING_METHODS = frozenset({"Detokenize", "BatchDetokenize", "GetRecordingKey
 # Methods that take card numbers in: each answer confirms something about a card (its token,
 # whether it was seen before), so they have a quota of their own.
 TOKENIZING_METHODS = frozenset({"Tokenize", "BatchTokenize"})
+# What a role may be allowed beyond its methods: bulk reveals without a settlement batch, and
+# tokenizing cards found in stored data without their expiry (de-scoping).
+_ROLE_FLAGS = ("reveal_without_batch", "tokenize_without_expiry")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 _URI = re.compile(r"spiffe://vaultline/([a-z0-9][a-z0-9-]{0,62})/([a-z0-9][a-z0-9-]{0,62})\Z")
@@ -116,6 +120,9 @@ class Grant:
     daily_reveals: int | None = None  # unary Detokenize calls a UTC day; None: no budget
     reveals_need_batch: bool = True  # BatchDetokenize only for a batch this identity runs
     runs_batches: bool = False  # may run batches it did not create (never one it approved)
+    # May tokenize cards found in stored data without their expiry (`tokenize_without_expiry`
+    # on the role: de-scoping).
+    tokenizes_without_expiry: bool = False
 
     def allows_tenant(self, tenant: str) -> bool:
         return ALL_TENANTS in self.tenants or tenant in self.tenants
@@ -127,6 +134,8 @@ class Policy:
     grants: Mapping[str, Grant] = field(default_factory=dict)
     # Roles whose bulk reveals need no settlement batch (`reveal_without_batch = true`).
     unbatched_roles: frozenset[str] = frozenset()
+    # Roles that may tokenize without an expiry (`tokenize_without_expiry = true`).
+    expiryless_roles: frozenset[str] = frozenset()
 
 
 # ---- parsing -------------------------------------------------------------------------------
@@ -159,17 +168,21 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         raise fail("roles", "at least one role is required")
     roles: dict[str, frozenset[str]] = {}
     unbatched: set[str] = set()
+    expiryless: set[str] = set()
     for role, spec in roles_doc.items():
         where = f"roles.{role}"
         if not _NAME.match(role):
             raise fail(where, "role names are lower-case letters, digits and '-'")
-        if not isinstance(spec, dict) or set(spec) - {"methods", "reveal_without_batch"}:
-            raise fail(where, "expected a table with `methods` (and `reveal_without_batch`)")
-        without_batch = spec.get("reveal_without_batch", False)
-        if not isinstance(without_batch, bool):
-            raise fail(f"{where}.reveal_without_batch", "must be true or false")
-        if without_batch:
-            unbatched.add(role)
+        if not isinstance(spec, dict) or set(spec) - {"methods", *_ROLE_FLAGS}:
+            raise fail(where, "expected a table with `methods` (and "
+                       f"{', '.join(f'`{f}`' for f in _ROLE_FLAGS)})")
+        for flag, roles_with in (("reveal_without_batch", unbatched),
+                                 ("tokenize_without_expiry", expiryless)):
+            value = spec.get(flag, False)
+            if not isinstance(value, bool):
+                raise fail(f"{where}.{flag}", "must be true or false")
+            if value:
+                roles_with.add(role)
         methods = spec.get("methods")
         if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
             raise fail(f"{where}.methods", "must be a list of RPC names")
@@ -220,8 +233,8 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
                  if "detokenize_daily" in spec else daily_default)
         grants[uri] = Grant(uri, role, roles[role], frozenset(tenants), revoked,
                             quotas["detokenize"], quotas["tokenize"], daily,
-                            role not in unbatched, runs_batches)
-    return Policy(roles, grants, frozenset(unbatched))
+                            role not in unbatched, runs_batches, role in expiryless)
+    return Policy(roles, grants, frozenset(unbatched), frozenset(expiryless))
 
 
 def _table(

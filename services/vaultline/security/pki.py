@@ -52,6 +52,7 @@ DEV_IDENTITIES: Final[tuple[tuple[str, str], ...]] = (
     ("intake", "intake-1"),  # another card-receiving channel (a web checkout, a migration)
     ("payments", "payments-1"),  # the merchant's payment service: redeems security codes
     ("qa", "qa-1"),  # quality assurance: listens to call recordings
+    ("descope", "descope-1"),  # de-scoping: replaces card numbers a CRM stores with tokens
 )
 DEFAULT_SERVER_HOSTS: Final = ("localhost", "127.0.0.1")
 _ORGANIZATION: Final = "Vaultline"

@@ -353,7 +353,11 @@ def _records(builder: FileBuilder, rejects: _Rejects, rows: list[spb.BatchRow],
         raise SettlementError("the tokenizer answered a chunk with a wrong count")
     out = bytearray()
     for row, result in zip(rows, response.results, strict=True):
-        if result.HasField("card"):
+        if result.HasField("card") and not result.card.card.expiry_month:
+            # Tokenized from stored data by de-scoping: the processor needs an expiry the
+            # vault does not have until the customer's card is taken again.
+            rejects.add(row, "EXPIRY_UNKNOWN")
+        elif result.HasField("card"):
             card = result.card.card
             out += builder.detail(row.reference, card.pan, card.expiry_month, card.expiry_year,
                                   row.amount_minor, row.currency, row.auth_code)

@@ -151,6 +151,30 @@ class RedeemSecurityCodeResponse(_message.Message):
     security_code: str
     def __init__(self, security_code: _Optional[str] = ...) -> None: ...
 
+class RecordDescopeChunkRequest(_message.Message):
+    __slots__ = ("tenant", "run_id", "table", "chunk", "rows_read", "rows_rewritten", "cards_replaced", "rows_reread")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ROWS_READ_FIELD_NUMBER: _ClassVar[int]
+    ROWS_REWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    CARDS_REPLACED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_REREAD_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    run_id: str
+    table: str
+    chunk: int
+    rows_read: int
+    rows_rewritten: int
+    cards_replaced: int
+    rows_reread: int
+    def __init__(self, tenant: _Optional[str] = ..., run_id: _Optional[str] = ..., table: _Optional[str] = ..., chunk: _Optional[int] = ..., rows_read: _Optional[int] = ..., rows_rewritten: _Optional[int] = ..., cards_replaced: _Optional[int] = ..., rows_reread: _Optional[int] = ...) -> None: ...
+
+class RecordDescopeChunkResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DeleteTokenRequest(_message.Message):
     __slots__ = ("tenant", "token")
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -164,7 +188,7 @@ class DeleteTokenResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchTokenizeRequest(_message.Message):
-    __slots__ = ("tenant", "format", "ttl", "items")
+    __slots__ = ("tenant", "format", "ttl", "items", "expiry_unknown")
     class Item(_message.Message):
         __slots__ = ("reference", "card")
         REFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -176,11 +200,13 @@ class BatchTokenizeRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRY_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     format: TokenFormat
     ttl: _duration_pb2.Duration
     items: _containers.RepeatedCompositeFieldContainer[BatchTokenizeRequest.Item]
-    def __init__(self, tenant: _Optional[str] = ..., format: _Optional[_Union[TokenFormat, str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., items: _Optional[_Iterable[_Union[BatchTokenizeRequest.Item, _Mapping]]] = ...) -> None: ...
+    expiry_unknown: bool
+    def __init__(self, tenant: _Optional[str] = ..., format: _Optional[_Union[TokenFormat, str]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., items: _Optional[_Iterable[_Union[BatchTokenizeRequest.Item, _Mapping]]] = ..., expiry_unknown: _Optional[bool] = ...) -> None: ...
 
 class BatchTokenizeResponse(_message.Message):
     __slots__ = ("results",)

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4vaultline/tokenization/v1/tokenization_service.proto\x12\x19vaultline.tokenization.v1\x1a,vaultline/tokenization/v1/tokenization.proto2\xb2\x06\n\x13TokenizationService\x12\x63\n\x08Tokenize\x12*.vaultline.tokenization.v1.TokenizeRequest\x1a+.vaultline.tokenization.v1.TokenizeResponse\x12\x63\n\x08GetToken\x12*.vaultline.tokenization.v1.GetTokenRequest\x1a+.vaultline.tokenization.v1.GetTokenResponse\x12i\n\nDetokenize\x12,.vaultline.tokenization.v1.DetokenizeRequest\x1a-.vaultline.tokenization.v1.DetokenizeResponse\x12v\n\rBatchTokenize\x12/.vaultline.tokenization.v1.BatchTokenizeRequest\x1a\x30.vaultline.tokenization.v1.BatchTokenizeResponse(\x01\x30\x01\x12|\n\x0f\x42\x61tchDetokenize\x12\x31.vaultline.tokenization.v1.BatchDetokenizeRequest\x1a\x32.vaultline.tokenization.v1.BatchDetokenizeResponse(\x01\x30\x01\x12\x81\x01\n\x12RedeemSecurityCode\x12\x34.vaultline.tokenization.v1.RedeemSecurityCodeRequest\x1a\x35.vaultline.tokenization.v1.RedeemSecurityCodeResponse\x12l\n\x0b\x44\x65leteToken\x12-.vaultline.tokenization.v1.DeleteTokenRequest\x1a..vaultline.tokenization.v1.DeleteTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4vaultline/tokenization/v1/tokenization_service.proto\x12\x19vaultline.tokenization.v1\x1a,vaultline/tokenization/v1/tokenization.proto2\xb6\x07\n\x13TokenizationService\x12\x63\n\x08Tokenize\x12*.vaultline.tokenization.v1.TokenizeRequest\x1a+.vaultline.tokenization.v1.TokenizeResponse\x12\x63\n\x08GetToken\x12*.vaultline.tokenization.v1.GetTokenRequest\x1a+.vaultline.tokenization.v1.GetTokenResponse\x12i\n\nDetokenize\x12,.vaultline.tokenization.v1.DetokenizeRequest\x1a-.vaultline.tokenization.v1.DetokenizeResponse\x12v\n\rBatchTokenize\x12/.vaultline.tokenization.v1.BatchTokenizeRequest\x1a\x30.vaultline.tokenization.v1.BatchTokenizeResponse(\x01\x30\x01\x12|\n\x0f\x42\x61tchDetokenize\x12\x31.vaultline.tokenization.v1.BatchDetokenizeRequest\x1a\x32.vaultline.tokenization.v1.BatchDetokenizeResponse(\x01\x30\x01\x12\x81\x01\n\x12RedeemSecurityCode\x12\x34.vaultline.tokenization.v1.RedeemSecurityCodeRequest\x1a\x35.vaultline.tokenization.v1.RedeemSecurityCodeResponse\x12l\n\x0b\x44\x65leteToken\x12-.vaultline.tokenization.v1.DeleteTokenRequest\x1a..vaultline.tokenization.v1.DeleteTokenResponse\x12\x81\x01\n\x12RecordDescopeChunk\x12\x34.vaultline.tokenization.v1.RecordDescopeChunkRequest\x1a\x35.vaultline.tokenization.v1.RecordDescopeChunkResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vaultline.gen.tokenization.
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIZATIONSERVICE']._serialized_start=130
-  _globals['_TOKENIZATIONSERVICE']._serialized_end=948
+  _globals['_TOKENIZATIONSERVICE']._serialized_end=1080
 # @@protoc_insertion_point(module_scope)

@@ -80,6 +80,11 @@ class TokenizationServiceStub:
                 request_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenRequest.SerializeToString,
                 response_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenResponse.FromString,
                 _registered_method=True)
+        self.RecordDescopeChunk = channel.unary_unary(
+                '/vaultline.tokenization.v1.TokenizationService/RecordDescopeChunk',
+                request_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RecordDescopeChunkRequest.SerializeToString,
+                response_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RecordDescopeChunkResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizationServiceServicer:
@@ -163,6 +168,16 @@ class TokenizationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordDescopeChunk(self, request, context):
+        """Records one chunk of a de-scoping run (`vaultline descope run`) in the
+        audit trail: the table, the chunk's number and its counts, never a value.
+        The de-scoping tool calls it after the chunk's rows are committed in the
+        CRM's database. INVALID_ARGUMENT for a malformed table name or count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +215,11 @@ def add_TokenizationServiceServicer_to_server(servicer, server):
                     servicer.DeleteToken,
                     request_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenRequest.FromString,
                     response_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenResponse.SerializeToString,
+            ),
+            'RecordDescopeChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordDescopeChunk,
+                    request_deserializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RecordDescopeChunkRequest.FromString,
+                    response_serializer=vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RecordDescopeChunkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +421,33 @@ class TokenizationService:
             '/vaultline.tokenization.v1.TokenizationService/DeleteToken',
             vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenRequest.SerializeToString,
             vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.DeleteTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordDescopeChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaultline.tokenization.v1.TokenizationService/RecordDescopeChunk',
+            vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RecordDescopeChunkRequest.SerializeToString,
+            vaultline_dot_tokenization_dot_v1_dot_tokenization__pb2.RecordDescopeChunkResponse.FromString,
             options,
             channel_credentials,
             insecure,
