@@ -58,7 +58,7 @@ PURE_CORES := $(addprefix services/vaultline/,card.py tokens.py crypto.py errors
 	ivr/twiml.py ivr/signing.py ivr/sealing.py settlement/fileformat.py settlement/batch.py \
 	security/identity.py security/answers.py batches.py ivr/pay_connector.py ivr/payment.py \
 	panel/links.py recordings/dtmf.py recordings/audio.py \
-	recordings/envelope.py descope/detect.py)
+	recordings/envelope.py descope/detect.py descope/rewrite.py)
 
 lint: $(VENV_STAMP) ## ruff, mypy (--strict for the pure cores)
 	$(VENV)/bin/ruff check services tests load

@@ -1,5 +1,6 @@
 """`vaultline discover SOURCE…`: where card numbers are stored (PCI DSS 12.5.2); and
-`vaultline descope plan|verify`: the plan of what to rewrite, and proof nothing is left.
+`vaultline descope plan|run|verify|csv`: the plan of what to rewrite, the in-place rewrite,
+proof nothing is left, and the same for an export file.
 
 A SOURCE is a PostgreSQL DSN (postgresql://…: every text, varchar, char, json and jsonb column
 of every table, or those of --tables), a CSV file, a JSONL file or any text file (a log).
@@ -145,6 +146,132 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if left else 0
 
 
+def _load(args: argparse.Namespace) -> Any:
+    from ..descope.plan import PlanError, load_plan
+
+    try:
+        return load_plan(Path(args.plan))
+    except PlanError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class _Meter:
+    """Progress on stderr: rows done, rows/s and the time left; a line a chunk on a terminal
+    (in place), a line every few seconds otherwise."""
+
+    def __init__(self) -> None:
+        self._terminal = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, table: str, done: int, total: int, rate: float) -> None:
+        now = time.monotonic()
+        if not self._terminal and now - self._last < 5:
+            return
+        self._last = now
+        left = max(total - done, 0)
+        eta = f"{left / rate:,.0f} s left" if rate > 0 else "—"
+        line = f"  {table}: {done:,}/{total:,} rows, {rate:,.0f} rows/s, {eta}"
+        if self._terminal:
+            print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+        else:
+            print(f"progress: {line.strip()}", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self._terminal:
+            print(file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..descope.run import DescopeError, run_plan
+
+    plan = _load(args)
+    dsn = _dsn(args)
+    if args.chunk < 1 or args.chunk > 20_000:
+        raise ConfigError("--chunk must be 1 to 20,000 rows")
+    meter = _Meter()
+
+    async def run() -> Any:
+        if args.dry_run:
+            return await run_plan(plan, dsn, None, chunk_rows=args.chunk, progress=meter)
+        from ..descope.client import GrpcTokenizer
+        from .common import tokenizer_channel
+
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            tokenizer = GrpcTokenizer(channel, plan.tenant, plan.token_format)
+            return await run_plan(plan, dsn, tokenizer, chunk_rows=args.chunk,
+                                  again=args.again, progress=meter)
+
+    started = time.monotonic()
+    try:
+        results = asyncio.run(run())
+    except DescopeError as exc:
+        meter.end()
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:
+        meter.end()
+        if type(exc).__name__ == "AioRpcError":
+            from .common import describe_rpc_error
+
+            raise ConfigError(f"the tokenizer refused: {describe_rpc_error(exc)}") from None
+        raise
+    meter.end()
+    elapsed = time.monotonic() - started
+    verb = "would rewrite" if args.dry_run else "rewrote"
+    for r in results:
+        if r.already_done:
+            print(f"  {r.table}: already de-scoped by this plan ({r.rows_rewritten:,} rows "
+                  "rewritten); `--again` scans it once more")
+            continue
+        reread = f", {r.rows_reread:,} re-read after the CRM changed them" if (
+            r.rows_reread) else ""
+        print(f"  {r.table}: {r.rows_read:,} rows read, {verb} {r.rows_rewritten:,} "
+              f"({r.cards_replaced:,} card numbers){reread}")
+    rows = sum(r.rows_read for r in results if not r.already_done)
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    if args.dry_run:
+        print(f"dry run: nothing was changed ({rows:,} rows in {elapsed:.1f} s)")
+    else:
+        print(f"done: {rows:,} rows in {elapsed:.1f} s ({rate:,.0f} rows/s); now "
+              "`vaultline descope verify`")
+    return 0
+
+
+def cmd_csv(args: argparse.Namespace) -> int:
+    from ..descope.client import GrpcTokenizer
+    from ..descope.discover import discover_file
+    from ..descope.files import descope_csv
+    from ..descope.plan import FORMATS
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise ConfigError(f"{source}: not a readable file")
+    if target.exists() and (not args.force or target.resolve() == source.resolve()):
+        raise ConfigError(f"{target} exists (--force replaces it; never the input itself)")
+    if args.token_format not in FORMATS:
+        raise ConfigError(f"--token-format must be one of {', '.join(FORMATS)}")
+    from .common import tokenizer_channel
+
+    async def run() -> Any:
+        async with tokenizer_channel(args.home, args.as_) as channel:
+            tokenizer = GrpcTokenizer(channel, args.tenant, args.token_format)
+            return await descope_csv(source, target, tokenizer)
+
+    try:
+        rows, cards = asyncio.run(run())
+    except Exception as exc:
+        if type(exc).__name__ == "AioRpcError":
+            from .common import describe_rpc_error
+
+            raise ConfigError(f"the tokenizer refused: {describe_rpc_error(exc)}") from None
+        raise
+    left = discover_file(target).found
+    print(f"wrote {target}: {rows:,} rows, {cards:,} card numbers replaced (mode 0600)")
+    for f in left:
+        print(f"  {f.table} {f.column}: {f.cards} card number(s) left")
+    print("no card number left" if not left else "card numbers are left")
+    return 1 if left else 0
+
+
 def add_descope_commands(subparsers: Any) -> None:
     discover = subparsers.add_parser(
         "discover", help="find stored card numbers (databases, CSV/JSONL/log files)",
@@ -177,6 +304,43 @@ def add_descope_commands(subparsers: Any) -> None:
     plan.add_argument("--token-format", default="numeric_keep_bin",
                       help="numeric_keep_bin (default), numeric or opaque")
     plan.set_defaults(func=cmd_plan)
+    run = sub.add_parser(
+        "run", help="replace a plan's card numbers with tokens, in place (resumable)",
+        description="Tokenize the card numbers of the plan's columns (BatchTokenize over "
+        "mTLS as the `descope` identity; cards found in stored data have no expiry) and "
+        "rewrite the rows in place, a chunk at a time: each chunk's rows and its checkpoint "
+        "commit in one transaction of the CRM database (schema vaultline_descope), so a run "
+        "stopped at any moment resumes where it stopped when run again. A row the CRM "
+        "changed meanwhile is read again, never overwritten. Each chunk is recorded in "
+        "Vaultline's audit trail (counts only). The database user needs UPDATE on the "
+        "planned tables and CREATE on the database (for the checkpoint schema).")
+    run.add_argument("plan", metavar="PLAN.yaml")
+    run.add_argument("--dsn", help="postgresql://… (or VAULTLINE_DESCOPE_DSN)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="count what would change; write nothing, tokenize nothing")
+    run.add_argument("--chunk", type=int, default=2000, metavar="ROWS",
+                     help="rows per chunk and transaction (default 2000)")
+    run.add_argument("--again", action="store_true",
+                     help="scan every table once more, even those this plan finished")
+    run.add_argument("--as", dest="as_", default="descope", metavar="CLIENT",
+                     help="the mTLS client identity (default: descope); "
+                     "VAULTLINE_CLIENT_CERT and VAULTLINE_CLIENT_KEY override it")
+    run.set_defaults(func=cmd_run)
+    csv_cmd = sub.add_parser(
+        "csv", help="write a copy of a CSV export with its card numbers tokenized",
+        description="Read IN (CSV with a header row), replace every card number in any "
+        "cell with its token — digits for digits, separators kept — and write OUT (mode "
+        "0600, written whole or not at all). Then scan OUT as `discover` does: exit 0 only "
+        "when no card number is left.")
+    csv_cmd.add_argument("input", metavar="IN")
+    csv_cmd.add_argument("output", metavar="OUT")
+    csv_cmd.add_argument("--force", action="store_true", help="replace OUT")
+    csv_cmd.add_argument("--tenant", default="default", help="the vault tenant")
+    csv_cmd.add_argument("--token-format", default="numeric_keep_bin",
+                         help="numeric_keep_bin (default), numeric or opaque")
+    csv_cmd.add_argument("--as", dest="as_", default="descope", metavar="CLIENT",
+                         help="the mTLS client identity (default: descope)")
+    csv_cmd.set_defaults(func=cmd_csv)
     verify = sub.add_parser(
         "verify", help="exit 0 only when no card number is left in a plan's columns",
         description="Run discovery again on the plan's tables and report any card number "

@@ -5,7 +5,8 @@ columns holding card numbers, each with how it is rewritten —
 
     whole     the value is a card number (separators allowed): it becomes the token
     embedded  card numbers inside text: only each card's characters are replaced
-    json      card numbers at these JSON paths: each such string's cards are replaced
+    json      card numbers at these JSON paths (`[*]` for any array index): each such
+              string's cards are replaced
 
 — and the token format (format-preserving by default, so a CRM field that validates card-like
 input keeps working). `load_plan` validates an edited plan and names the field of every
@@ -21,6 +22,8 @@ from typing import Any, Final
 
 import yaml
 
+from .rewrite import normalise_path
+
 __all__ = ["ColumnPlan", "Plan", "PlanError", "TablePlan", "dump_plan", "load_plan",
            "make_plan"]
 
@@ -28,7 +31,7 @@ REWRITES: Final = ("whole", "embedded", "json")
 FORMATS: Final = ("numeric_keep_bin", "numeric", "opaque")
 _TABLE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*\Z")
 _COLUMN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
-_PATH: Final = re.compile(r"\$(\.[^.\[\]]+|\[[0-9]+\])+\Z")
+_PATH: Final = re.compile(r"\$(\.[^.\[\]]+|\[(?:[0-9]+|\*)\])+\Z")
 
 
 class PlanError(ValueError):
@@ -154,7 +157,8 @@ def make_plan(discovery: Any, source: str, *, tenant: str = "default",
     by_table: dict[str, list[ColumnPlan]] = {}
     for finding in sorted(discovery.found, key=lambda f: (f.table, f.column)):
         if finding.data_type in ("json", "jsonb"):
-            column = ColumnPlan(finding.column, "json", tuple(sorted(finding.json_paths)))
+            column = ColumnPlan(finding.column, "json", tuple(sorted(
+                {normalise_path(p) for p in finding.json_paths})))
         elif finding.whole_values == finding.values_with_cards:
             column = ColumnPlan(finding.column, "whole")
         else:

@@ -1,0 +1,85 @@
+"""De-scoping's side of the tokenizer: BatchTokenize (the expiry unknown) and RecordDescopeChunk,
+over an mTLS channel of the `descope` identity."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from typing import Any, Final
+
+from google.rpc import error_details_pb2
+
+from ..gen.tokenization.v1 import tokenization_pb2 as pb
+from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from .run import ChunkCounts, DescopeError
+
+__all__ = ["GrpcTokenizer"]
+
+ITEMS_PER_CHUNK: Final = 5000
+# A token keeps the BIN only of a card of 16 digits or more; shorter cards get the plain
+# numeric format (still format-preserving).
+_KEEP_BIN_FROM: Final = 16
+_FORMATS: Final = {
+    "numeric_keep_bin": pb.TOKEN_FORMAT_NUMERIC_KEEP_BIN,
+    "numeric": pb.TOKEN_FORMAT_NUMERIC,
+    "opaque": pb.TOKEN_FORMAT_OPAQUE,
+}
+
+
+def _reason(status: Any) -> str:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return f"code {status.code}"
+
+
+class GrpcTokenizer:
+    def __init__(self, channel: Any, tenant: str, token_format: str) -> None:
+        self._stub = pb_grpc.TokenizationServiceStub(channel)
+        self._tenant = tenant
+        self._format = _FORMATS[token_format]
+        self.tokenized = 0
+
+    def _format_for(self, pan: str) -> int:
+        if self._format == pb.TOKEN_FORMAT_NUMERIC_KEEP_BIN and len(pan) < _KEEP_BIN_FROM:
+            return pb.TOKEN_FORMAT_NUMERIC
+        return self._format
+
+    async def tokenize(self, pans: Collection[str]) -> dict[str, str]:
+        by_format: dict[int, list[str]] = {}
+        for pan in pans:
+            by_format.setdefault(self._format_for(pan), []).append(pan)
+        chunks = [(fmt, group[i:i + ITEMS_PER_CHUNK])
+                  for fmt, group in by_format.items()
+                  for i in range(0, len(group), ITEMS_PER_CHUNK)]
+
+        async def requests() -> AsyncIterator[pb.BatchTokenizeRequest]:
+            for fmt, part in chunks:
+                yield pb.BatchTokenizeRequest(
+                    tenant=self._tenant, format=fmt, expiry_unknown=True,  # type: ignore[arg-type]
+                    items=[pb.BatchTokenizeRequest.Item(reference=str(i), card=pb.Card(pan=pan))
+                           for i, pan in enumerate(part)])
+
+        tokens: dict[str, str] = {}
+        answered = 0
+        async for response in self._stub.BatchTokenize(requests()):
+            _, part = chunks[answered]
+            answered += 1
+            if len(response.results) != len(part):
+                raise DescopeError("the tokenizer answered a chunk with a wrong count")
+            for pan, result in zip(part, response.results, strict=True):
+                if result.HasField("error"):
+                    # The reason only: the item's card never goes into a message.
+                    raise DescopeError(f"the vault refused a card: {_reason(result.error)}")
+                tokens[pan] = result.token.token
+        if answered != len(chunks):
+            raise DescopeError("the tokenizer ended the stream early")
+        self.tokenized += len(tokens)
+        return tokens
+
+    async def record_chunk(self, run_id: str, table: str, counts: ChunkCounts) -> None:
+        await self._stub.RecordDescopeChunk(pb.RecordDescopeChunkRequest(
+            tenant=self._tenant, run_id=run_id, table=table, chunk=counts.chunk,
+            rows_read=counts.rows_read, rows_rewritten=counts.rows_rewritten,
+            cards_replaced=counts.cards_replaced, rows_reread=counts.rows_reread))
