@@ -304,6 +304,9 @@ async def test_kill_9_at_random_moments_then_rerun_is_exact(
     assert kills >= 2
     final = await _cli(env, "run", str(plan_file), "--dsn", killed, "--chunk", "100")
     assert final.returncode == 0, final.stderr
+    for out in (done.stdout, done.stderr, final.stdout, final.stderr):
+        assert not find_cards(out) and not any(card in out for card in CARDS)
+    assert "rows/s" in done.stdout
 
     assert await _snapshot(killed) == await _snapshot(whole)  # the same end state
     verify = await _cli(env, "verify", str(plan_file), "--dsn", killed)
@@ -360,3 +363,24 @@ async def test_descope_csv_writes_a_tokenized_copy(tokenizer: Running, tmp_path:
     assert not any(find_cards(cell) for row in out for cell in row)
     again = await _cli(env, "csv", str(source), str(target))
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+async def test_a_tokenizer_that_is_away_is_tried_again_then_the_run_stops(
+        tokenizer: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """UNAVAILABLE is tried again (a restart or failover passes); one that lasts stops the run,
+    which resumes from its checkpoint when run again (test above)."""
+    import grpc
+
+    from vaultline.security.tls import channel_credentials
+
+    cert = tokenizer.pki.certs["descope/descope-1"]
+    creds = channel_credentials(tokenizer.pki.ca_pem, cert.cert_pem, cert.key_pem)
+    async with grpc.aio.secure_channel("127.0.0.1:9", creds) as channel:  # nobody listens
+        client = GrpcTokenizer(channel, "default", "numeric", retry_pause=0.01)
+        with caplog.at_level("WARNING", logger="vaultline.descope.client"), pytest.raises(
+                grpc.aio.AioRpcError) as failed:
+            await client.tokenize({"4111111111111111"})
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    retries = [r for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 3  # four attempts in all
+    assert not any("4111111111111111" in r.getMessage() for r in caplog.records)

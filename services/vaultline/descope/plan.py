@@ -95,8 +95,13 @@ def load_plan(path: Path) -> Plan:
         problems.append(f"{path}: {where}: {what}")
 
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise PlanError([f"{path}: cannot be read ({reason})"]) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
         raise PlanError([f"{path}: cannot be read as YAML"]) from None
     if not isinstance(doc, dict):
         raise PlanError([f"{path}: not a plan (a YAML mapping)"])
