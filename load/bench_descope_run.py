@@ -63,7 +63,9 @@ async def create(dsn: str, rows: int, every: int, card_rows: int) -> None:
         await conn.executemany("UPDATE bench_notes SET body = $2 WHERE id = $1", planted)
         await conn.copy_records_to_table("bench_cards", records=[
             (i + 1, card, "on file") for i, card in enumerate(cards[rows // every:])])
-        await conn.execute("ANALYZE")
+        # The CRM's tables only: analyzing the vault's empty `tokens` table too leaves the
+        # tokenizer planning for an empty table (see load/README.md, de-scoping).
+        await conn.execute("ANALYZE bench_notes, bench_cards")
     finally:
         await conn.close()
 
