@@ -306,7 +306,8 @@ async def test_kill_9_at_random_moments_then_rerun_is_exact(
     assert final.returncode == 0, final.stderr
     for out in (done.stdout, done.stderr, final.stdout, final.stderr):
         assert not find_cards(out) and not any(card in out for card in CARDS)
-    assert "rows/s" in done.stdout
+    assert "rows/s" in done.stdout and "progress: public." in done.stderr  # rows/s, ETA
+    assert " left" in done.stderr
 
     assert await _snapshot(killed) == await _snapshot(whole)  # the same end state
     verify = await _cli(env, "verify", str(plan_file), "--dsn", killed)

@@ -23,6 +23,7 @@ import base64
 import json
 import re
 import subprocess
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,8 @@ import grpc
 import pytest
 
 from tests.fixtures.devstack import VAULTLINE, Stack, stack_channel
-from tests.helpers import luhn_valid
+from tests.fixtures.infra import PostgresHandle
+from tests.helpers import luhn_valid, unique_name
 from tests.testcards import ALL_TEST_PANS
 from vaultline.batches import RowsDigest
 from vaultline.card import CardError, Pan
@@ -242,7 +244,47 @@ def _scan_files(home: Path) -> dict[str, list[str]]:
     return report
 
 
-async def test_no_pan_anywhere(home: Path) -> None:
+async def _descope(home: Path, postgres: PostgresHandle, tmp: Path) -> list[bytes]:
+    """De-scoping (issue 18) through the stack as an operator runs it: a CRM database (in the
+    tests' own PostgreSQL, outside the stack's state: its pages hold the cards by design until
+    they are rewritten) and a CSV export, planned, rewritten, verified. Its outputs are
+    scanned; the vault's tables, logs and the audit trail are scanned with everything else."""
+    name = unique_name("crmleak", 8)
+    admin = await asyncpg.connect(postgres.superuser_dsn)
+    await admin.execute(f"CREATE DATABASE {name}")
+    dsn = urllib.parse.urlunsplit(
+        urllib.parse.urlsplit(postgres.superuser_dsn)._replace(path=f"/{name}"))
+    cards = ALL_TEST_PANS[:12]
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+            await conn.executemany("INSERT INTO notes VALUES ($1, $2)", [
+                (i, f"Customer paid with {pan} by phone") for i, pan in enumerate(cards)])
+        finally:
+            await conn.close()
+        export = tmp / "export.csv"
+        export.write_text("id,card\n" + "".join(f"{i},{pan}\n" for i, pan in enumerate(cards)))
+        plan = tmp / "plan.yaml"
+        outputs = []
+        for args in (["plan", dsn, "--output", str(plan)],
+                     ["run", str(plan), "--dsn", dsn, "--dry-run"],
+                     ["run", str(plan), "--dsn", dsn],
+                     ["verify", str(plan), "--dsn", dsn],
+                     ["csv", str(export), str(tmp / "export.tokens.csv")]):
+            done = subprocess.run([*VAULTLINE, "--home", str(home), "descope", *args],
+                                  capture_output=True, timeout=120, check=False)
+            assert done.returncode == 0, (args[0], done.stdout, done.stderr)
+            outputs.append(done.stdout + done.stderr)
+        outputs.append(plan.read_bytes())
+        outputs.append((tmp / "export.tokens.csv").read_bytes())
+        return outputs
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_no_pan_anywhere(home: Path, postgres: PostgresHandle, tmp_path: Path) -> None:
     stack = Stack(home)
     info = stack.up()
     try:
@@ -275,6 +317,7 @@ async def test_no_pan_anywhere(home: Path) -> None:
         assert b"tones heard by the agent: 0" in agent.stdout
         assert b"card digits keyed while recording: 0" in agent.stdout
         responses.append(agent.stdout + agent.stderr)
+        responses += await _descope(home, postgres, tmp_path)
         db = await _database_dump(info)
         # The recording vault holds every call's recording, encrypted: no file is audio
         # (no WAV header, no PCM), and its listing holds no card data either.
