@@ -41,7 +41,7 @@ from .observability import Metrics, start_metrics_server, stop_metrics_server
 from .recordings.files import RecordingFiles
 from .recordings.library import RecordingLibrary
 from .retention import Purger
-from .security.access import Guard, load_policy
+from .security.access import Guard, QuotaBuckets, load_policy
 from .security.anchor import AuditCheckpointer
 from .security.audit import AuditWriter
 from .security.tls import load_server_credentials
@@ -67,8 +67,14 @@ MAX_SEND_BYTES = 16 << 20
 class TokenizerServer:
     """A running tokenizer; `address` is host:port actually bound."""
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    def __init__(self, config: TokenizerConfig, *, quota_buckets: QuotaBuckets | None = None,
+                 background_jobs: bool = True) -> None:
+        """`quota_buckets`: shared by the workers of `vaultline serve --workers N` (this
+        process's own otherwise); `background_jobs`: the periodic jobs (audit checkpoints,
+        purges, sweeps, retention) run in one worker only."""
         self.config = config
+        self._quota_buckets = quota_buckets
+        self._background_jobs = background_jobs
         self.address = ""
         self.store: Store | None = None
         self.keyring: Keyring | None = None
@@ -96,7 +102,7 @@ class TokenizerServer:
     async def start(self) -> str:
         config = self.config
         # Refuse to start on a bad policy or unreadable TLS material, before touching anything.
-        guard = Guard(load_policy(config.policy_path))
+        guard = Guard(load_policy(config.policy_path), buckets=self._quota_buckets)
         credentials = load_server_credentials(config.tls.ca, config.tls.cert, config.tls.key)
         # min_size=0: no connection is needed to start; the pool dials on first use.
         self.store = await Store.connect(
@@ -184,13 +190,14 @@ class TokenizerServer:
         self.checkpointer = AuditCheckpointer(
             self.store, self._vault, every_seconds=config.audit_checkpoint_seconds,
             every_records=config.audit_checkpoint_records)
-        self._checkpointing = asyncio.create_task(self.checkpointer.run())
         self.purger = Purger(self.store, every_seconds=config.purge_interval_seconds,
                              request_retention=config.tokenize_request_retention)
-        self._purging = asyncio.create_task(self.purger.run())
-        self._capture_deadlines = asyncio.create_task(self.captures.run_deadlines())
-        self._code_sweeps = asyncio.create_task(self.security_codes.run())
-        self._recording_retention = asyncio.create_task(self.recordings.run())
+        if self._background_jobs:
+            self._checkpointing = asyncio.create_task(self.checkpointer.run())
+            self._purging = asyncio.create_task(self.purger.run())
+            self._capture_deadlines = asyncio.create_task(self.captures.run_deadlines())
+            self._code_sweeps = asyncio.create_task(self.security_codes.run())
+            self._recording_retention = asyncio.create_task(self.recordings.run())
         if config.metrics_listen:
             mhost, mport = config.metrics_listen.rsplit(":", 1)
             self._metrics_server, bound = start_metrics_server(self.metrics, mhost, int(mport))
@@ -242,7 +249,7 @@ class TokenizerServer:
             self._server = None
             log.info("tokenizer stopped")
         await self.capture_hub.stop()
-        if self.checkpointer is not None and self.store is not None:
+        if self._background_jobs and self.checkpointer is not None and self.store is not None:
             # The records of the last moments get their checkpoint too, if OpenBao answers.
             try:
                 await asyncio.wait_for(self.checkpointer.checkpoint(), timeout=5)

@@ -28,8 +28,9 @@ LAYERS: dict[str, int] = {
     # the products and the gRPC edge
     "api": 4, "ivr": 4, "panel": 4, "recordings": 4, "descope": 4, "settlement": 4,
     "observability": 4, "twilio_sim": 4,
-    # configuration: the environment and stack.json, read by entry points only
-    "config": 5,
+    # configuration (the environment and stack.json) and the worker supervisor, for entry
+    # points only
+    "config": 5, "workers": 5,
     # entry points
     "cli": 6, "server": 6, "devstack": 6,
 }

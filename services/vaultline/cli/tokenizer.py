@@ -23,22 +23,76 @@ __all__ = ["add_tokenizer_commands"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..server import TokenizerServer
+    from ..security.access import PolicyError, load_policy, quota_keys
+    from ..workers import SharedBuckets, Supervisor, default_workers, reserve_port
 
+    config = TokenizerConfig.from_env()  # every variable checked before a worker starts
+    try:
+        policy = load_policy(config.policy_path)
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    count = args.workers or default_workers()
+    if count < 1 or count > 64:
+        raise ConfigError("--workers must be 1 to 64")
+    listen, reservation = reserve_port(config.grpc_listen)
+    supervisor = Supervisor(
+        "tokenizer", serve_worker,
+        (listen, SharedBuckets(quota_keys(policy)), args.verbose),
+        count, status_file=Path(args.status_file) if args.status_file else None,
+        metrics_listen=config.metrics_listen)
+    return run_supervised(supervisor, reservation, "tokenizer serving gRPC")
+
+
+def run_supervised(supervisor: Any, reservation: Any, what: str) -> int:
+    """Start the workers, say where they serve, restart them until Ctrl-C or SIGTERM."""
+    import signal
+
+    previous = {sig: signal.signal(sig, lambda *_: supervisor.stop_soon())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        workers = supervisor.start()
+        print(f"{what} on {workers[0].address} ({len(workers)} worker(s): pids "
+              f"{', '.join(str(w.pid) for w in workers)})", flush=True)
+        if supervisor.metrics_address:
+            print(f"metrics on http://{supervisor.metrics_address}/metrics (every worker, "
+                  "label worker)", flush=True)
+        code = supervisor.watch()
+        print("stopping…", flush=True)
+        return code
+    finally:
+        supervisor.stop()
+        reservation.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_worker(index: int, listen: str, buckets: Any, verbose: bool, ready: Any) -> None:
+    """One tokenizer worker process (spawned by `vaultline serve`)."""
+    import dataclasses
+    import os
+
+    from ..server import TokenizerServer
+    from ..workers import WorkerReady
+    from .common import setup_logging
+
+    setup_logging(verbose)
     config = TokenizerConfig.from_env()
+    config = dataclasses.replace(
+        config, grpc_listen=listen,
+        metrics_listen="127.0.0.1:0" if config.metrics_listen else None)
     tune_gc()
 
     async def main() -> None:
-        server = TokenizerServer(config)
+        # The periodic jobs (audit checkpoints, purges, sweeps) run in worker 0 only.
+        server = TokenizerServer(config, quota_buckets=buckets, background_jobs=index == 0)
         await server.start()
-        print(f"tokenizer serving gRPC on {server.address}", flush=True)
+        ready.put(WorkerReady(index, os.getpid(), server.address, server.metrics_address))
         try:
             await run_until_signalled()
         finally:
             await server.stop()
 
     asyncio.run(main())
-    return 0
 
 
 # ---- dev -----------------------------------------------------------------------------------
@@ -212,6 +266,12 @@ def add_tokenizer_commands(sub: Any) -> None:
         description=config_module.TOKENIZER_VARIABLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    serve.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="worker processes on the one port (SO_REUSEPORT); a worker that "
+                       "dies is restarted; default: one per core")
+    serve.add_argument("--status-file", metavar="PATH",
+                       help="write the supervisor's and workers' pids and addresses here "
+                       "(JSON), removed on exit")
     serve.set_defaults(func=cmd_serve)
 
     db = sub.add_parser("db", help="database schema")

@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import VaultlineError
 
@@ -283,6 +283,16 @@ def _quota(spec: dict[str, Any], where: str, fail: Callable[[str, str], PolicyEr
 # ---- the guard -----------------------------------------------------------------------------
 
 
+class QuotaBuckets(Protocol):
+    """Where the quota buckets live: this process (`LocalBuckets`), or memory shared by a
+    server's worker processes (`vaultline.workers.SharedBuckets`), so that N workers do not
+    grant an identity N times its quota."""
+
+    def take(self, key: str, burst: float, rate: float, count: int, now: float) -> bool:
+        """Refill `key`'s bucket to `now` and spend `count` from it; False (nothing spent)
+        when it holds fewer."""
+
+
 class _Bucket:
     __slots__ = ("tokens", "stamp")
 
@@ -291,13 +301,38 @@ class _Bucket:
         self.stamp = stamp
 
 
-class Guard:
-    """Answers access questions for one policy; holds the quota buckets of this process."""
+class LocalBuckets:
+    """The buckets of one process."""
 
-    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
+        self._buckets: dict[str, _Bucket] = {}
+
+    def take(self, key: str, burst: float, rate: float, count: int, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.tokens < count:
+            return False
+        bucket.tokens -= count
+        return True
+
+
+def quota_keys(policy: Policy) -> list[str]:
+    """Every bucket key a policy can use: one per identity and quota kind."""
+    return sorted(f"{kind}{uri}" for uri in policy.grants for kind in ("", "tokenize:"))
+
+
+class Guard:
+    """Answers access questions for one policy; spends quotas from its buckets (this
+    process's by default)."""
+
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic,
+                 buckets: QuotaBuckets | None = None) -> None:
         self.policy = policy
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: QuotaBuckets = buckets if buckets is not None else LocalBuckets()
 
     def authorize(self, uri: str, role: str, method: str) -> Grant:
         """The caller's grant if it may call `method`; raises otherwise. Default deny."""
@@ -323,15 +358,7 @@ class Guard:
         quota = grant.tokenize_quota if tokenize else grant.quota
         if quota is None or count <= 0:
             return
-        now = self._clock()
         key = ("tokenize:" if tokenize else "") + grant.uri
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(float(quota.burst), now)
-        bucket.tokens = min(
-            float(quota.burst), bucket.tokens + (now - bucket.stamp) * quota.rate_per_second
-        )
-        bucket.stamp = now
-        if bucket.tokens < count:
+        if not self._buckets.take(key, float(quota.burst), quota.rate_per_second, count,
+                                  self._clock()):
             raise TokenizeQuotaExceeded() if tokenize else QuotaExceeded()
-        bucket.tokens -= count
