@@ -71,9 +71,10 @@ class _Limited(asyncio.Protocol):
 
 class _LimitedSite(web.BaseSite):
     def __init__(self, runner: web.AppRunner, host: str, port: int,
-                 limits: ConnectionLimits) -> None:
+                 limits: ConnectionLimits, reuse_port: bool = False) -> None:
         super().__init__(runner)
         self._host, self._port, self._limits = host, port, limits
+        self._reuse_port = reuse_port
         self.bound = 0
 
     @property
@@ -86,16 +87,18 @@ class _LimitedSite(web.BaseSite):
         assert make is not None
         server = await asyncio.get_running_loop().create_server(
             lambda: _Limited(make(), self._limits), self._host, self._port,
-            reuse_address=True)
+            reuse_address=True, reuse_port=self._reuse_port or None)
         self._server = server
         self.bound = server.sockets[0].getsockname()[1]
 
 
 async def serve_app(app: web.Application, host: str, port: int,
-                    limits: ConnectionLimits | None = None) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0: any free port) within `limits`; (runner, bound port)."""
+                    limits: ConnectionLimits | None = None, *,
+                    reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port) within `limits`; (runner, bound port).
+    `reuse_port`: share the port with the other workers of a supervisor (SO_REUSEPORT)."""
     runner = web.AppRunner(app, access_log=None)  # access logs would show paths only, but
     await runner.setup()  # request volume makes them noise; the services log what counts
-    site = _LimitedSite(runner, host, port, limits or ConnectionLimits())
+    site = _LimitedSite(runner, host, port, limits or ConnectionLimits(), reuse_port)
     await site.start()
     return runner, site.bound

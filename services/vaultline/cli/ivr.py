@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import time
 import urllib.request
@@ -47,6 +48,8 @@ from ..twilio_sim import DEMO_CARD
 from .common import run_until_signalled
 
 __all__ = ["add_ivr_commands"]
+
+log = logging.getLogger(__name__)
 
 
 def _env(name: str, default: str | None = None) -> str:
@@ -92,20 +95,17 @@ def _recordings_config() -> dict[str, Any]:
             "recordings_tenant": _env("RECORDINGS_TENANT", "default")}
 
 
-def cmd_ivr_serve(args: argparse.Namespace) -> int:
-    import grpc
-
-    from ..ivr.app import IvrConfig, start_ivr
+def _ivr_config(metrics_listen: str | None) -> Any:
+    from ..ivr.app import IvrConfig
     from ..ivr.connector import ConnectorCredentials
 
-    host, _, port = _env("IVR_LISTEN", "127.0.0.1:8080").rpartition(":")
     connector_file = os.environ.get("VAULTLINE_PAY_CONNECTOR_CREDENTIALS_FILE")
     try:
         connector = (ConnectorCredentials.from_file(Path(connector_file))
                      if connector_file else None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    config = IvrConfig(
+    return IvrConfig(
         public_base_url=_env("IVR_PUBLIC_BASE_URL"),
         account_sid=_env("TWILIO_ACCOUNT_SID"),
         auth_token=read_secret_file(Path(_env("TWILIO_AUTH_TOKEN_FILE"))).decode(),
@@ -119,21 +119,62 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         connector_token_format=_env("PAY_CONNECTOR_TOKEN_FORMAT", "opaque"),
         card_types=parse_card_types(os.environ.get("VAULTLINE_PAY_CARD_TYPES", "")),
         **_recordings_config(),
-        metrics_listen=os.environ.get("VAULTLINE_IVR_METRICS_LISTEN") or None,
+        metrics_listen=metrics_listen,
     )
 
-    async def main() -> None:
-        address = _env("TOKENIZER_ADDRESS")
-        if os.environ.get("VAULTLINE_TOKENIZER_CA"):
-            from ..security.tls import load_client_credentials
 
-            channel = grpc.aio.secure_channel(address, load_client_credentials(
-                _env("TOKENIZER_CA"), _env("TOKENIZER_CERT"), _env("TOKENIZER_KEY")))
-        else:
-            channel = grpc.aio.insecure_channel(address)
-        running = await start_ivr(config, channel, host=host, port=int(port))
-        print(f"ivr webhooks on {running.address} (public {config.public_base_url}); "
-              f"flows: {', '.join(sorted(running.service.flows))}", flush=True)
+def _tokenizer_channel() -> Any:
+    import grpc
+
+    address = _env("TOKENIZER_ADDRESS")
+    if os.environ.get("VAULTLINE_TOKENIZER_CA"):
+        from ..security.tls import load_client_credentials
+
+        return grpc.aio.secure_channel(address, load_client_credentials(
+            _env("TOKENIZER_CA"), _env("TOKENIZER_CERT"), _env("TOKENIZER_KEY")))
+    return grpc.aio.insecure_channel(address)
+
+
+def cmd_ivr_serve(args: argparse.Namespace) -> int:
+    from ..workers import Supervisor, default_workers, reserve_port
+    from .tokenizer import run_supervised
+
+    listen = _env("IVR_LISTEN", "127.0.0.1:8080")
+    if ":" not in listen:
+        raise ConfigError("VAULTLINE_IVR_LISTEN must be host:port")
+    metrics = os.environ.get("VAULTLINE_IVR_METRICS_LISTEN") or None
+    _ivr_config(metrics)  # every variable checked before a worker starts
+    count = args.workers or default_workers()
+    if count < 1 or count > 64:
+        raise ConfigError("--workers must be 1 to 64")
+    listen, reservation = reserve_port(listen)
+    supervisor = Supervisor(
+        "ivr", ivr_worker, (listen, args.verbose), count,
+        status_file=Path(args.status_file) if args.status_file else None,
+        metrics_listen=metrics)
+    return run_supervised(supervisor, reservation, "ivr webhooks")
+
+
+def ivr_worker(index: int, listen: str, verbose: bool, ready: Any) -> None:
+    """One IVR worker process (spawned by `vaultline ivr serve`). Its state is in PostgreSQL
+    (sessions, captures compare-and-set), so any worker answers any webhook."""
+    from ..ivr.app import start_ivr
+    from ..workers import WorkerReady
+    from .common import setup_logging
+
+    setup_logging(verbose)
+    host, _, port = listen.rpartition(":")
+    config = _ivr_config("127.0.0.1:0" if os.environ.get("VAULTLINE_IVR_METRICS_LISTEN")
+                         else None)
+
+    async def main() -> None:
+        channel = _tokenizer_channel()
+        running = await start_ivr(config, channel, host=host, port=int(port), reuse_port=True)
+        log.info("ivr worker %d: webhooks on %s (public %s); flows: %s", index,
+                 running.address, config.public_base_url,
+                 ", ".join(sorted(running.service.flows)))
+        ready.put(WorkerReady(index, os.getpid(), running.address,
+                              running.service.metrics_address))
         try:
             await run_until_signalled()
         finally:
@@ -141,7 +182,6 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
             await channel.close()
 
     asyncio.run(main())
-    return 0
 
 
 def _stack(home: str) -> dict[str, Any]:
@@ -319,6 +359,12 @@ def add_ivr_commands(subparsers: Any) -> None:
         "endpoint. Configuration comes from the environment:\n\n"
         + "  " + __doc__.split("(all `VAULTLINE_`-prefixed):\n", 1)[1].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="worker processes on the one port (SO_REUSEPORT); a worker that "
+                       "dies is restarted; default: one per core")
+    serve.add_argument("--status-file", metavar="PATH",
+                       help="write the supervisor's and workers' pids and addresses here "
+                       "(JSON), removed on exit")
     serve.set_defaults(func=cmd_ivr_serve)
 
     sim = subparsers.add_parser("sim", help="the Twilio simulator of the dev stack")

@@ -523,14 +523,15 @@ class RunningIvr:
 
 
 async def start_ivr(config: IvrConfig, channel: grpc.aio.Channel, *, host: str = "127.0.0.1",
-                    port: int = 0, flows: Mapping[str, Flow] | None = None) -> RunningIvr:
+                    port: int = 0, flows: Mapping[str, Flow] | None = None,
+                    reuse_port: bool = False) -> RunningIvr:
     """Start the webhook service on host:port. `config.public_base_url` is what Twilio (or
     the simulator) signs against; when it is empty-ish, pass the bound address yourself."""
     service = IvrService(config, channel, flows)
     await service.start()
     try:
         runner, bound = await serve_app(service.app, host, port, ConnectionLimits(
-            config.max_connections, config.connection_lifetime))
+            config.max_connections, config.connection_lifetime), reuse_port=reuse_port)
     except BaseException:
         await service.close()
         raise
