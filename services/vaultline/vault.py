@@ -18,6 +18,12 @@ domain, ``run_transit`` turns every one of them into ``errors.KeyServiceUnavaila
 The client is synchronous (hvac/requests) and thread-safe; async callers use
 ``asyncio.to_thread``. It authenticates lazily with AppRole and re-authenticates once when a
 request is refused with 401/403 (expired or revoked token) or the token is about to expire.
+
+Given every node of a Raft cluster (``addr`` is a comma-separated list), it talks to one node
+(any node forwards to the active one) and, when that node is unreachable or has no active node
+to forward to (a leader change), moves on to the next and tries again, for at most
+``FAILOVER_SECONDS``: every call it makes is safe to repeat (a data key generated twice is one
+unused key; a checkpoint is filed with check-and-set).
 """
 
 from __future__ import annotations
@@ -69,6 +75,10 @@ CHECKPOINTS: Final = "audit/checkpoints"
 MAX_BATCH: Final = 250
 # Re-login this long before the token's TTL runs out rather than eat a 403 first.
 _TOKEN_RENEW_MARGIN_S: Final = 30.0
+# A leader change takes OpenBao 1-3 s on a local cluster (load/README.md); the bound leaves
+# room for a slow machine and stays under callers' deadlines.
+FAILOVER_SECONDS: Final = 15.0
+_FAILOVER_PAUSE_S: Final = 0.2
 
 
 # The recording vault's key (issue 17): RSA-4096 in transit, not exportable; Twilio wraps each
@@ -248,7 +258,11 @@ class TransitClient:
                  verify: bool | str = True, audit_chain: str = "default") -> None:
         """`audit_chain` names the folder of this deployment's audit checkpoints (several
         vault databases may share one OpenBao)."""
-        self._addr = addr.rstrip("/")
+        self._addrs = [a.strip().rstrip("/") for a in addr.split(",") if a.strip()]
+        if not self._addrs:
+            raise ValueError("no OpenBao address")
+        self._addr = self._addrs[0]
+        self._node_lock = threading.Lock()
         self._checkpoints = f"{CHECKPOINTS}/{audit_chain}"
         self._credentials = credentials
         self._key = key_name
@@ -261,15 +275,43 @@ class TransitClient:
         self._anon = hvac.Client(url=self._addr, token="", timeout=timeout, verify=verify,
                                  adapter=_Adapter)
         self._login_lock = threading.Lock()
+        self._timeout, self._verify = timeout, verify
+        self._health_clients: dict[str, hvac.Client] = {}
         self._token: str | None = None
         self._token_deadline = 0.0
 
     def __repr__(self) -> str:
         return f"TransitClient(addr={self._addr!r}, key={self._mount}/{self._key})"
 
+    def _next_node(self, failed: str) -> None:
+        """Move to the node after `failed` (unless another thread already moved on)."""
+        with self._node_lock:
+            if self._addr != failed or len(self._addrs) < 2:
+                return
+            self._addr = self._addrs[(self._addrs.index(failed) + 1) % len(self._addrs)]
+            self._client.url = self._addr
+            self._anon.url = self._addr
+            _log.warning("OpenBao at %s unavailable; trying %s", failed, self._addr)
+
+    def _failing_over(self, attempt: Callable[[], _T]) -> _T:
+        """`attempt()`, tried again on the next node while OpenBao is unavailable, for at most
+        FAILOVER_SECONDS (once only with a single node)."""
+        deadline = time.monotonic() + (FAILOVER_SECONDS if len(self._addrs) > 1 else 0.0)
+        while True:
+            node = self._addr
+            try:
+                return attempt()
+            except VaultUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+            self._next_node(node)
+            time.sleep(_FAILOVER_PAUSE_S)
+
     def close(self) -> None:
         self._client.adapter.close()
         self._anon.adapter.close()
+        for client in self._health_clients.values():
+            client.adapter.close()
 
     def __enter__(self) -> TransitClient:
         return self
@@ -369,15 +411,28 @@ class TransitClient:
             json={"min_decryption_version": version}))
 
     def health(self) -> bool:
-        """True if the server is initialised, unsealed and the active node (unauthenticated)."""
-        try:
-            resp = self._anon.sys.read_health_status(method="GET")
-        except (requests.exceptions.RequestException, _HTTPStatusError):
-            return False
-        if not isinstance(resp, dict):  # non-200: 429 standby, 501 uninitialised, 503 sealed
-            return False
-        return (resp.get("initialized") is True and resp.get("sealed") is False
-                and resp.get("standby") is False)
+        """True if the server (a cluster: one of its nodes) is initialised, unsealed and the
+        active node (unauthenticated)."""
+        for addr in self._addrs:
+            try:
+                resp = self._health_client(addr).sys.read_health_status(method="GET")
+            except (requests.exceptions.RequestException, _HTTPStatusError):
+                continue
+            if isinstance(resp, dict) and (  # non-200: 429 standby, 501, 503 sealed
+                    resp.get("initialized") is True and resp.get("sealed") is False
+                    and resp.get("standby") is False):
+                return True
+        return False
+
+    def _health_client(self, addr: str) -> hvac.Client:
+        if addr == self._addrs[0] and len(self._addrs) == 1:
+            return self._anon
+        client = self._health_clients.get(addr)
+        if client is None:
+            client = self._health_clients[addr] = hvac.Client(
+                url=addr, token="", timeout=self._timeout, verify=self._verify,
+                adapter=_Adapter)
+        return client
 
     # -- audit checkpoints ---------------------------------------------------------------------
 
@@ -437,6 +492,12 @@ class TransitClient:
     def _call(self, operation: str, fn: Callable[[Any], _T], *,
               batch_offset: int | None = None,
               engine: Callable[[hvac.Client], Any] | None = None) -> _T:
+        return self._failing_over(lambda: self._call_node(
+            operation, fn, batch_offset=batch_offset, engine=engine))
+
+    def _call_node(self, operation: str, fn: Callable[[Any], _T], *,
+                   batch_offset: int | None = None,
+                   engine: Callable[[hvac.Client], Any] | None = None) -> _T:
         """Run ``fn(hvac transit api)`` (or ``fn(engine(client))``) authenticated; log in
         again once on 401/403.
 

@@ -101,7 +101,7 @@ def serve_worker(index: int, listen: str, buckets: Any, verbose: bool, ready: An
 def cmd_dev_up(args: argparse.Namespace) -> int:
     from ..devstack.stack import DevStack
 
-    stack = DevStack(Path(args.home).resolve(), grpc_port=args.grpc_port)
+    stack = DevStack(Path(args.home).resolve(), grpc_port=args.grpc_port, ha=args.ha)
     tune_gc()
 
     async def main() -> None:
@@ -258,6 +258,10 @@ def add_tokenizer_commands(sub: Any) -> None:
         ),
     )
     up.add_argument("--grpc-port", type=int, default=50051, help="tokenizer port (0 = any)")
+    up.add_argument("--ha", action="store_true",
+                    help="OpenBao as a 3-node Raft cluster (every node unsealed; the tokenizer "
+                    "is given every node and follows the active one); stack.json lists the "
+                    "nodes under `ha`")
     up.set_defaults(func=cmd_dev_up)
 
     serve = sub.add_parser(

@@ -72,9 +72,12 @@ def free_port(host: str = "127.0.0.1", exclude: frozenset[int] = frozenset()) ->
 
 
 def reuse_or_pick_ports(state_file: Path, names: tuple[str, ...],
-                        requested: Mapping[str, int | None]) -> dict[str, int]:
+                        requested: Mapping[str, int | None],
+                        exclude: frozenset[int] = frozenset()) -> dict[str, int]:
     """Ports for ``names``: the requested one, else the one persisted in ``state_file`` if still
-    free, else a fresh free port. The result is written back so a restart keeps its address."""
+    free, else a fresh free port (never one of ``exclude``: ports other nodes of a cluster
+    chose but have not bound yet). The result is written back so a restart keeps its
+    address."""
     saved: dict[str, Any] = {}
     if state_file.exists():
         with contextlib.suppress(OSError, ValueError):
@@ -86,10 +89,11 @@ def reuse_or_pick_ports(state_file: Path, names: tuple[str, ...],
             chosen[name] = want
             continue
         old = saved.get(name)
-        if isinstance(old, int) and old not in chosen.values() and port_is_free(old):
+        taken = exclude | frozenset(chosen.values())
+        if isinstance(old, int) and old not in taken and port_is_free(old):
             chosen[name] = old
         else:
-            chosen[name] = free_port(exclude=frozenset(chosen.values()))
+            chosen[name] = free_port(exclude=taken)
     write_json(state_file, chosen, mode=0o644)
     return chosen
 

@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -41,6 +42,7 @@ from vaultline.vault import RECORDING_CERT_KEY, RECORDINGS_KEY, AppRoleCredentia
 __all__ = [
     "KEK_NAME",
     "OpenBaoBootstrap",
+    "OpenBaoCluster",
     "OpenBaoServer",
     "configure_openbao",
     "default_infra_dir",
@@ -57,6 +59,7 @@ APPROLE_MOUNT: Final = "approle"
 SECRET_SHARES: Final = 3  # split knowledge (PCI DSS 3.7.6): no single custodian can unseal
 SECRET_THRESHOLD: Final = 2
 INIT_FILE: Final = "openbao-init.json"
+HA_INIT_FILE: Final = "openbao-ha-init.json"  # the cluster's: a home may hold both kinds
 # role name -> (policy name = infra/openbao/<policy>.hcl, credentials file in dev_dir)
 ROLES: Final[dict[str, tuple[str, str]]] = {
     "vaultline-tokenizer": ("tokenizer", "approle-tokenizer.json"),
@@ -169,7 +172,13 @@ class OpenBaoServer:
 
     def __init__(self, data_dir: Path, port: int | None = None, log_path: Path | None = None,
                  *, dev_dir: Path | None = None, infra_dir: Path | None = None,
-                 startup_timeout: float = 30.0) -> None:
+                 startup_timeout: float = 30.0, node_id: str = "vaultline-dev-1",
+                 peers: Sequence[str] = (), init_file_name: str = INIT_FILE) -> None:
+        """`peers`: the API addresses of the other nodes of a Raft cluster (retry_join);
+        `init_file_name`: the dev-only unseal keys' file in `dev_dir`."""
+        self.node_id = node_id
+        self._init_file_name = init_file_name
+        self.peers = list(peers)
         self.data_dir = Path(data_dir).resolve()
         self.dev_dir = Path(dev_dir).resolve() if dev_dir else self.data_dir.parent / "dev"
         self.log_path = Path(log_path) if log_path else self.data_dir / "openbao.log"
@@ -199,7 +208,7 @@ class OpenBaoServer:
 
     @property
     def init_file(self) -> Path:
-        return self.dev_dir / INIT_FILE
+        return self.dev_dir / self._init_file_name
 
     @property
     def audit_log(self) -> Path:
@@ -243,6 +252,19 @@ class OpenBaoServer:
             return pid
         return None
 
+    def reserve_ports(self, exclude: frozenset[int] = frozenset()) -> dict[str, int]:
+        """Choose the node's ports (those it had before, when free): a cluster knows every
+        node's address before any starts."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
+        self._ports = reuse_or_pick_ports(self._ports_file, ("port", "cluster_port"),
+                                          {"port": self._requested_port}, exclude)
+        return self._ports
+
+    @property
+    def pid(self) -> int | None:
+        return self._running_pid()
+
     def start(self) -> None:
         """Start the server and wait until its API answers (sealed or not)."""
         if self.is_running:
@@ -252,11 +274,10 @@ class OpenBaoServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         (self.data_dir / "raft").mkdir(mode=0o700, exist_ok=True)
-        self._ports = reuse_or_pick_ports(self._ports_file, ("port", "cluster_port"),
-                                          {"port": self._requested_port})
+        ports = self._ports if self._ports is not None and self.peers else self.reserve_ports()
         # Checked up front: another server on our port would answer the readiness probe below
         # while our process dies on "address already in use".
-        busy = [p for p in self._ports.values() if not port_is_free(p)]
+        busy = [p for p in ports.values() if not port_is_free(p)]
         if busy:
             raise DevstackError(f"OpenBao cannot listen on 127.0.0.1:{busy[0]}: "
                                 "address already in use")
@@ -336,10 +357,15 @@ class OpenBaoServer:
             raise DevstackError(f"OpenBao config template {template_path} not found") from None
         assert self._ports is not None
         try:
+            joins = "".join(f'  retry_join {{\n    leader_api_addr = "{peer}"\n  }}\n'
+                            for peer in self.peers)
             rendered = template.substitute(
-                raft_dir=self.data_dir / "raft", node_id="vaultline-dev-1",
+                raft_dir=self.data_dir / "raft", node_id=self.node_id, retry_join=joins,
                 port=self._ports["port"], cluster_port=self._ports["cluster_port"],
-                audit_path=self.audit_log)
+                # The nodes of a cluster must declare the same audit device (its options are
+                # replicated and checked when a standby becomes active): a path relative to
+                # each node's working directory, its data dir, names each node's own file.
+                audit_path=self.audit_log.name if self.peers else self.audit_log)
         except (KeyError, ValueError) as exc:
             raise DevstackError(f"{template_path}: bad placeholder {exc}") from None
         header = f"# Generated from {template_path} by vaultline.devstack.openbao; do not edit.\n"
@@ -394,8 +420,9 @@ class OpenBaoServer:
         """Seal the server (fault injection): every request then fails until unseal()."""
         _Api(self.addr, self._root_token()).call("PUT", "sys/seal")
 
-    def unseal(self) -> None:
-        """Submit the dev unseal shares if sealed, then wait for the node to become active."""
+    def unseal(self, *, wait_active: bool = True) -> None:
+        """Submit the dev unseal shares if sealed, then wait for the node to become active
+        (or, with `wait_active=False`, a standby of a cluster)."""
         api = _Api(self.addr)
         _, seal = api.call("GET", "sys/seal-status")
         if seal.get("sealed"):
@@ -407,21 +434,155 @@ class OpenBaoServer:
                 _, seal = api.call("PUT", "sys/unseal", {"key": key})
                 if not seal.get("sealed"):
                     break
+            # A node joining a cluster takes the shares, joins, then unseals: wait for it.
+            deadline = time.monotonic() + (self.startup_timeout if self.peers else 0)
+            while seal.get("sealed") and time.monotonic() < deadline:
+                time.sleep(0.2)
+                _, seal = api.call("GET", "sys/seal-status")
+                if seal.get("sealed") and not seal.get("progress"):
+                    for key in keys[:SECRET_THRESHOLD]:
+                        _, seal = api.call("PUT", "sys/unseal", {"key": key})
             if seal.get("sealed"):
                 raise DevstackError("OpenBao stayed sealed after all dev unseal shares")
-        self._wait_active(api)
+        self._wait_active(api, (200,) if wait_active else (200, 429))
 
-    def _wait_active(self, api: _Api) -> None:
+    def _wait_active(self, api: _Api, ready: tuple[int, ...] = (200,)) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             status, _ = api.call("GET", "sys/health", expect=(200, 429, 472, 473, 501, 503))
-            if status == 200:
+            if status in ready:
                 return
             if time.monotonic() > deadline:
                 raise DevstackError(f"OpenBao did not become active within "
                                     f"{self.startup_timeout:.0f}s (health HTTP {status}); "
                                     f"log {self.log_path}:\n{tail(self.log_path)}")
             time.sleep(0.05)
+
+
+class OpenBaoCluster:
+    """Three OpenBao nodes on integrated Raft (`vaultline dev up --ha`), one data dir each
+    under ``base_dir``: every node's config lists the others under ``retry_join``; the first
+    is initialised (the same dev unseal shares open every node), the others join it as they
+    are unsealed. Raft elects the active node; any node forwards requests to it."""
+
+    def __init__(self, base_dir: Path, *, dev_dir: Path, size: int = 3,
+                 infra_dir: Path | None = None, startup_timeout: float = 60.0) -> None:
+        if size < 3:
+            raise ValueError("a Raft cluster that survives the loss of a node needs 3 nodes")
+        self.base_dir = Path(base_dir).resolve()
+        self.dev_dir = Path(dev_dir).resolve()
+        self.nodes = [OpenBaoServer(self.base_dir / f"node-{i}", dev_dir=self.dev_dir,
+                                    infra_dir=infra_dir, startup_timeout=startup_timeout,
+                                    node_id=f"vaultline-{i}", init_file_name=HA_INIT_FILE)
+                      for i in range(1, size + 1)]
+
+    @property
+    def addrs(self) -> list[str]:
+        return [node.addr for node in self.nodes]
+
+    @property
+    def addr(self) -> str:
+        """Every node's address, comma-separated: what VAULTLINE_VAULT_ADDR takes."""
+        return ",".join(self.addrs)
+
+    def start(self) -> None:
+        taken: frozenset[int] = frozenset()
+        for node in self.nodes:
+            taken |= frozenset(node.reserve_ports(taken).values())
+        for node in self.nodes:
+            node.peers = [a for a in self.addrs if a != node.addr]
+        started: list[OpenBaoServer] = []
+        try:
+            for node in self.nodes:
+                node.start()
+                started.append(node)
+        except BaseException:
+            for node in started:
+                node.stop()
+            raise
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def bootstrap(self) -> OpenBaoBootstrap:
+        """Initialise through the first node if new, unseal every node, wait until all three
+        are Raft voters, then configure (idempotent)."""
+        first = self.nodes[0]
+        api = _Api(first.addr)
+        _, status = api.call("GET", "sys/init")
+        if not status.get("initialized"):
+            first._initialise(api)
+        # On a restart every node is sealed: each must be unsealed before Raft can elect. A new
+        # node answers "not initialized" until its retry_join has reached an unsealed node.
+        for node in self.nodes:
+            deadline = time.monotonic() + node.startup_timeout
+            while True:
+                try:
+                    node.unseal(wait_active=False)
+                    break
+                except DevstackError as exc:
+                    if "not initialized" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            if node is first:
+                # Autopilot promotes a joined node to voter once it has been healthy this
+                # long (default 10 s); a local cluster's nodes are stable in far less.
+                with contextlib.suppress(DevstackError):
+                    _Api(first.addr, first._root_token()).call(
+                        "POST", "sys/storage/raft/autopilot/configuration",
+                        {"server_stabilization_time": "2s"})
+        self.wait_voters(len(self.nodes))
+        leader = self.leader()
+        assert leader is not None
+        return configure_openbao(leader.addr, first._root_token(), self.dev_dir,
+                                 infra_dir=first.infra_dir, require_audit=True)
+
+    def _root(self) -> str:
+        return self.nodes[0]._root_token()
+
+    def raft_peers(self) -> list[dict[str, Any]]:
+        """The Raft configuration as any live node reports it."""
+        for node in self.nodes:
+            if not node.is_running:
+                continue
+            with contextlib.suppress(DevstackError, OSError):
+                _, body = _Api(node.addr, self._root()).call(
+                    "GET", "sys/storage/raft/configuration")
+                servers = body.get("data", {}).get("config", {}).get("servers", [])
+                if isinstance(servers, list):
+                    return servers
+        return []
+
+    def wait_voters(self, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            voters = [s for s in self.raft_peers() if s.get("voter")]
+            if len(voters) >= count and self.leader() is not None:
+                return
+            if time.monotonic() > deadline:
+                raise DevstackError(f"the OpenBao cluster has {len(voters)} voter(s) of "
+                                    f"{count} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def leader(self) -> OpenBaoServer | None:
+        """The active node (None while Raft elects one)."""
+        for node in self.nodes:
+            if not node.is_running:
+                continue
+            with contextlib.suppress(DevstackError, OSError):
+                status, _ = _Api(node.addr, timeout=2.0).call(
+                    "GET", "sys/health", expect=(200, 429, 472, 473, 501, 503))
+                if status == 200:
+                    return node
+        return None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """stack.json's `ha` entries for the nodes: kind, address, pid, role."""
+        leader = self.leader()
+        return [{"kind": "openbao", "name": node.node_id, "address": node.addr,
+                 "pid": node.pid, "role": "leader" if node is leader else "follower"}
+                for node in self.nodes]
 
 
 def configure_openbao(addr: str, token: str, dev_dir: Path, *, infra_dir: Path | None = None,

@@ -33,16 +33,18 @@ from ..server import TokenizerServer
 from ..store import migrate
 from ..vault import AppRoleCredentials
 from . import DevstackError, write_json
-from .openbao import OpenBaoServer
+from .openbao import OpenBaoCluster, OpenBaoServer
 from .postgres import PostgresServer
 
 
 class DevStack:
-    def __init__(self, home: Path, *, grpc_port: int = 50051) -> None:
+    def __init__(self, home: Path, *, grpc_port: int = 50051, ha: bool = False) -> None:
+        """`ha`: OpenBao as a 3-node Raft cluster (`dev up --ha`; issue 19)."""
         self.home = home
         self.dev_dir = home / "dev"
         self.grpc_port = grpc_port
-        self.openbao: OpenBaoServer | None = None
+        self.ha = ha
+        self.openbao: OpenBaoServer | OpenBaoCluster | None = None
         self.postgres: PostgresServer | None = None
         self.tokenizer: TokenizerServer | None = None
         self.ivr: Any = None
@@ -139,6 +141,9 @@ class DevStack:
             **ivr_info,
             **panel_info,
         }
+        if isinstance(self.openbao, OpenBaoCluster):
+            # Each node of the HA stack: kind, address, pid and role (as it was at start).
+            self.info["ha"] = {"nodes": await asyncio.to_thread(self.openbao.describe)}
         write_json(self.stack_file, self.info, mode=0o600)
 
     async def _start_ivr(self, grpc_address: str, pki: Any, ivr_dsn: str, vault_addr: str,
@@ -179,7 +184,10 @@ class DevStack:
                     os.environ.get("VAULTLINE_KEYS_ADMIN_APPROLE_FILE"),
                     os.environ.get("VAULTLINE_AUDITOR_APPROLE_FILE"),
                     os.environ.get("VAULTLINE_RECORDINGS_APPROLE_FILE"))
-        self.openbao = OpenBaoServer(self.home / "openbao", dev_dir=self.dev_dir)
+        if self.ha:
+            self.openbao = OpenBaoCluster(self.home / "openbao-ha", dev_dir=self.dev_dir)
+        else:
+            self.openbao = OpenBaoServer(self.home / "openbao", dev_dir=self.dev_dir)
         self.openbao.start()
         boot = self.openbao.bootstrap()
         return (self.openbao.addr, boot.tokenizer, str(boot.keys_admin_file),
@@ -249,16 +257,18 @@ class DevStack:
             f"  metrics          http://{i['metrics_address']}/metrics",
             f"  client certs     {Path(i['ca']).parent}  (CA, one certificate per identity)",
             f"  OpenBao          {i['vault_addr']}"
-            + ("  data: " + str(self.home / "openbao") if self.openbao else "  (external)"),
+            + (f"  data: {self.home / 'openbao-ha'} (3-node Raft cluster)"
+               if isinstance(self.openbao, OpenBaoCluster)
+               else "  data: " + str(self.home / "openbao") if self.openbao else "  (external)"),
             "  PostgreSQL       "
             + (f"127.0.0.1:{self.postgres.port}  data: {self.postgres.pgdata}"
                if self.postgres else "(external)"),
             f"  stack file       {self.stack_file}",
         ]
         if self.openbao:
-            lines.append(
-                f"  DEV ONLY: unseal keys and root token in {self.openbao.init_file}"
-            )
+            init_file = (self.openbao.nodes[0].init_file
+                         if isinstance(self.openbao, OpenBaoCluster) else self.openbao.init_file)
+            lines.append(f"  DEV ONLY: unseal keys and root token in {init_file}")
         if "ivr_base_url" in i:
             lines += [
                 f"  payment IVR      {i['ivr_base_url']}/voice/<flow>  (Twilio webhooks)",
