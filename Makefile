@@ -12,7 +12,7 @@ VENV_STAMP := $(VENV)/.installed
 
 include infra/make/proto.mk
 
-.PHONY: help run test unit lint bench clean browser
+.PHONY: help run test unit lint bench clean browser patroni
 
 help: ## show the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -24,10 +24,24 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+# Patroni (the HA stack's PostgreSQL manager) runs as PostgreSQL's server account, which
+# cannot run as root: when we are root it needs a Python that account can read, and ours may
+# live under /root. A small virtualenv from the system Python, readable by all, under .tools/.
+PATRONI_STAMP := .tools/patroni/.installed
+SYSTEM_PYTHON := $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo $(PYTHON))
+$(PATRONI_STAMP): pyproject.toml
+	@mkdir -p .tools
+	$(SYSTEM_PYTHON) -m venv .tools/patroni
+	.tools/patroni/bin/python -m pip install --quiet 'patroni[etcd3]>=4.0' 'psycopg[binary]>=3.2'
+	chmod -R a+rX .tools/patroni
+	@touch $@
+
+patroni: $(PATRONI_STAMP) ## the HA stack's Patroni, runnable by PostgreSQL's server account
+
 run: $(VENV_STAMP) ## start OpenBao, PostgreSQL and the tokenizer (Ctrl-C stops)
 	$(VENV)/bin/vaultline dev up
 
-test: $(VENV_STAMP) lint proto browser ## every check: lint, proto lint/breaking/codegen, all tests
+test: $(VENV_STAMP) lint proto browser patroni ## every check: lint, proto lint/breaking/codegen, all tests
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The agent panel's browser tests drive Debian's chromium through chromium-driver (nothing is

@@ -36,6 +36,11 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,  # connection closed underneath a query
+    # Given every node of an HA cluster (target_session_attrs=read-write): none is the
+    # primary right now (a failover is under way), or a session landed on a node that has
+    # just been demoted.
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
