@@ -259,9 +259,10 @@ def add_tokenizer_commands(sub: Any) -> None:
     )
     up.add_argument("--grpc-port", type=int, default=50051, help="tokenizer port (0 = any)")
     up.add_argument("--ha", action="store_true",
-                    help="OpenBao as a 3-node Raft cluster (every node unsealed; the tokenizer "
-                    "is given every node and follows the active one); stack.json lists the "
-                    "nodes under `ha`")
+                    help="the HA stack: OpenBao as a 3-node Raft cluster (every node "
+                    "unsealed; the tokenizer follows the active one) and PostgreSQL as a "
+                    "primary and a synchronous standby under Patroni on 3 etcd members "
+                    "(clients get multi-host DSNs); stack.json lists the nodes under `ha`")
     up.set_defaults(func=cmd_dev_up)
 
     serve = sub.add_parser(

@@ -34,6 +34,7 @@ from ..store import migrate
 from ..vault import AppRoleCredentials
 from . import DevstackError, write_json
 from .openbao import OpenBaoCluster, OpenBaoServer
+from .patroni import PatroniCluster
 from .postgres import PostgresServer
 
 
@@ -45,7 +46,7 @@ class DevStack:
         self.grpc_port = grpc_port
         self.ha = ha
         self.openbao: OpenBaoServer | OpenBaoCluster | None = None
-        self.postgres: PostgresServer | None = None
+        self.postgres: PostgresServer | PatroniCluster | None = None
         self.tokenizer: TokenizerServer | None = None
         self.ivr: Any = None
         self._ivr_channel: grpc.aio.Channel | None = None
@@ -141,9 +142,13 @@ class DevStack:
             **ivr_info,
             **panel_info,
         }
-        if isinstance(self.openbao, OpenBaoCluster):
+        if self.ha:
             # Each node of the HA stack: kind, address, pid and role (as it was at start).
-            self.info["ha"] = {"nodes": await asyncio.to_thread(self.openbao.describe)}
+            nodes: list[dict[str, Any]] = []
+            for cluster in (self.openbao, self.postgres):
+                if isinstance(cluster, OpenBaoCluster | PatroniCluster):
+                    nodes += await asyncio.to_thread(cluster.describe)
+            self.info["ha"] = {"nodes": nodes}
         write_json(self.stack_file, self.info, mode=0o600)
 
     async def _start_ivr(self, grpc_address: str, pki: Any, ivr_dsn: str, vault_addr: str,
@@ -213,8 +218,13 @@ class DevStack:
                     "role) too"
                 )
             return external
-        self.postgres = PostgresServer(self.home / "postgres", dev_dir=self.dev_dir)
-        self.postgres.start()
+        if self.ha:
+            cluster = PatroniCluster(self.home / "postgres-ha", dev_dir=self.dev_dir)
+            self.postgres = cluster
+            cluster.start()
+        else:
+            self.postgres = PostgresServer(self.home / "postgres", dev_dir=self.dev_dir)
+            self.postgres.start()
         boot = self.postgres.bootstrap()
         return {"database_url": boot.app_dsn, "owner_dsn": boot.owner_dsn,
                 "ivr_database_url": boot.ivr_dsn, "auditor_database_url": boot.auditor_dsn,
@@ -261,7 +271,9 @@ class DevStack:
                if isinstance(self.openbao, OpenBaoCluster)
                else "  data: " + str(self.home / "openbao") if self.openbao else "  (external)"),
             "  PostgreSQL       "
-            + (f"127.0.0.1:{self.postgres.port}  data: {self.postgres.pgdata}"
+            + (f"primary + synchronous standby under Patroni, etcd x3  data: "
+               f"{self.home / 'postgres-ha'}" if isinstance(self.postgres, PatroniCluster)
+               else f"127.0.0.1:{self.postgres.port}  data: {self.postgres.pgdata}"
                if self.postgres else "(external)"),
             f"  stack file       {self.stack_file}",
         ]
