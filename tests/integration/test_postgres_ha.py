@@ -75,6 +75,7 @@ async def test_losing_the_primary_under_load(
     errors: list[grpc.StatusCode] = []
     answered_at: list[float] = []
     stop = asyncio.Event()
+    t0 = time.monotonic()
 
     async def caller(index: int) -> None:
         n = 0
@@ -106,9 +107,15 @@ async def test_losing_the_primary_under_load(
     stop.set()
     await asyncio.gather(*callers)
     new_primary = cluster.leader()
+    per_second: dict[int, int] = {}
+    for t in answered_at:
+        per_second[int(t - t0)] = per_second.get(int(t - t0), 0) + 1
+    kill_second = int(killed - t0)
+    dip = [per_second.get(s, 0) for s in range(kill_second - 2, kill_second + 24)]
     print(f"PostgreSQL primary lost: {new_primary} promoted; Tokenize answered again "
           f"{recovered:.1f} s after the kill; {len(errors)} failed call(s) "
-          f"({sorted({e.name for e in errors})}); {len(acknowledged)} tokens acknowledged")
+          f"({sorted({e.name for e in errors})}); {len(acknowledged)} tokens acknowledged; "
+          f"tokens/s from 2 s before the kill: {dip}")
     assert new_primary not in (None, primary)
     assert recovered < 30
     assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
