@@ -78,3 +78,23 @@ def describe_rpc_error(err: Any) -> str:
                 detail.Unpack(info)
                 reason = f" ({info.reason})"
     return f"{err.code().name}{reason}: {err.details()}"
+
+
+def add_worker_options(parser: Any) -> None:
+    """`--workers N` and `--status-file` of a server that runs under the workers supervisor."""
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="worker processes on the one port (SO_REUSEPORT); a worker that "
+                        "dies is restarted; default: one per core")
+    parser.add_argument("--status-file", metavar="PATH",
+                        help="write the supervisor's and workers' pids and addresses here "
+                        "(JSON), removed on exit")
+
+
+def worker_count(args: Any) -> int:
+    from ..config import ConfigError
+    from ..workers import default_workers
+
+    count = int(args.workers or default_workers())
+    if not 1 <= count <= 64:
+        raise ConfigError("--workers must be 1 to 64")
+    return count

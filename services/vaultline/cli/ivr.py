@@ -45,7 +45,7 @@ from ..config import ConfigError, read_secret_file, read_stack, stack_file
 from ..panel.links import request_id_for, sign_link
 from ..resources import IVR_FLOWS_DIR
 from ..twilio_sim import DEMO_CARD
-from .common import run_until_signalled
+from .common import add_worker_options, run_until_signalled, worker_count
 
 __all__ = ["add_ivr_commands"]
 
@@ -136,7 +136,7 @@ def _tokenizer_channel() -> Any:
 
 
 def cmd_ivr_serve(args: argparse.Namespace) -> int:
-    from ..workers import Supervisor, default_workers, reserve_port
+    from ..workers import Supervisor, reserve_port
     from .tokenizer import run_supervised
 
     listen = _env("IVR_LISTEN", "127.0.0.1:8080")
@@ -144,9 +144,7 @@ def cmd_ivr_serve(args: argparse.Namespace) -> int:
         raise ConfigError("VAULTLINE_IVR_LISTEN must be host:port")
     metrics = os.environ.get("VAULTLINE_IVR_METRICS_LISTEN") or None
     _ivr_config(metrics)  # every variable checked before a worker starts
-    count = args.workers or default_workers()
-    if count < 1 or count > 64:
-        raise ConfigError("--workers must be 1 to 64")
+    count = worker_count(args)
     listen, reservation = reserve_port(listen)
     supervisor = Supervisor(
         "ivr", ivr_worker, (listen, args.verbose), count,
@@ -359,12 +357,7 @@ def add_ivr_commands(subparsers: Any) -> None:
         "endpoint. Configuration comes from the environment:\n\n"
         + "  " + __doc__.split("(all `VAULTLINE_`-prefixed):\n", 1)[1].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--workers", type=int, default=0, metavar="N",
-                       help="worker processes on the one port (SO_REUSEPORT); a worker that "
-                       "dies is restarted; default: one per core")
-    serve.add_argument("--status-file", metavar="PATH",
-                       help="write the supervisor's and workers' pids and addresses here "
-                       "(JSON), removed on exit")
+    add_worker_options(serve)
     serve.set_defaults(func=cmd_ivr_serve)
 
     sim = subparsers.add_parser("sim", help="the Twilio simulator of the dev stack")

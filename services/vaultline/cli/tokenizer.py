@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .. import config as config_module
 from ..config import ConfigError, TokenizerConfig, env_or_stack, keys_database_url
 from ..runtime import tune_gc
-from .common import run_until_signalled
+from .common import add_worker_options, run_until_signalled, worker_count
 
 if TYPE_CHECKING:
     from ..vault import TransitClient
@@ -24,16 +24,14 @@ __all__ = ["add_tokenizer_commands"]
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..security.access import PolicyError, load_policy, quota_keys
-    from ..workers import SharedBuckets, Supervisor, default_workers, reserve_port
+    from ..workers import SharedBuckets, Supervisor, reserve_port
 
     config = TokenizerConfig.from_env()  # every variable checked before a worker starts
     try:
         policy = load_policy(config.policy_path)
     except PolicyError as exc:
         raise ConfigError(str(exc)) from None
-    count = args.workers or default_workers()
-    if count < 1 or count > 64:
-        raise ConfigError("--workers must be 1 to 64")
+    count = worker_count(args)
     listen, reservation = reserve_port(config.grpc_listen)
     supervisor = Supervisor(
         "tokenizer", serve_worker,
@@ -271,12 +269,7 @@ def add_tokenizer_commands(sub: Any) -> None:
         description=config_module.TOKENIZER_VARIABLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--workers", type=int, default=0, metavar="N",
-                       help="worker processes on the one port (SO_REUSEPORT); a worker that "
-                       "dies is restarted; default: one per core")
-    serve.add_argument("--status-file", metavar="PATH",
-                       help="write the supervisor's and workers' pids and addresses here "
-                       "(JSON), removed on exit")
+    add_worker_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     db = sub.add_parser("db", help="database schema")
