@@ -433,7 +433,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="length of each unary run")
     parser.add_argument("--concurrency", type=int, default=64, help="unary calls in flight")
     parser.add_argument("--chunk", type=int, default=1000, help="items per batch chunk")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--workers", metavar="N,M", help="instead: `vaultline serve "
+                        "--workers N` and `--workers M` side by side in one run "
+                        "(load/bench_workers.py), e.g. --workers 1,2")
+    args = parser.parse_args()
+    if args.workers:
+        import bench_workers
+
+        counts = tuple(int(n) for n in args.workers.split(","))
+        asyncio.run(bench_workers.run(argparse.Namespace(
+            seconds=float(args.seconds), pans=args.pans // 2, concurrency=args.concurrency,
+            counts=counts)))
+        return
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ machine the load generator shares the cores with the workers, PostgreSQL and Ope
 ratio is what two cores allow here, not what two dedicated cores would give.
 
 Usage: python load/bench_workers.py [--seconds 10] [--pans 100000]
+   or: python load/bench.py --workers 1,2
 Record the printed figures in load/README.md. A measurement, never a test assertion.
 """
 
@@ -111,7 +112,7 @@ async def run(args: argparse.Namespace) -> None:
         results = {}
         try:
             creds = credentials(stack, "intake")
-            for n, workers in enumerate((1, 2)):
+            for n, workers in enumerate(getattr(args, "counts", (1, 2))):
                 unary = unique_pans(int(args.seconds + 2) * 6000, seed=10 + n)
                 batch = unique_pans(args.pans, seed=20 + n)
                 status = tmp / f"workers-{workers}.json"
@@ -132,8 +133,9 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{'workers':>8} {'Tokenize/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'Batch cards/s':>14}")
     for workers, (rate, p50, p99, batch) in results.items():
         print(f"{workers:>8} {rate:>12,.0f} {p50:>8.1f} {p99:>8.1f} {batch:>14,.0f}")
-    one, two = results[1], results[2]
-    print(f"{'2 / 1':>8} {two[0] / one[0]:>11.2f}× {'':>8} {'':>8} {two[3] / one[3]:>13.2f}×")
+    (low, one), *_, (high, two) = sorted(results.items())
+    print(f"{f'{high} / {low}':>8} {two[0] / one[0]:>11.2f}× {'':>8} {'':>8} "
+          f"{two[3] / one[3]:>13.2f}×")
 
 
 def main() -> None:
