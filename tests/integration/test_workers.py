@@ -148,6 +148,8 @@ async def test_a_worker_killed_mid_batch_is_restarted_and_no_acknowledged_token_
     acknowledged: dict[str, str] = {}  # pan -> token
     errors: list[grpc.StatusCode] = []
     stop = asyncio.Event()
+    t0 = time.monotonic()
+    per_second: dict[int, int] = {}
 
     def pans(caller: int, n: int) -> list[str]:
         """200 distinct Visa-range card numbers for this caller's n-th batch."""
@@ -172,6 +174,8 @@ async def test_a_worker_killed_mid_batch_is_restarted_and_no_acknowledged_token_
                         for result in response.results:
                             assert result.HasField("token"), result
                             acknowledged[result.reference] = result.token.token
+                        second = int(time.monotonic() - t0)
+                        per_second[second] = per_second.get(second, 0) + len(response.results)
             except grpc.aio.AioRpcError as err:
                 errors.append(err.code())
                 await asyncio.sleep(0.05)
@@ -194,9 +198,11 @@ async def test_a_worker_killed_mid_batch_is_restarted_and_no_acknowledged_token_
     assert len(acknowledged) > before, "callers are served again after the restart"
     assert not _alive(victim) and victim not in [w["pid"] for w in served.status()["workers"]]
     assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    kill_second = int(killed_at - t0)
     print(f"worker restarted and serving {recovered:.2f} s after kill -9; "
           f"{len(errors)} call(s) failed (UNAVAILABLE/DEADLINE_EXCEEDED), "
-          f"{len(acknowledged)} tokens acknowledged")
+          f"{len(acknowledged)} tokens acknowledged; cards/s from 2 s before the kill: "
+          f"{[per_second.get(s, 0) for s in range(kill_second - 2, kill_second + 4)]}")
 
     conn = await asyncpg.connect(superuser_db)
     try:
