@@ -98,8 +98,27 @@ async def test_killing_the_openbao_leader_under_load(
             except grpc.aio.AioRpcError as err:
                 errors.append(err.code())
 
+    revealed: dict[int, int] = {}
+
+    async def revealer() -> None:  # reveals of earlier tokens go on from cached keys too
+        while not stop.is_set():
+            for pan, token in list(acknowledged.items())[:50]:
+                try:
+                    got = await tokenizer.stub.Detokenize(pb.DetokenizeRequest(
+                        tenant=tenant, token=token, purpose="fault test"), timeout=10)
+                    assert got.card.pan == pan
+                    second = int(time.monotonic() - t0)
+                    revealed[second] = revealed.get(second, 0) + 1
+                except grpc.aio.AioRpcError as err:
+                    errors.append(err.code())
+                if stop.is_set():
+                    break
+            await asyncio.sleep(0.01)
+
     callers = [asyncio.create_task(caller(i)) for i in range(4)]
-    await asyncio.sleep(2)
+    await asyncio.sleep(1)
+    callers.append(asyncio.create_task(revealer()))
+    await asyncio.sleep(1)
     leader = nodes.leader()
     assert leader is not None and leader.pid is not None
     os.kill(leader.pid, signal.SIGKILL)
@@ -128,6 +147,10 @@ async def test_killing_the_openbao_leader_under_load(
           f"{[per_second.get(s, 0) for s in range(kill_second - 2, kill_second + 4)]}; "
           f"{len(errors)} failed call(s)")
     assert during > 0, "cached data keys keep tokenizing while Raft elects"
+    reveals = sum(revealed.get(s, 0) for s in range(kill_second, kill_second + 2))
+    print(f"reveals/s around the kill: "
+          f"{[revealed.get(s, 0) for s in range(kill_second - 2, kill_second + 4)]}")
+    assert reveals > 0, "... and revealing"
     assert elected < 30 and openbao_back < 30
 
     conn = await asyncpg.connect(superuser_db)
