@@ -142,3 +142,34 @@ async def test_losing_the_primary_under_load(
     cluster.wait_healthy(90)
     assert sorted(n["role"] for n in cluster.describe() if n["kind"] == "postgresql") == [
         "primary", "sync_standby"]
+
+
+def test_a_stopped_cluster_comes_back() -> None:
+    """`dev up --ha` after Ctrl-C: etcd's members and Patroni's nodes restart on their data,
+    elect a primary and a synchronous standby again, and the database is still there."""
+    base = Path(tempfile.mkdtemp(prefix="vaultline-patroni-"))
+    base.chmod(0o711)
+    cluster = PatroniCluster(base / "postgres", dev_dir=base / "dev")
+    try:
+        cluster.start()
+        first = cluster.bootstrap()
+        cluster.stop()
+        cluster = PatroniCluster(base / "postgres", dev_dir=base / "dev")
+        cluster.start()
+        again = cluster.bootstrap()  # idempotent: the roles keep their passwords
+        assert again.app_dsn == first.app_dsn
+        assert sorted(n["role"] for n in cluster.describe() if n["kind"] == "postgresql") == [
+            "primary", "sync_standby"]
+
+        async def count() -> int:
+            conn = await asyncpg.connect(again.owner_dsn)
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM pg_database"
+                                               " WHERE datname = 'vaultline'"))
+            finally:
+                await conn.close()
+
+        assert asyncio.run(count()) == 1
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
