@@ -99,6 +99,13 @@ class TableResult:
     chunks: int = 0
     already_done: bool = False
 
+    def add(self, done: ChunkCounts) -> None:
+        self.chunks = done.chunk
+        self.rows_read += done.rows_read
+        self.rows_rewritten += done.rows_rewritten
+        self.cards_replaced += done.cards_replaced
+        self.rows_reread += done.rows_reread
+
 
 # (table, rows done so far, rows estimated in all, rows per second)
 Progress = Callable[[str, int, int, float], None]
@@ -239,9 +246,12 @@ class _Chunk:
     def __init__(self, width: int, columns: int) -> None:
         self.keys: list[list[str]] = [[] for _ in range(width)]
         self.values: list[list[str | None]] = [[] for _ in range(2 * columns)]
-        self.cards = 0
         self.rows: list[tuple[str, ...]] = []
         self.row_cards: list[int] = []
+
+    @property
+    def cards(self) -> int:
+        return sum(self.row_cards)
 
     def add(self, row: Any, new: list[str | None], replaced: int) -> None:
         key = tuple(row[0])
@@ -252,7 +262,6 @@ class _Chunk:
         for j, value in enumerate(new):
             self.values[2 * j].append(row[j + 1])
             self.values[2 * j + 1].append(value)
-        self.cards += replaced
 
     def arguments(self) -> list[list[Any]]:
         return [*self.keys, *self.values]
@@ -273,7 +282,7 @@ async def _changes(table: _Table, rows: Sequence[Any], tokenizer: Tokenizer | No
     if tokenizer is None:  # a dry run: count, do not tokenize
         for row, cards in holding:
             chunk.rows.append(tuple(row[0]))
-            chunk.cards += len(cards)
+            chunk.row_cards.append(len(cards))
         return chunk
     tokens = await tokenizer.tokenize(pans)
     for row, _ in holding:
@@ -298,7 +307,7 @@ async def _read(conn: asyncpg.Connection, table: _Table, last_key: list[str] | N
 
 
 async def _commit_chunk(conn: asyncpg.Connection, table: _Table, chunk: _Chunk,
-                        tokenizer: Tokenizer, run_id: str, counts: dict[str, int],
+                        tokenizer: Tokenizer, run_id: str, number: int, rows_read: int,
                         last_key: list[str]) -> ChunkCounts:
     """One transaction: the rows (compare-and-set; changed ones re-read under lock) and the
     checkpoint."""
@@ -323,8 +332,7 @@ async def _commit_chunk(conn: asyncpg.Connection, table: _Table, chunk: _Chunk,
                         raise DescopeError(f"{table.plan.table}: rows changed under a lock")
                     rewritten += len(redone)
                     cards += again.cards
-        result = ChunkCounts(counts["chunks"] + 1, counts["rows_read"], rewritten, cards,
-                             reread)
+        result = ChunkCounts(number, rows_read, rewritten, cards, reread)
         await conn.execute(
             "INSERT INTO vaultline_descope.progress AS p (run_id, table_name, last_key, chunks,"
             " rows_read, rows_rewritten, cards_replaced, rows_reread, unreported)"
@@ -387,7 +395,6 @@ async def _run_table(conn: asyncpg.Connection, table: _Table, tokenizer: Tokeniz
     name = table.plan.table
     result = TableResult(name)
     last_key: list[str] | None = None
-    counts = {"chunks": 0, "rows_read": 0}
     if tokenizer is not None:
         state = await conn.fetchrow(
             "SELECT last_key, chunks, rows_read, rows_rewritten, cards_replaced, rows_reread,"
@@ -413,10 +420,7 @@ async def _run_table(conn: asyncpg.Connection, table: _Table, tokenizer: Tokeniz
             await after_read(name, result.chunks + 1)
         if tokenizer is None:
             chunk = await _changes(table, rows, None)
-            result.chunks += 1
-            result.rows_read += len(rows)
-            result.rows_rewritten += len(chunk.rows)
-            result.cards_replaced += chunk.cards
+            done = ChunkCounts(result.chunks + 1, len(rows), len(chunk.rows), chunk.cards, 0)
         else:
             for attempt in range(CHUNK_ATTEMPTS):
                 if attempt:  # a lock the CRM held, or a deadlock: read the chunk afresh
@@ -424,11 +428,10 @@ async def _run_table(conn: asyncpg.Connection, table: _Table, tokenizer: Tokeniz
                     rows = await _read(conn, table, last_key, chunk_rows)
                     if not rows:
                         break
-                counts = {"chunks": result.chunks, "rows_read": len(rows)}
                 chunk = await _changes(table, rows, tokenizer)
                 try:
-                    done = await _commit_chunk(conn, table, chunk, tokenizer, run_id, counts,
-                                               list(rows[-1][0]))
+                    done = await _commit_chunk(conn, table, chunk, tokenizer, run_id,
+                                               result.chunks + 1, len(rows), list(rows[-1][0]))
                     break
                 except _RETRYABLE:
                     if attempt == CHUNK_ATTEMPTS - 1:
@@ -438,21 +441,15 @@ async def _run_table(conn: asyncpg.Connection, table: _Table, tokenizer: Tokeniz
             if not rows:
                 break
             await _report(conn, tokenizer, run_id, name)
-            result.chunks = done.chunk
-            result.rows_read += done.rows_read
-            result.rows_rewritten += done.rows_rewritten
-            result.cards_replaced += done.cards_replaced
-            result.rows_reread += done.rows_reread
+        result.add(done)
         last_key = list(rows[-1][0])
         if progress is not None:
             elapsed = time.monotonic() - started
             rate = (result.rows_read - done_before) / elapsed if elapsed > 0 else 0.0
             progress(name, result.rows_read, max(total, result.rows_read), rate)
-    if tokenizer is not None:
-        await conn.execute("UPDATE vaultline_descope.progress SET finished_at = now()"
-                           " WHERE run_id = $1 AND table_name = $2", run_id, name)
-        if result.chunks == 0:  # an empty table: remember it is done all the same
-            await conn.execute(
-                "INSERT INTO vaultline_descope.progress (run_id, table_name, finished_at)"
-                " VALUES ($1, $2, now()) ON CONFLICT DO NOTHING", run_id, name)
+    if tokenizer is not None:  # done (an empty table too: no chunk wrote its row)
+        await conn.execute(
+            "INSERT INTO vaultline_descope.progress (run_id, table_name, finished_at)"
+            " VALUES ($1, $2, now()) ON CONFLICT (run_id, table_name)"
+            " DO UPDATE SET finished_at = now()", run_id, name)
     return result
