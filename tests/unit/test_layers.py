@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "batches": 1,
     "runtime": 1, "resources": 1, "gen": 1,
     # adapters: one module per external system
-    "store": 2, "ivr_store": 2, "vault": 2, "httpserve": 2,
+    "store": 2, "ivr_store": 2, "vault": 2, "httpserve": 2, "rpc_reasons": 2,
     # the domain: operations, keys, access, audit
     "service": 3, "keyring": 3, "security": 3, "retention": 3, "dual_control": 3,
     "captures": 3, "security_codes": 3,

@@ -65,19 +65,10 @@ async def tokenizer_channel(home: str | Path, who: str) -> AsyncIterator[Any]:
 
 def describe_rpc_error(err: Any) -> str:
     """`CODE (REASON): message` of a failed call: the tokenizer's fixed text, never data."""
-    from grpc_status import rpc_status
+    from ..rpc_reasons import call_reason
 
-    reason = ""
-    status = rpc_status.from_call(err)
-    if status is not None:
-        from google.rpc import error_details_pb2
-
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = f" ({info.reason})"
-    return f"{err.code().name}{reason}: {err.details()}"
+    reason = call_reason(err)
+    return f"{err.code().name}{f' ({reason})' if reason else ''}: {err.details()}"
 
 
 def add_worker_options(parser: Any) -> None:

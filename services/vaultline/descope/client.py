@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Final, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
 
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from ..rpc_reasons import status_reason
 from .run import ChunkCounts, DescopeError
 
 __all__ = ["GrpcTokenizer"]
@@ -37,15 +37,6 @@ _FORMATS: Final = {
     "numeric": pb.TOKEN_FORMAT_NUMERIC,
     "opaque": pb.TOKEN_FORMAT_OPAQUE,
 }
-
-
-def _reason(status: Any) -> str:
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return f"code {status.code}"
 
 
 async def _retried(what: str, call: Callable[[], Awaitable[T]], pause: float = 1.0) -> T:
@@ -105,7 +96,8 @@ class GrpcTokenizer:
             for pan, result in zip(part, response.results, strict=True):
                 if result.HasField("error"):
                     # The reason only: the item's card never goes into a message.
-                    raise DescopeError(f"the vault refused a card: {_reason(result.error)}")
+                    reason = status_reason(result.error) or f"code {result.error.code}"
+                    raise DescopeError(f"the vault refused a card: {reason}")
                 tokens[pan] = result.token.token
         if answered != len(chunks):
             raise DescopeError("the tokenizer ended the stream early")

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ..gen.tokenization.v1 import tokenization_pb2 as pb
 from ..gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from ..rpc_reasons import call_reason
 from .interpreter import Secrets
 
 __all__ = ["IvrTokenizer", "TokenizeRefused", "TokenizeResult", "TokenizerUnavailable"]
@@ -41,16 +40,6 @@ class TokenizeRefused(TokenizerUnavailable):
 
 
 _REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS})
-
-
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(exc)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +83,7 @@ class IvrTokenizer:
             response = await method(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             cls = TokenizeRefused if exc.code() in _REFUSALS else TokenizerUnavailable
-            raise cls(exc.code().name, _reason(exc)) from None
+            raise cls(exc.code().name, call_reason(exc)) from None
         token = response.token
         return TokenizeResult(token.token, pb.CardBrand.Name(token.brand).removeprefix(
             "CARD_BRAND_"), token.last4, token.expiry_month, token.expiry_year)

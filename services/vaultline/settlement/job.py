@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import grpc
-from google.rpc import error_details_pb2
 
 from vaultline.errors import VaultlineError
 from vaultline.gen.settlement.v1 import settlement_pb2 as spb
 from vaultline.gen.settlement.v1 import settlement_service_pb2_grpc as spb_grpc
 from vaultline.gen.tokenization.v1 import tokenization_pb2 as pb
 from vaultline.gen.tokenization.v1 import tokenization_service_pb2_grpc as pb_grpc
+from vaultline.rpc_reasons import status_reason
 
 from . import DEFAULT_CHUNK
 from .batch import CheckedBatch, InputChanged, Record, Source
@@ -173,12 +173,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _reason(status: Any) -> str:
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return "ERROR_" + str(status.code)
+    return status_reason(status) or "ERROR_" + str(status.code)
 
 
 def _open_temp(output_dir: Path, final: Path) -> tuple[Path, int]:
