@@ -71,6 +71,14 @@ def describe_rpc_error(err: Any) -> str:
     return f"{err.code().name}{f' ({reason})' if reason else ''}: {err.details()}"
 
 
+def add_identity_option(parser: Any, default: str) -> None:
+    """`--as CLIENT`: the mTLS client identity a command calls the tokenizer as."""
+    parser.add_argument("--as", dest="as_", default=default, metavar="CLIENT",
+                        help=f"the mTLS client identity to act as, a key of the dev stack's "
+                        f"`clients`; VAULTLINE_CLIENT_CERT and VAULTLINE_CLIENT_KEY override "
+                        f"it (default: {default})")
+
+
 def add_worker_options(parser: Any) -> None:
     """`--workers N` and `--status-file` of a server that runs under the workers supervisor."""
     parser.add_argument("--workers", type=int, default=0, metavar="N",

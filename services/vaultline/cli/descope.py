@@ -15,10 +15,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import ConfigError
+from .common import add_identity_option, describe_rpc_error, tokenizer_channel
 
 __all__ = ["add_descope_commands"]
 
@@ -181,8 +183,23 @@ class _Meter:
             print(file=sys.stderr)
 
 
+def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """`asyncio.run(main())`; a run that cannot go on, or the tokenizer's refusal, is a
+    one-line error naming the reason (exit 2)."""
+    from ..descope.run import DescopeError
+
+    try:
+        return asyncio.run(main())
+    except DescopeError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:
+        if type(exc).__name__ != "AioRpcError":
+            raise
+        raise ConfigError(f"the tokenizer refused: {describe_rpc_error(exc)}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..descope.run import DescopeError, run_plan
+    from ..descope.run import run_plan
 
     plan = _load(args)
     dsn = _dsn(args)
@@ -194,7 +211,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return await run_plan(plan, dsn, None, chunk_rows=args.chunk, progress=meter)
         from ..descope.client import GrpcTokenizer
-        from .common import tokenizer_channel
 
         async with tokenizer_channel(args.home, args.as_) as channel:
             tokenizer = GrpcTokenizer(channel, plan.tenant, plan.token_format)
@@ -203,18 +219,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        results = asyncio.run(run())
-    except DescopeError as exc:
+        results = _run(run)
+    finally:
         meter.end()
-        raise ConfigError(str(exc)) from None
-    except Exception as exc:
-        meter.end()
-        if type(exc).__name__ == "AioRpcError":
-            from .common import describe_rpc_error
-
-            raise ConfigError(f"the tokenizer refused: {describe_rpc_error(exc)}") from None
-        raise
-    meter.end()
     elapsed = time.monotonic() - started
     verb = "would rewrite" if args.dry_run else "rewrote"
     for r in results:
@@ -249,21 +256,13 @@ def cmd_csv(args: argparse.Namespace) -> int:
         raise ConfigError(f"{target} exists (--force replaces it; never the input itself)")
     if args.token_format not in FORMATS:
         raise ConfigError(f"--token-format must be one of {', '.join(FORMATS)}")
-    from .common import tokenizer_channel
 
     async def run() -> Any:
         async with tokenizer_channel(args.home, args.as_) as channel:
             tokenizer = GrpcTokenizer(channel, args.tenant, args.token_format)
             return await descope_csv(source, target, tokenizer)
 
-    try:
-        rows, cards = asyncio.run(run())
-    except Exception as exc:
-        if type(exc).__name__ == "AioRpcError":
-            from .common import describe_rpc_error
-
-            raise ConfigError(f"the tokenizer refused: {describe_rpc_error(exc)}") from None
-        raise
+    rows, cards = _run(run)
     left = discover_file(target).found
     print(f"wrote {target}: {rows:,} rows, {cards:,} card numbers replaced (mode 0600)")
     for f in left:
@@ -322,9 +321,7 @@ def add_descope_commands(subparsers: Any) -> None:
                      help="rows per chunk and transaction (default 2000)")
     run.add_argument("--again", action="store_true",
                      help="scan every table once more, even those this plan finished")
-    run.add_argument("--as", dest="as_", default="descope", metavar="CLIENT",
-                     help="the mTLS client identity (default: descope); "
-                     "VAULTLINE_CLIENT_CERT and VAULTLINE_CLIENT_KEY override it")
+    add_identity_option(run, "descope")
     run.set_defaults(func=cmd_run)
     csv_cmd = sub.add_parser(
         "csv", help="write a copy of a CSV export with its card numbers tokenized",
@@ -338,8 +335,7 @@ def add_descope_commands(subparsers: Any) -> None:
     csv_cmd.add_argument("--tenant", default="default", help="the vault tenant")
     csv_cmd.add_argument("--token-format", default="numeric_keep_bin",
                          help="numeric_keep_bin (default), numeric or opaque")
-    csv_cmd.add_argument("--as", dest="as_", default="descope", metavar="CLIENT",
-                         help="the mTLS client identity (default: descope)")
+    add_identity_option(csv_cmd, "descope")
     csv_cmd.set_defaults(func=cmd_csv)
     verify = sub.add_parser(
         "verify", help="exit 0 only when no card number is left in a plan's columns",

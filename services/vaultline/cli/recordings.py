@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, env_or_stack, stack_value
-from .common import tokenizer_channel
+from .common import add_identity_option, tokenizer_channel
 
 __all__ = ["add_recordings_commands"]
 
@@ -228,9 +228,7 @@ def add_recordings_commands(subparsers: Any) -> None:
     sub = rec.add_subparsers(dest="recordings_command", required=True, metavar="SUBCOMMAND")
 
     def client(p: Any, default: str) -> None:
-        p.add_argument("--as", dest="as_", default=default,
-                       help=f"client identity to call as (default {default}; or "
-                       "VAULTLINE_CLIENT_CERT/KEY)")
+        add_identity_option(p, default)
         p.add_argument("--tenant", default="default", help="the tenant (default: default)")
 
     key = sub.add_parser("public-key", help="print the public key to register with Twilio",

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from ..config import ConfigError
 from ..runtime import tune_gc
 from ..settlement import DEFAULT_CHUNK, MAX_CHUNK
-from .common import tokenizer_channel
+from .common import add_identity_option, tokenizer_channel
 
 __all__ = ["add_settle_commands"]
 
@@ -307,11 +307,7 @@ def add_settle_commands(sub: Any) -> None:
     )
     s = settle.add_subparsers(dest="settle_command", required=True, metavar="SUBCOMMAND")
 
-    def identity_option(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("--as", dest="as_", default=default, metavar="CLIENT",
-                       help=f"the mTLS client identity to act as, a key of the dev stack's "
-                       f"`clients`; VAULTLINE_CLIENT_CERT and VAULTLINE_CLIENT_KEY override "
-                       f"it (default: {default})")
+    identity_option = add_identity_option
 
     create = s.add_parser(
         "create", help="validate a capture CSV and store it as a batch awaiting approval",
