@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import yaml
 
-from . import DevstackError, free_port, read_json, tail, write_secret_json
+from . import DevstackError, read_json, reuse_or_pick_ports, tail, write_secret_json
 from .postgres import (
     DATABASE,
     PostgresBootstrap,
@@ -83,21 +83,6 @@ def _alive(pid: int | None) -> bool:
         return stat.read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-def _ports(path: Path, names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
-    saved: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError, DevstackError):
-        saved = read_json(path)
-    chosen = {}
-    for name in names:
-        port = saved.get(name)
-        if not isinstance(port, int) or port in taken:
-            port = free_port(exclude=frozenset(taken))
-        chosen[name] = port
-        taken.add(port)
-    path.write_text(json.dumps(chosen))
-    return chosen
 
 
 class _Process:
@@ -156,7 +141,9 @@ class EtcdCluster:
         for i in range(1, self.size + 1):
             member_dir = self.base_dir / f"etcd-{i}"
             member_dir.mkdir(mode=0o700, exist_ok=True)
-            ports = _ports(member_dir / "ports.json", ("client", "peer"), taken)
+            ports = reuse_or_pick_ports(member_dir / "ports.json", ("client", "peer"), {},
+                                        frozenset(taken))
+            taken |= set(ports.values())
             self._members.append({"name": f"etcd-{i}", "dir": member_dir, **ports})
         initial = ",".join(f"{m['name']}=http://{HOST}:{m['peer']}" for m in self._members)
         for m in self._members:
@@ -216,10 +203,6 @@ class PatroniCluster:
         passwords = {k: secrets.token_urlsafe(24) for k in ("superuser", "replication")}
         write_secret_json(path, passwords)
         return passwords
-
-    def superuser_dsn(self, database: str = "postgres") -> str:
-        password = urllib.parse.quote(self._passwords()["superuser"], safe="")
-        return self.dsn(f"postgresql://postgres:{password}@{HOST}/{database}")
 
     def dsn(self, single: str) -> str:
         """`single` (a one-host DSN) with every node's address and
@@ -292,13 +275,14 @@ class PatroniCluster:
         _check_traversable(self.base_dir, *self._user)  # a clear error, not "Config is empty"
         self.etcd.start()
         passwords = self._passwords()
-        patroni = self._patroni()
         taken: set[int] = set()
         self._nodes = []
         for i in range(1, self.size + 1):
             node_dir = self.base_dir / f"pg-{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
-            ports = _ports(node_dir / "ports.json", ("pg", "api"), taken)
+            ports = reuse_or_pick_ports(node_dir / "ports.json", ("pg", "api"), {},
+                                        frozenset(taken))
+            taken |= set(ports.values())
             self._nodes.append({"name": f"pg-{i}", "dir": node_dir, **ports})
         uid, gid = self._user[1], self._user[2]
         for node in self._nodes:
@@ -309,11 +293,7 @@ class PatroniCluster:
                 for path in (node["dir"], config, *node["dir"].glob("*.log")):
                     os.chown(path, uid, gid)
             node["dir"].chmod(0o700)
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PATRONI"))}
-            env.update({"HOME": str(node["dir"]), "USER": self._user[0], "LC_ALL": "C"})
-            agent = _Process(node["dir"] / "patroni.log")
-            agent.spawn([str(patroni), str(config)], cwd=node["dir"], env=env, user=self._user)
-            self._agents.append(agent)
+            self._agents.append(self._spawn_agent(node))
         try:
             self.wait_healthy(timeout)
         except BaseException:
@@ -381,21 +361,24 @@ class PatroniCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
-    def restart_node(self, name: str) -> None:
-        index = next(i for i, n in enumerate(self._nodes) if n["name"] == name)
-        node = self._nodes[index]
+    def _spawn_agent(self, node: dict[str, Any]) -> _Process:
+        """The node's Patroni agent, as the server account."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PATRONI"))}
         env.update({"HOME": str(node["dir"]), "USER": self._user[0], "LC_ALL": "C"})
         agent = _Process(node["dir"] / "patroni.log")
         agent.spawn([str(self._patroni()), str(node["dir"] / "patroni.yml")], cwd=node["dir"],
                     env=env, user=self._user)
-        self._agents[index] = agent
+        return agent
+
+    def restart_node(self, name: str) -> None:
+        index = next(i for i, n in enumerate(self._nodes) if n["name"] == name)
+        self._agents[index] = self._spawn_agent(self._nodes[index])
 
     def bootstrap(self) -> PostgresBootstrap:
         """Vaultline's database and roles on the primary (idempotent); every DSN multi-host."""
-        single = bootstrap_database(self.superuser_dsn().replace(
-            ",".join(f"{HOST}:{n['pg']}" for n in self._nodes), self._leader_address()),
-            self.dev_dir)
+        password = urllib.parse.quote(self._passwords()["superuser"], safe="")
+        single = bootstrap_database(
+            f"postgresql://postgres:{password}@{self._leader_address()}/postgres", self.dev_dir)
         self._wait_replayed(single.superuser_dsn)
         return PostgresBootstrap(
             owner_dsn=self.dsn(single.owner_dsn), app_dsn=self.dsn(single.app_dsn),
