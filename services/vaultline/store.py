@@ -41,6 +41,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     # just been demoted.
     asyncpg.exceptions.TargetServerAttributeNotMatched,
     asyncpg.ReadOnlySQLTransactionError,
+    # A pooled connection left mid-operation when its server died ("cannot switch to state
+    # …; another operation is in progress"): refused before anything is sent.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
